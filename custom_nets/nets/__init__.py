@@ -1,0 +1,1 @@
+"""nets of the MeDUET package."""

@@ -1,0 +1,1 @@
+"""Checkpoints, atomic file writing, error types and visualisation helpers."""
