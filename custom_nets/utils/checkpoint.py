@@ -13,7 +13,6 @@ another stage, or one whose tensors do not fit the network, naming the bundle to
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from custom_nets.utils.errors import CheckpointError
-from custom_nets.utils.io import atomic_path, read_json, write_json
+from custom_nets.utils.io import atomic_path, file_sha256, read_json, write_json
 
 STAGE_BUNDLES = {
     "meduet_vae": "bundles/meduet_vae",
@@ -29,15 +28,6 @@ STAGE_BUNDLES = {
     "meduet_ldm": "bundles/meduet_ldm",
     "meduet_seg": "bundles/meduet_seg",
 }
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def meta_path(ckpt: str | Path) -> Path:
