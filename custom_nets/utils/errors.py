@@ -21,13 +21,18 @@ class InputError(ValueError):
         super().__init__(f"{self.source}: {problem}")
 
 
-class InputErrors(ValueError):
-    """Several :class:`InputError` found in one pass (e.g. while validating a datalist)."""
+class InputErrors(InputError):
+    """Several :class:`InputError` found in one pass (e.g. while validating a datalist).
+
+    A subclass of :class:`InputError`, so callers catch one type; ``errors`` holds each problem.
+    """
 
     def __init__(self, errors: list[InputError]) -> None:
         self.errors = list(errors)
+        self.source = ", ".join(dict.fromkeys(e.source for e in self.errors))
+        self.problem = f"{len(self.errors)} problem(s)"
         lines = "\n".join(str(e) for e in self.errors)
-        super().__init__(f"{len(self.errors)} problem(s):\n{lines}")
+        ValueError.__init__(self, f"{len(self.errors)} problem(s):\n{lines}")
 
 
 class CheckpointError(RuntimeError):
