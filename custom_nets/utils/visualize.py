@@ -1,0 +1,89 @@
+"""PNG montages of 3-D volumes for a person to look at (reconstructions, swaps, samples).
+
+One row per volume, three columns (the central axial, coronal and sagittal slices), shared grey
+scale per row pair so that an input and its reconstruction are directly comparable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from custom_nets.utils.io import atomic_path
+
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def _as_volume(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A 3-D float array from ``(X, Y, Z)``, ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` (first channel otherwise)."""
+    arr = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    while arr.ndim > 3:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3-D volume, got shape {arr.shape}")
+    return arr
+
+
+def central_slices(vol: np.ndarray) -> list[np.ndarray]:
+    """Central axial (XY at mid Z), coronal (XZ at mid Y) and sagittal (YZ at mid X) slices, oriented for display.
+
+    Volumes are RAS-ordered (X: left->right, Y: posterior->anterior, Z: inferior->superior);
+    slices are transposed/flipped so that anterior/superior point up.
+    """
+    x, y, z = (s // 2 for s in vol.shape)
+    return [np.flipud(vol[:, :, z].T), np.flipud(vol[:, y, :].T), np.flipud(vol[x, :, :].T)]
+
+
+def save_slice_montage(
+    path: str | Path,
+    rows: Sequence[np.ndarray | torch.Tensor],
+    titles: Sequence[str] | None = None,
+    vrange: tuple[float, float] | None = (0.0, 1.0),
+    dpi: int = 100,
+) -> Path:
+    """Write a PNG with one row per volume: its central axial, coronal and sagittal slices.
+
+    Args:
+        path: destination ``.png`` (written atomically; parent folders are created).
+        rows: 3-D volumes (a leading channel/batch axis of size 1 is accepted), e.g. [input, reconstruction].
+        titles: one label per row (e.g. "input", "reconstruction").
+        vrange: grey-scale range for every row; ``None`` uses each row's own 1st-99th percentile.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("save_slice_montage needs at least one volume")
+    titles = list(titles) if titles is not None else [f"volume {i}" for i in range(len(rows))]
+    if len(titles) != len(rows):
+        raise ValueError(f"{len(titles)} titles for {len(rows)} rows")
+    vols = [_as_volume(r) for r in rows]
+    fig, axes = plt.subplots(len(vols), 3, figsize=(9, 3 * len(vols)), squeeze=False)
+    try:
+        for r, (vol, title) in enumerate(zip(vols, titles)):
+            lo, hi = vrange if vrange is not None else np.percentile(vol, [1, 99])
+            for c, (sl, view) in enumerate(zip(central_slices(vol), VIEWS)):
+                ax = axes[r][c]
+                ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_ylabel(title)
+                if r == 0:
+                    ax.set_title(view)
+        fig.tight_layout()
+        path = Path(path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return path
