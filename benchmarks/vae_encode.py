@@ -67,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--decode-exact", action=argparse.BooleanOptionalAction, default=True,
                    help="exact tiled decoding (default) or MAISI-style blended sliding window (--no-decode-exact)")
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--latent", type=Path, default=None,
+                   help="decode this latent (latent.npy of an earlier run on the same CT) instead of encoding")
     p.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench_vae_encode",
                    help="keeps the latent (latent.npy) and the decoded NIfTI")
     p.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "REPORT.md")
@@ -94,22 +96,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         torch.manual_seed(0)
         vae = maisi_vae("paper").eval().requires_grad_(False)
-    t0 = time.perf_counter()
-    z = encode_volume(vae, image.as_tensor(), roi=args.roi, progress=True)
-    t_enc = time.perf_counter() - t0
-    rss_enc = peak_rss_gb()
-    print(f"encoded to {tuple(z.shape)} in {t_enc:.0f} s, peak RSS {rss_enc:.2f} GB", flush=True)
-    from custom_nets.data.latent_cache import write_latent
+    from custom_nets.data.latent_cache import open_latent, write_latent
 
-    write_latent(work / "latent.npy", z)
+    if args.latent is None:
+        t0 = time.perf_counter()
+        z = encode_volume(vae, image.as_tensor(), roi=args.roi, progress=True)
+        t_enc = time.perf_counter() - t0
+        rss_enc = peak_rss_gb()
+        print(f"encoded to {tuple(z.shape)} in {t_enc:.0f} s, peak RSS {rss_enc:.2f} GB", flush=True)
+        write_latent(work / "latent.npy", z)
+    else:
+        z = torch.from_numpy(np.asarray(open_latent(args.latent), dtype=np.float32))
+        if list(z.shape[1:]) != [s // 4 for s in image.shape[1:]]:
+            raise SystemExit(f"{args.latent}: latent {tuple(z.shape)} does not belong to this CT {tuple(image.shape)}")
 
     weights = (f"weights from {args.vae_ckpt}" if args.vae_ckpt
                else "random weights: time and memory do not depend on them")
     lines = [
-        SECTION,
+        SECTION if args.latent is None else "## VAE whole-volume decoding",
         "",
         f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} nice python benchmarks/vae_encode.py "
-        f"--roi {args.roi} "
+        f"--roi {args.roi} {'--latent ' + str(args.latent) + ' ' if args.latent else ''}"
         f"--decode-roi {args.decode_roi}{'' if args.decode_exact else ' --no-decode-exact'}` "
         f"({time.strftime('%Y-%m-%d')})",
         "",
@@ -121,9 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| step | tile | output | wall time | peak RSS of the process so far |",
         "|---|---|---|---|---|",
         f"| preprocessing | - | {'x'.join(map(str, image.shape[1:]))} | {t_pre:.0f} s | {rss_pre:.2f} GB |",
-        f"| encode (posterior mean) | {args.roi}^3 voxels | {'x'.join(map(str, z.shape))} | {t_enc / 60:.1f} min | "
-        f"**{rss_enc:.2f} GB** |",
     ]
+    if args.latent is None:
+        lines.append(f"| encode (posterior mean) | {args.roi}^3 voxels | {'x'.join(map(str, z.shape))} | "
+                     f"{t_enc / 60:.1f} min | **{rss_enc:.2f} GB** |")
     if not args.skip_decode:
         t0 = time.perf_counter()
         x = decode_latent(vae, z, roi=args.decode_roi, exact=args.decode_exact, progress=True)

@@ -584,7 +584,7 @@ class TrainingState:
 
     The trainer is added when the handler is attached, because a config cannot name the trainer
     inside the trainer's own handler list (circular reference). In a distributed run every rank
-    restores the state and rank 0 alone saves it.
+    attaches it (restoring on every rank; ignite writes on rank 0 only).
 
     Args:
         save_dir: folder of the ``train_state`` checkpoints.
@@ -614,8 +614,7 @@ class TrainingState:
             if not Path(self.resume_from).is_file():
                 raise InputError(self.resume_from, "training state to resume from not found")
             CheckpointLoader(load_path=self.resume_from, load_dict=state, map_location="cpu").attach(engine)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-            return  # every rank restores, rank 0 alone writes
+        # on every rank: ignite's DiskSaver synchronises the ranks when it is built and writes on rank 0 only
         CheckpointSaver(
             save_dir=self.save_dir, save_dict=state, file_prefix="train_state", save_interval=self.save_interval,
             n_saved=self.n_saved, save_final=True, final_filename="train_state_final.pt",

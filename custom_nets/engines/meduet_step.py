@@ -22,8 +22,10 @@ to resume network, teacher, optimizer, scheduler, scaler, step counter and rando
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -47,6 +49,7 @@ __all__ = [
     "build_optimizer",
     "resolve_precision",
     "cpu_has_native_bf16",
+    "set_malloc_mmap_threshold",
     "StreamedReencodeLoss",
     "streamed_reencode_loss",
 ]
@@ -87,6 +90,30 @@ def build_optimizer(
     params = [p for g in groups for p in g["params"]]
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def set_malloc_mmap_threshold(threshold_bytes: int) -> bool:
+    """Serve heap allocations of at least ``threshold_bytes`` with mmap (glibc ``M_MMAP_THRESHOLD``).
+
+    PyTorch's CPU tensors come from malloc. glibc raises its mmap threshold up to 32 MB as blocks
+    are freed, after which freed activation memory stays in the process heap in pieces too small
+    to reuse, so resident memory grows well beyond what is allocated. A fixed threshold returns
+    large blocks to the operating system on free (at the price of page faults on reuse). Process
+    wide; a no-op returning False where glibc is not the allocator.
+
+    Args:
+        threshold_bytes: blocks this large or larger are mmapped.
+
+    Returns:
+        True when the setting was applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold_bytes)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def cpu_has_native_bf16() -> bool:
