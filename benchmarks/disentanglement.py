@@ -21,7 +21,8 @@ Pipeline (one command):
 5. For each run, with the exported EMA teacher:
    - global content and style vectors of every volume (the factor bank's recipe);
    - linear-probe domain accuracy from content and from style, logistic regression, 4 folds
-     split by subject (no anatomy in both train and test);
+     split by subject (no anatomy in both train and test); and the converse, anatomy (subject)
+     accuracy from content and from style with folds split by style;
    - swap error on held-out subjects: content of A (anatomy a, style s) with style of B
      (anatomy b != a, style t != s) against the ground truth, anatomy a rendered in style t; next
      to the trivial answers "A unchanged" and "B unchanged" and to the decoder's reconstruction of
@@ -241,7 +242,18 @@ def evaluate(ssl_ckpt: Path, latent_datalist: Path, images: dict[str, np.ndarray
     labels = [it["domain_index"] for it in items]
     groups = [it["content_id"] for it in items]
     n_dom = len(lat["domains"])
-    probe = {"content": probe_accuracy(content_t, labels, groups, n_dom), "style": probe_accuracy(style_t, labels, groups, n_dom)}
+    subjects = sorted(set(groups))
+    subject_idx = [subjects.index(g) for g in groups]
+    styles = [it["style"] for it in items]
+    n_styles = len(set(styles))
+    probe = {
+        # domain from each factor, folds split by anatomy
+        "content": probe_accuracy(content_t, labels, groups, n_dom),
+        "style": probe_accuracy(style_t, labels, groups, n_dom),
+        # anatomy from each factor, folds split by style (recognise an anatomy in an unseen style)
+        "anatomy_from_content": probe_accuracy(content_t, subject_idx, styles, len(subjects), k=n_styles),
+        "anatomy_from_style": probe_accuracy(style_t, subject_idx, styles, len(subjects), k=n_styles),
+    }
 
     # --- swaps on held-out subjects
     val = [it for it in items if it["split"] == "validation"]
@@ -263,13 +275,21 @@ def evaluate(ssl_ckpt: Path, latent_datalist: Path, images: dict[str, np.ndarray
     for a, b in pairs:
         gt = by_key[(a["content_id"], b["style"])]
         za, zb, zg = z[name(a)], z[name(b)], z[name(gt)]
-        s = swap_latents(net, za, zb, patch=crop, overlap=0.25)
+        s = swap_latents(net, za, zb, patch=crop, overlap=0.25, with_self=True)
         g_self = swap_latents(net, zg, zg, patch=crop, overlap=0.25, with_self=True)[A_SELF]
+        s_all = swap_latents(net, za, zb, patch=crop, overlap=0.25, decode_mode="all_visible")
+        g_all = swap_latents(net, zg, zg, patch=crop, overlap=0.25, with_self=True, decode_mode="all_visible")[A_SELF]
         img_gt = torch.from_numpy(images[name(gt)])
         swap_img = tokenizer.decode(s[A_CONTENT_B_STYLE])
+        # style change the swap makes (vs the decoder's own rebuild of A) against the true change
+        true_change = zg - za
+        explained = lambda change: 1.0 - mse(change, true_change) / max(float(true_change.pow(2).mean()), 1e-12)  # noqa: E731
         rows.append({
+            "style_change_r2": {"swap": explained(s[A_CONTENT_B_STYLE] - s[A_SELF]), "b_unchanged": explained(zb - za),
+                                "a_unchanged": 0.0},
             "latent": {"swap": mse(s[A_CONTENT_B_STYLE], zg), "a_unchanged": mse(za, zg), "b_unchanged": mse(zb, zg),
-                       "floor": mse(g_self, zg)},
+                       "floor": mse(g_self, zg), "swap_all_visible": mse(s_all[A_CONTENT_B_STYLE], zg),
+                       "floor_all_visible": mse(g_all, zg)},
             "image": {"swap": mse(swap_img, img_gt), "a_unchanged": mse(torch.from_numpy(images[name(a)]), img_gt),
                       "b_unchanged": mse(torch.from_numpy(images[name(b)]), img_gt),
                       "floor": mse(dec("self:" + name(gt), g_self), img_gt),
@@ -277,8 +297,9 @@ def evaluate(ssl_ckpt: Path, latent_datalist: Path, images: dict[str, np.ndarray
         })
         if example is None:
             example = (a, b, gt, swap_img)
-    summary = {space: {k: float(np.mean([r[space][k] for r in rows])) for k in rows[0][space]} for space in ("latent", "image")}
-    sds = {space: {k: float(np.std([r[space][k] for r in rows])) for k in rows[0][space]} for space in ("latent", "image")}
+    spaces = ("latent", "image", "style_change_r2")
+    summary = {space: {k: float(np.mean([r[space][k] for r in rows])) for k in rows[0][space]} for space in spaces}
+    sds = {space: {k: float(np.std([r[space][k] for r in rows])) for k in rows[0][space]} for space in spaces}
     wins = {space: float(np.mean([r[space]["swap"] < min(r[space]["a_unchanged"], r[space]["b_unchanged"]) for r in rows]))
             for space in ("latent", "image")}
     montage = None
@@ -308,14 +329,16 @@ def plot_summary(results: dict[str, Any], path: Path) -> Path:
     modes = [m for m in MODES if m in results["runs"]]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     x = np.arange(len(modes))
-    for k, (factor, colour) in enumerate((("content", "tab:blue"), ("style", "tab:orange"))):
-        axes[0].bar(x + (k - 0.5) * 0.35, [results["runs"][m]["probe"][factor]["accuracy"] for m in modes], 0.35,
-                    label=f"from {factor}", color=colour)
-    chance = results["runs"][modes[0]]["probe"]["content"]["chance"]
-    axes[0].axhline(chance, color="k", ls="--", lw=1, label="chance")
+    probes = (("content", "domain | content"), ("style", "domain | style"),
+              ("anatomy_from_content", "anatomy | content"), ("anatomy_from_style", "anatomy | style"))
+    for k, (key, label) in enumerate(probes):
+        axes[0].bar(x + (k - 1.5) * 0.2, [results["runs"][m]["probe"][key]["accuracy"] for m in modes], 0.2, label=label)
+    axes[0].axhline(results["runs"][modes[0]]["probe"]["content"]["chance"], color="k", ls="--", lw=1, label="domain chance")
+    axes[0].axhline(results["runs"][modes[0]]["probe"]["anatomy_from_content"]["chance"], color="grey", ls=":", lw=1,
+                    label="anatomy chance")
     axes[0].set_xticks(x, modes)
     axes[0].set_ylim(0, 1.05)
-    axes[0].set_title("linear-probe domain accuracy")
+    axes[0].set_title("linear-probe accuracy")
     axes[0].legend(fontsize=8)
     for ax, space in zip(axes[1:], ("latent", "image")):
         keys = ["swap", "a_unchanged", "b_unchanged", "floor"]
@@ -341,13 +364,18 @@ def report_section(results: dict[str, Any], command: str, figures: dict[str, str
              f"{s['held_out_subjects']} anatomies held out of pretraining. Latents: {s['vae']}. "
              f"MeDUET: bundle demo overlay (demo-size network, crop {s['crop']}), {s['ssl_epochs']} epochs, seed {s['seed']}, "
              f"once per pairing mode.", "",
-             "Linear-probe domain accuracy (logistic regression on global vectors, 4 folds split by anatomy; "
-             "content should sit near chance, style near 1):", "",
-             "| pairing | from content | from style | chance |", "|---|---|---|---|"]
+             "Linear probes (logistic regression on the global vectors of every volume). Domain: 4 folds split "
+             "by anatomy; a disentangled content should sit near chance and style near 1. Anatomy (which subject): "
+             "folds split by style, i.e. recognise an anatomy rendered in a style the probe never saw; content "
+             "should be high and style low:", "",
+             "| pairing | domain from content | domain from style | domain chance | anatomy from content | "
+             "anatomy from style | anatomy chance |", "|---|---|---|---|---|---|---|"]
     for m in MODES:
         if m in results["runs"]:
             p = results["runs"][m]["probe"]
-            lines.append(f"| {m} | {p['content']['accuracy']:.3f} | {p['style']['accuracy']:.3f} | {p['content']['chance']:.3f} |")
+            lines.append(f"| {m} | {p['content']['accuracy']:.3f} | {p['style']['accuracy']:.3f} | "
+                         f"{p['content']['chance']:.3f} | {p['anatomy_from_content']['accuracy']:.3f} | "
+                         f"{p['anatomy_from_style']['accuracy']:.3f} | {p['anatomy_from_content']['chance']:.3f} |")
     lines += ["", "Swap error on held-out anatomies: content of A with style of B against the ground truth (A's anatomy "
               "rendered in B's style), mean (sd) over pairs; 'floor' = the ground truth rebuilt from its own factors; "
               "'beats both' = fraction of pairs where the swap is closer to the truth than both trivial answers:", "",
@@ -361,6 +389,25 @@ def report_section(results: dict[str, Any], command: str, figures: dict[str, str
             cell = lambda k: f"{mean[k]:.4f} ({sd[k]:.4f})"  # noqa: E731
             lines.append(f"| {m} | {space} | {cell('swap')} | {cell('a_unchanged')} | {cell('b_unchanged')} | "
                          f"{cell('floor')} | {r['swap_beats_both_trivial'][space]:.2f} |")
+    lines += ["", "Style change reproduced (latent space, independent of how sharply the decoder rebuilds a volume): "
+                  "R^2 = 1 - |predicted change - true change|^2 / |true change|^2, where the true change is ground "
+                  "truth minus A and the swap's change is the swap minus the decoder's rebuild of A from its own "
+                  "factors; 'B unchanged' predicts the change B - A, 'A unchanged' predicts no change (R^2 = 0):", "",
+              "| pairing | swap | B unchanged | A unchanged |", "|---|---|---|---|"]
+    for m in MODES:
+        if m in results["runs"]:
+            r2, sd = results["runs"][m]["swap_mean"]["style_change_r2"], results["runs"][m]["swap_sd"]["style_change_r2"]
+            lines.append(f"| {m} | {r2['swap']:.3f} ({sd['swap']:.3f}) | {r2['b_unchanged']:.3f} ({sd['b_unchanged']:.3f}) | 0 |")
+    lines += ["", "Decoding regime of the swap (latent MSE; the config default is 'complementary': two passes with "
+                  "complementary random halves of the fused tokens visible, each token taken from the pass where it "
+                  "was hidden, the decoder's training regime; 'all visible': one pass, no mask tokens):", "",
+              "| pairing | swap, complementary | swap, all visible | floor, complementary | floor, all visible |",
+              "|---|---|---|---|---|"]
+    for m in MODES:
+        if m in results["runs"]:
+            lat = results["runs"][m]["swap_mean"]["latent"]
+            lines.append(f"| {m} | {lat['swap']:.4f} | {lat['swap_all_visible']:.4f} | {lat['floor']:.4f} | "
+                         f"{lat['floor_all_visible']:.4f} |")
     first = next(iter(results["runs"].values()))
     lines += ["", f"Tokenizer reconstruction error of the ground truth itself (image MSE): "
                   f"{first['swap_mean']['image']['tokenizer_floor']:.4f}; no latent-space answer can go below it in image space."]

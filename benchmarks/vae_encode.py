@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from custom_nets.data.transforms import preprocess_transforms
     from custom_nets.engines.vae_encode import save_nifti, to_intensity
-    from custom_nets.nets.vae import decode_latent, encode_volume, load_vae, maisi_vae
+    from custom_nets.nets.vae import decode_latent, encode_volume, load_vae, maisi_vae, network_args, parameter_count
 
     mach = machine()
     threads = torch.get_num_threads()
@@ -121,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({time.strftime('%Y-%m-%d')})",
         "",
         f"Input: {what}; preprocessed (RAS, CT window, 1.5 mm, foreground crop, multiple of 4) to "
-        f"{'x'.join(map(str, image.shape[1:]))} voxels in {t_pre:.0f} s. Paper-size MAISI VAE "
-        f"({weights}), "
+        f"{'x'.join(map(str, image.shape[1:]))} voxels in {t_pre:.0f} s. MAISI VAE with channels "
+        f"{network_args(vae)['num_channels']} ({parameter_count(vae) / 1e6:.1f} M parameters; {weights}), "
         f"CPU, {threads} torch threads, exact tiling (halos + whole-volume GroupNorm statistics).",
         "",
         "| step | tile | output | wall time | peak RSS of the process so far |",

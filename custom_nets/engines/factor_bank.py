@@ -272,14 +272,22 @@ def load_factor_bank(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def bank_items(datalist: Mapping[str, Any], splits: Sequence[str] = ("training", "validation")) -> list[dict[str, Any]]:
-    """Items of the given splits of a loaded latent datalist, each tagged with its ``split``."""
+def bank_items(
+    datalist: Mapping[str, Any], splits: Sequence[str] = ("training", "validation"), source: str | Path = "latent datalist"
+) -> list[dict[str, Any]]:
+    """Items of the given splits of a loaded latent datalist, each tagged with its ``split``.
+
+    Args:
+        datalist: output of :func:`custom_nets.data.latent_cache.load_latent_datalist`.
+        splits: lists to take, in order.
+        source: the datalist's path, for the error message.
+    """
     items = []
     for split in splits:
         for it in datalist.get(split, []) or []:
             items.append({**it, "split": split})
     if not items:
-        raise InputError(datalist.get("path", "latent datalist"), f"no items in splits {list(splits)}")
+        raise InputError(source, f"no items in splits {list(splits)}")
     return items
 
 

@@ -334,8 +334,6 @@ def conditioned_dataset(
 ) -> ConditionedLatentDataset:
     """Latent windows of ``items`` with the factor bank's vectors of each volume (InputErrors names
     every latent without a bank row); ``seed`` fixes the windows (validation)."""
-    if not items:
-        raise ValueError("no latent volumes in this split of the latent datalist")
     rows = bank.rows_for([it["latent"] for it in items])
     return ConditionedLatentDataset(items, bank.content[rows], bank.style[rows], crop, seed)
 

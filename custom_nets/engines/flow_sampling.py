@@ -35,6 +35,7 @@ from custom_nets.engines.flow_matching import FactorBank, is_flow, scheduler_fro
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta
 from custom_nets.utils.errors import CheckpointError, InputError
 from custom_nets.utils.io import atomic_path
+from custom_nets.utils.visualize import central_slices
 
 logger = logging.getLogger(__name__)
 
@@ -433,16 +434,16 @@ def centred_affine(shape: Sequence[int], spacing: Sequence[float] = (1.5, 1.5, 1
 
 class DecodeLatentd:
     """Postprocessing: ``data[key]`` scaled latent (C, x, y, z) -> image (1, 4x, 4y, 4z) through the
-    VAE (tiled), after dividing out the latent scale factor; optionally map [0, 1] back to HU.
+    VAE (tiled), after dividing out the latent scale factor, mapped back to intensities
+    (``vae_encode.to_intensity``: CT -> Hounsfield units of the preprocessing window, MR -> [0, 1]).
 
     Args:
         vae: the meduet_vae network (eval mode).
         scale_factor: the generator's latent scale factor (model.json).
         roi: decoding tile edge in latent voxels (``decode_latent``'s exact stage-wise tiling).
         overlap: tile overlap (used by ``decode_latent``'s sliding-window mode only).
-        intensity_range: (low, high): the preprocessing window that [0, 1] stands for (CT:
-            (-175, 250) HU); None keeps [0, 1].
-        key: the latent's key in the output dict.
+        modality: "CT" or "MR".
+        key: the latent's key in the output dict; the latent itself is kept under "latent".
     """
 
     def __init__(
@@ -451,51 +452,44 @@ class DecodeLatentd:
         scale_factor: float,
         roi: int = 32,
         overlap: float = 0.25,
-        intensity_range: Sequence[float] | None = (-175.0, 250.0),
+        modality: str = "CT",
         key: str = "pred",
     ) -> None:
         self.vae, self.scale_factor = vae, float(scale_factor)
-        self.roi, self.overlap = int(roi), float(overlap)
-        self.intensity_range = None if intensity_range is None else tuple(map(float, intensity_range))
-        self.key = key
+        self.roi, self.overlap, self.modality, self.key = int(roi), float(overlap), modality, key
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        from custom_nets.engines.vae_encode import to_intensity
         from custom_nets.nets.vae import decode_latent
 
         d = dict(data)
         z = torch.as_tensor(d[self.key]).float() / self.scale_factor
         d["latent"] = z.cpu()
-        img = decode_latent(self.vae, z, roi=self.roi, overlap=self.overlap).clamp(0, 1)
-        if self.intensity_range is not None:
-            lo, hi = self.intensity_range
-            img = img * (hi - lo) + lo
-        d[self.key] = img
+        img = decode_latent(self.vae, z, roi=self.roi, overlap=self.overlap)
+        d[self.key] = torch.from_numpy(to_intensity(img.numpy(), self.modality))
         return d
 
 
 class SaveSampled:
-    """Postprocessing: write ``data[key]`` (1, X, Y, Z) as ``output_dir/<name>.nii.gz`` (atomic).
+    """Postprocessing: write ``data[key]`` (1, X, Y, Z) as ``output_dir/<name>.nii.gz`` (atomic, RAS
+    grid of ``spacing`` centred on the origin) and the latent beside it as ``<name>_latent.npy``.
 
     Args:
         output_dir: folder of the samples.
         spacing: voxel size of the decoded images (the VAE's 1.5 mm grid).
         key: the image's key.
-        save_latent: also write the latent as ``<name>_latent.npy``.
     """
 
-    def __init__(self, output_dir: str | Path, spacing: Sequence[float] = (1.5, 1.5, 1.5), key: str = "pred",
-                 save_latent: bool = True) -> None:
-        self.output_dir, self.spacing, self.key, self.save_latent = Path(output_dir), list(spacing), key, save_latent
+    def __init__(self, output_dir: str | Path, spacing: Sequence[float] = (1.5, 1.5, 1.5), key: str = "pred") -> None:
+        self.output_dir, self.spacing, self.key = Path(output_dir), list(spacing), key
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        import nibabel as nib
+        from custom_nets.engines.vae_encode import save_nifti
 
         d = dict(data)
         img = torch.as_tensor(d[self.key]).detach().cpu().float().numpy()[0]
-        path = self.output_dir / f"{d['name']}.nii.gz"
-        with atomic_path(path) as tmp:
-            nib.save(nib.Nifti1Image(img, centred_affine(img.shape, self.spacing)), str(tmp))
-        if self.save_latent and "latent" in d:
+        path = save_nifti(self.output_dir / f"{d['name']}.nii.gz", img, centred_affine(img.shape, self.spacing))
+        if "latent" in d:
             with atomic_path(self.output_dir / f"{d['name']}_latent.npy") as tmp:
                 np.save(tmp, torch.as_tensor(d["latent"]).numpy().astype(np.float32))
         d["path"] = str(path)
@@ -503,16 +497,11 @@ class SaveSampled:
         return d
 
 
-def middle_slices(img: np.ndarray) -> list[np.ndarray]:
-    """Axial, coronal and sagittal middle slices of an (X, Y, Z) RAS volume, oriented for display."""
-    x, y, z = (s // 2 for s in img.shape)
-    return [np.rot90(img[:, :, z]), np.rot90(img[:, y, :]), np.rot90(img[x, :, :])]
-
-
 class SampleGridHandler:
-    """Collects the middle slices of every sample and writes a PNG grid when sampling completes:
+    """Collects the central slices of every sample and writes a PNG grid when sampling completes:
     rows = content sources, columns = style sources (first repeat of each pair), one panel per
-    sample holding its axial | coronal | sagittal slices.
+    sample holding its axial | coronal | sagittal slices (``visualize.central_slices``; the
+    one-row-per-volume ``save_slice_montage`` has no room for the content x style grid).
 
     Args:
         path: destination PNG.
@@ -538,7 +527,7 @@ class SampleGridHandler:
             if int(item["repeat"]) != 0:
                 continue
             img = torch.as_tensor(out[self.key]).detach().cpu().float().numpy()[0]
-            slices = middle_slices(img)
+            slices = central_slices(img)
             h = max(s.shape[0] for s in slices)
             padded = [np.pad(s, ((0, h - s.shape[0]), (0, 2)), constant_values=float(img.min())) for s in slices]
             self.panels[(int(item["row"]), int(item["col"]))] = np.concatenate(padded, axis=1)

@@ -9,8 +9,9 @@ For a pair (A, B): A's content with B's style, and B's content with A's style, t
   by repeating the border when smaller or not a multiple of the token size). For each cube the
   encoder runs on the unmixed tokens of A and of B, the factor heads give content and style
   tokens, the fusion layer joins A's content with B's style token by token, and the MeDUET
-  decoder predicts the latent with every token visible (no mask tokens: all fused tokens are
-  known). Cube outputs are blended with Gaussian weights that peak at each cube's centre (cube
+  decoder predicts the latent in its training regime: two passes with complementary random halves
+  of the fused tokens visible (mask tokens elsewhere), each token taken from the pass where it was
+  hidden (:func:`decode_factors`; ``"all_visible"`` decodes every fused token in one pass instead). Cube outputs are blended with Gaussian weights that peak at each cube's centre (cube
   placement as in the factor bank: :func:`custom_nets.engines.factor_bank.cube_starts`).
 - The VAE decodes the swapped latents (tiled) to images on A's (preprocessed, 1.5 mm) image grid.
 """
@@ -36,22 +37,63 @@ B_CONTENT_A_STYLE = "b_content_a_style"
 A_SELF = "a_self"
 
 
-def decode_all_tokens(network: torch.nn.Module, content: torch.Tensor, style: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """Fuse content and style tokens and decode them with every position visible.
+DECODE_MODES = ("complementary", "all_visible")
+
+
+def decode_factors(
+    network: torch.nn.Module,
+    content: torch.Tensor,
+    style: torch.Tensor,
+    grid: Sequence[int],
+    mode: str = "complementary",
+    draws: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Fuse content and style tokens and decode them into latents.
 
     Args:
         network: a MeDUET.
         content: (B, N, Dc) content tokens.
         style: (B, N, Ds) style tokens.
         grid: token grid (N = product).
+        mode: ``"complementary"`` (default): the decoder's training regime. A random half of the
+            fused tokens is visible (mask tokens elsewhere) in one pass and the other half in a
+            second pass; every token is taken from the pass in which it was hidden, i.e.
+            predicted from its context, which is what the demixing loss trains. ``"all_visible"``:
+            one pass with every fused token visible and no mask token (a regime the decoder never
+            sees in training; measured worse in benchmarks/REPORT.md).
+        draws: complementary mask pairs averaged (``"complementary"`` only).
+        generator: CPU generator of the masks.
 
     Returns:
         (B, C, X, Y, Z) predicted latents.
     """
+    from custom_nets.nets.meduet import gather_tokens, split_ids
+
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
     b, n = content.shape[:2]
-    ids = torch.arange(n, device=content.device).expand(b, n)
-    pred = network.decode(network.fuse(content, style), ids, grid)
-    return network.unpatchify(pred, grid)
+    fused = network.fuse(content, style)
+    if mode == "all_visible":
+        ids = torch.arange(n, device=content.device).expand(b, n)
+        return network.unpatchify(network.decode(fused, ids, grid), grid)
+    total = None
+    for _ in range(max(1, int(draws))):
+        mask = random_half_mask(b, n, generator, content.device)
+        ids0, ids1 = split_ids(mask)
+        visible = torch.cat([gather_tokens(fused, ids0), gather_tokens(fused, ids1)])
+        pred = network.decode(visible, torch.cat([ids0, ids1]), grid)
+        m = mask.unsqueeze(-1).to(pred.dtype)
+        pred = pred[:b] * m + pred[b:] * (1.0 - m)  # pass 1 sees M=0 and predicts M=1, pass 2 the converse
+        total = pred if total is None else total + pred
+    return network.unpatchify(total / max(1, int(draws)), grid)
+
+
+def random_half_mask(batch: int, n_tokens: int, generator: torch.Generator | None, device: Any) -> torch.Tensor:
+    """(B, N) 0/1 mask with N // 2 ones per row (random positions)."""
+    from custom_nets.nets.meduet import random_mix_mask
+
+    return random_mix_mask(batch, n_tokens, 0.5, generator, device)
 
 
 def cube_weights(patch: int, sigma_scale: float = 0.125) -> torch.Tensor:
@@ -103,6 +145,9 @@ def swap_latents(
     overlap: float = 0.25,
     with_self: bool = False,
     cube_batch: int = 4,
+    decode_mode: str = "complementary",
+    mask_draws: int = 1,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Swap content and style between two latent volumes (module docstring).
 
@@ -115,6 +160,9 @@ def swap_latents(
         with_self: also return A's content with A's own style (the decoder's reconstruction of A,
             a reference for the swap error).
         cube_batch: cubes per forward pass.
+        decode_mode: how the decoder sees the fused tokens (:func:`decode_factors`).
+        mask_draws: complementary mask pairs averaged.
+        seed: seed of the decoding masks (the same call gives the same result).
 
     Returns:
         ``{"a_content_b_style": (C, X, Y, Z), "b_content_a_style": (C, X, Y, Z), ["a_self": ...]}``
@@ -135,6 +183,7 @@ def swap_latents(
     c = a.shape[1]
     grid = net.encoder.grid_of((patch,) * 3)
     n_out = 3 if with_self else 2
+    gen = torch.Generator().manual_seed(int(seed))
 
     def fn(cubes: torch.Tensor) -> torch.Tensor:
         ca, sa = net.encode_factors(cubes[:, :c])
@@ -143,7 +192,7 @@ def swap_latents(
         if with_self:
             contents.append(ca)
             styles.append(sa)
-        y = decode_all_tokens(net, torch.cat(contents), torch.cat(styles), grid)  # (n_out * P, C, ...)
+        y = decode_factors(net, torch.cat(contents), torch.cat(styles), grid, decode_mode, mask_draws, gen)
         return torch.cat(y.chunk(n_out, dim=0), dim=1)
 
     out = blend_cubes(fn, x, patch, overlap, token, cube_batch)
@@ -215,6 +264,8 @@ class SwapRunner:
         overlap: cube overlap.
         vae_roi: VAE decoding tile edge in latent voxels (:func:`custom_nets.nets.vae.decode_latent`);
             None decodes each volume in one pass (small volumes).
+        decode_mode: MeDUET decoding regime (:func:`decode_factors`).
+        mask_draws: complementary mask pairs averaged.
     """
 
     def __init__(
@@ -228,6 +279,8 @@ class SwapRunner:
         patch: int = 24,
         overlap: float = 0.25,
         vae_roi: int | None = 32,
+        decode_mode: str = "complementary",
+        mask_draws: int = 1,
     ) -> None:
         self.network, self.vae, self.items = network, vae, list(items)
         self.output_dir = Path(output_dir)
@@ -240,6 +293,9 @@ class SwapRunner:
                 raise ValueError(f"swap pairs {bad} index outside the {len(self.items)} volumes")
         self.patch, self.overlap = patch, overlap
         self.vae_roi = None if vae_roi is None else int(vae_roi)
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+        self.decode_mode, self.mask_draws = decode_mode, int(mask_draws)
 
     def _load(self, item: Mapping[str, Any]) -> torch.Tensor:
         from custom_nets.data.latent_cache import open_latent
@@ -259,7 +315,8 @@ class SwapRunner:
             if "affine" not in a:
                 raise InputError(a["latent"], "latent datalist item has no 'affine' (image grid) to write NIfTI with")
             za, zb = self._load(a), self._load(b)
-            swapped = swap_latents(self.network, za, zb, self.patch, self.overlap)
+            swapped = swap_latents(self.network, za, zb, self.patch, self.overlap, decode_mode=self.decode_mode,
+                                   mask_draws=self.mask_draws)
             sa, sb = _stem(a), _stem(b)
             images = {
                 "A": self._decode(za),

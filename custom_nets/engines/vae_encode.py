@@ -248,8 +248,9 @@ class LatentCacheEncoder:
         for item in items:
             rec = read_json(self._record_path(item))
             entry = {k: v for k, v in rec.items() if k not in ("split", "vae_sha256")}
+            entry.update(domain=item["domain"], domain_index=int(item["domain_index"]))  # may have been renamed
             entry["latent"] = os.path.relpath(self.output_dir / rec["latent"], root)
-            out.setdefault(rec["split"], []).append(entry)
+            out.setdefault(item["split"], []).append(entry)  # the current datalist decides the split
         out["vae"] = {
             "ckpt": str(self.vae_ckpt.resolve()),
             "sha256": sha,
