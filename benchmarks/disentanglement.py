@@ -111,13 +111,23 @@ def make_phantoms(out: Path, subjects: int, styles: Sequence[str], seed: int) ->
 
 
 class PoolTokenizer:
-    """Training-free 4x tokenizer (module docstring): image (X, Y, Z) -> latent (4, X/4, Y/4, Z/4)."""
+    """Training-free 4x tokenizer (module docstring): image (X, Y, Z) -> latent (4, X/4, Y/4, Z/4).
+
+    Channels are standardised with the mean and standard deviation of each feature over all
+    phantoms (:meth:`fit`), so that, like VAE latents, they have unit scale: the reconstruction
+    loss then weighs against the other MeDUET losses as it does on VAE latents.
+    """
 
     name = "pool4"
     latent_channels = 4
 
+    def __init__(self) -> None:
+        self.mean = torch.zeros(4, 1, 1, 1)
+        self.std = torch.ones(4, 1, 1, 1)
+
+    @staticmethod
     @torch.no_grad()
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
+    def features(image: torch.Tensor) -> torch.Tensor:
         x = image.float().reshape(1, 1, *image.shape[-3:])
         pool = lambda t: torch.nn.functional.avg_pool3d(t, 4)  # noqa: E731
         mean = pool(x)
@@ -125,9 +135,23 @@ class PoolTokenizer:
         d = [torch.diff(x, dim=k, append=x.narrow(k, x.shape[k] - 1, 1)).abs() for k in (2, 3, 4)]
         return torch.cat([mean, std, pool(d[0] + d[1]), pool(d[2])], dim=1)[0]
 
+    def fit(self, images: Sequence[torch.Tensor]) -> PoolTokenizer:
+        """Per-channel mean and standard deviation of the features of ``images``."""
+        f = torch.stack([self.features(im) for im in images])
+        self.mean = f.mean(dim=(0, 2, 3, 4)).reshape(4, 1, 1, 1)
+        self.std = f.std(dim=(0, 2, 3, 4)).clamp_min(1e-6).reshape(4, 1, 1, 1)
+        return self
+
+    def record(self) -> dict[str, Any]:
+        return {"pooling": 4, "channel_mean": self.mean.flatten().tolist(), "channel_std": self.std.flatten().tolist()}
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return (self.features(image) - self.mean) / self.std
+
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        z = latent.float()[None, :1]
+        z = (latent.float()[:1] * self.std[0] + self.mean[0])[None]
         return torch.nn.functional.interpolate(z, scale_factor=4, mode="trilinear", align_corners=False)[0, 0]
 
 
@@ -156,10 +180,10 @@ class VaeTokenizer:
 def get_tokenizer(args: argparse.Namespace, out: Path, logfile: Path) -> tuple[Any, dict[str, Any], str]:
     """The tokenizer, its latent-datalist "vae" record and a sentence saying what it is."""
     if args.tokenizer == "pool":
-        tok = PoolTokenizer()
-        return tok, {"ckpt": None, "sha256": "pool4-mean-std-gradients", "latent_channels": 4, "network": {"pooling": 4}}, (
+        return PoolTokenizer(), {"ckpt": None, "sha256": "pool4-mean-std-gradients", "latent_channels": 4}, (
             "the training-free 4x pooling tokenizer of benchmarks/disentanglement.py (per 4^3 block: mean, standard "
-            "deviation, in-plane and through-plane gradient magnitude; decoded by trilinear upsampling of the mean)")
+            "deviation, in-plane and through-plane gradient magnitude, each channel standardised over all phantoms; "
+            "decoded by trilinear upsampling of the mean)")
     from custom_nets.utils.checkpoint import file_sha256
 
     ckpt, note = get_vae(args, out, logfile)
@@ -192,17 +216,25 @@ def encode_phantoms(datalist: dict[str, Any], tokenizer: Any, vae_record: dict[s
     domains = list(datalist["domains"])
     lat_dir = out / "latents"
     images: dict[str, np.ndarray] = {}
-    latent_list: dict[str, Any] = {"training": [], "validation": [], "domains": domains, "vae": vae_record}
+    affines: dict[str, list] = {}
     for split in ("training", "validation"):
         for it in datalist[split]:
             name = Path(it["image"]).name.split(".")[0]
             img = pre({"image": it["image"], "modality": it.get("modality", "CT")})["image"]
             images[name] = np.asarray(img[0], dtype=np.float32)
+            affines[name] = np.asarray(img.affine, dtype=np.float64).tolist()
+    if hasattr(tokenizer, "fit"):
+        tokenizer.fit([torch.from_numpy(v) for v in images.values()])
+        vae_record = {**vae_record, "network": tokenizer.record()}
+    latent_list: dict[str, Any] = {"training": [], "validation": [], "domains": domains, "vae": vae_record}
+    for split in ("training", "validation"):
+        for it in datalist[split]:
+            name = Path(it["image"]).name.split(".")[0]
             path = lat_dir / f"{name}.npy"
             if not path.is_file():
                 write_latent(path, tokenizer.encode(torch.from_numpy(images[name])))
             z = np.load(path, mmap_mode="r")
-            affine = np.asarray(img.affine, dtype=np.float64).tolist()
+            affine = affines[name]
             latent_list[split].append({
                 "latent": path.name, "domain": it["domain"], "domain_index": domains.index(it["domain"]),
                 "image": it["image"], "label": it.get("label"), "modality": it.get("modality", "CT"),
