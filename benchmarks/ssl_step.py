@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from custom_nets.engines.meduet_step import MeDUETTrainStep  # noqa: E402
+from custom_nets.engines.meduet_step import MeDUETTrainStep, set_malloc_mmap_threshold  # noqa: E402
 from custom_nets.losses.demix import demix_reconstruction_loss  # noqa: E402
 from custom_nets.losses.domain import domain_loss  # noqa: E402
 from custom_nets.losses.mftd import mftd_loss  # noqa: E402
@@ -124,6 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--passes", default="project", choices=["project", "reference"],
         help="project: MeDUETTrainStep; reference: the authors' pass structure (ReferencePassesStep)",
     )
+    p.add_argument(
+        "--malloc-mmap-threshold", type=int, default=0,
+        help="bytes; >0 calls set_malloc_mmap_threshold (lower peak RSS, more page faults); 0 = glibc default",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.batch < 2 or args.batch % 2:
@@ -136,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.malloc_mmap_threshold > 0 and not set_malloc_mmap_threshold(args.malloc_mmap_threshold):
+        print("warning: could not set the malloc mmap threshold (not glibc?)", flush=True)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
         "size": args.size,
         "crop": args.crop,
         "passes": args.passes,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "checkpointing": sorted(model.checkpointing),
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "torch": torch.__version__,

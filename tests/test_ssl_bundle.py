@@ -205,6 +205,30 @@ def test_cube_blending_of_the_identity_returns_the_volume():
     torch.testing.assert_close(blend_cubes(lambda t: t, x, patch=16, overlap=0.25, token=4, cube_batch=3), x)
 
 
+def test_complementary_decoding_takes_each_token_from_the_pass_where_it_was_hidden():
+    from custom_nets.engines.swap import decode_factors, random_half_mask
+    from custom_nets.nets.meduet import gather_tokens, split_ids
+
+    torch.manual_seed(0)
+    net = build_meduet(meduet_network_args("demo", 2)).eval()
+    x = torch.randn(2, 4, 16, 16, 16)
+    grid = net.encoder.grid_of(x.shape[2:])
+    with torch.no_grad():
+        c, s = net.encode_factors(x)
+        out = decode_factors(net, c, s, grid, "complementary", 1, torch.Generator().manual_seed(3))
+        mask = random_half_mask(2, 64, torch.Generator().manual_seed(3), x.device)
+        ids0, ids1 = split_ids(mask)
+        fused = net.fuse(c, s)
+        first = net.decode(gather_tokens(fused, ids0), ids0, grid)  # sees M = 0, predicts M = 1
+        token = int(ids1[0, 0])  # a token hidden in the first pass
+        torch.testing.assert_close(net.patchify(out)[0, token], first[0, token])
+        again = decode_factors(net, c, s, grid, "complementary", 1, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(out, again)
+        assert decode_factors(net, c, s, grid, "all_visible").shape == x.shape
+    with pytest.raises(ValueError, match="decode mode"):
+        decode_factors(net, c, s, grid, "half")
+
+
 def test_network_arguments_and_strict_loading(tmp_path):
     args = meduet_network_args("demo", 4, {"encoder": {"depth": 1}})
     assert args["n_domains"] == 4 and args["encoder"]["depth"] == 1 and args["encoder"]["embed_dim"] == 48
