@@ -359,7 +359,7 @@ def plot_summary(results: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     modes = [m for m in MODES if m in results["runs"]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
     x = np.arange(len(modes))
     probes = (("content", "domain | content"), ("style", "domain | style"),
               ("anatomy_from_content", "anatomy | content"), ("anatomy_from_style", "anatomy | style"))
@@ -371,7 +371,7 @@ def plot_summary(results: dict[str, Any], path: Path) -> Path:
     axes[0].set_xticks(x, modes)
     axes[0].set_ylim(0, 1.05)
     axes[0].set_title("linear-probe accuracy")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     for ax, space in zip(axes[1:], ("latent", "image")):
         keys = ["swap", "a_unchanged", "b_unchanged", "floor"]
         for k, key in enumerate(keys):
@@ -379,7 +379,7 @@ def plot_summary(results: dict[str, Any], path: Path) -> Path:
                    yerr=[results["runs"][m]["swap_sd"][space][key] for m in modes], label=key.replace("_", " "), capsize=2)
         ax.set_xticks(x, modes)
         ax.set_title(f"swap MSE vs ground truth ({space})")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -443,8 +443,32 @@ def report_section(results: dict[str, Any], command: str, figures: dict[str, str
     first = next(iter(results["runs"].values()))
     lines += ["", f"Tokenizer reconstruction error of the ground truth itself (image MSE): "
                   f"{first['swap_mean']['image']['tokenizer_floor']:.4f}; no latent-space answer can go below it in image space."]
+    lines += ["", "Reading: " + " ".join(reading(results))]
     lines += [""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
     return "\n".join(lines)
+
+
+def reading(results: dict[str, Any]) -> list[str]:
+    """Plain sentences computed from the numbers (what they show, and how far one run goes)."""
+    s, runs = results["settings"], results["runs"]
+    out = [f"One seed, a demo-size network and {s['ssl_epochs']} epochs on a CPU (the paper: ~105 M parameters, "
+           f"~200k steps on 4 GPUs), so these figures test the pipeline and compare the pairings at this scale only."]
+    for m, r in runs.items():
+        p = r["probe"]
+        dc, ch = p["content"]["accuracy"], p["content"]["chance"]
+        ac, ach = p["anatomy_from_content"]["accuracy"], p["anatomy_from_content"]["chance"]
+        lat = r["swap_mean"]["latent"]
+        verdict = "invariant to the domain" if dc < ch + 0.5 * (1 - ch) else "still linearly predictive of the domain"
+        swap_vs = ("closer to the truth than both trivial answers" if lat["swap"] < min(lat["a_unchanged"], lat["b_unchanged"])
+                   else "not closer to the truth than the better trivial answer")
+        out.append(f"{m} pairing: content is {verdict} (probe {dc:.2f}, chance {ch:.2f}); it identifies the anatomy "
+                   f"across styles at {ac:.2f} (chance {ach:.2f}); the swap is on average {swap_vs} "
+                   f"(latent MSE {lat['swap']:.3f} vs {lat['a_unchanged']:.3f} / {lat['b_unchanged']:.3f}).")
+    if all(m in runs for m in MODES):
+        a, b = (runs[m]["swap_mean"]["latent"]["swap"] for m in MODES)
+        sd = max(runs[m]["swap_sd"]["latent"]["swap"] for m in MODES)
+        out.append(f"Swap error, cross-domain minus random pairing: {b - a:+.3f} (pair-to-pair sd up to {sd:.3f}).")
+    return out
 
 
 def write_report(report: Path, section: str) -> None:
@@ -478,6 +502,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--report", type=Path, default=None, help="Markdown file whose Disentanglement section is (re)written")
+    p.add_argument("--from-results", action="store_true",
+                   help="only redraw the summary figure and rewrite the report section from <out>/results.json")
     args = p.parse_args(argv)
     defaults = dict(subjects=16, styles=",".join(DOMAIN_STYLES), vae_epochs=20, ssl_epochs=150, max_pairs=40)
     if args.quick:
@@ -493,6 +519,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        results = json.loads((out / "results.json").read_text())
+        publish(results, args, out, results["command"])
+        return results
     logfile = out / "runs.log"
     styles = [s for s in args.styles.split(",") if s]
     datalist = make_phantoms(out, args.subjects, styles, args.seed)
@@ -520,23 +550,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"},
         "runs": runs, "seconds": time.perf_counter() - t0,
     }
-    summary_png = plot_summary(results, out / "disentanglement_summary.png")
+    results["command"] = ("python benchmarks/disentanglement.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     write_json(out / "results.json", results)
-    if args.report:
-        fig_dir = args.report.parent / "figures"
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        figures = {"summary": summary_png}
-        figures.update({f"swap example ({m})": Path(runs[m]["montage"]) for m in runs if runs[m]["montage"]})
-        rel = {}
-        for k, src in figures.items():
-            dst = fig_dir / Path(src).name
-            shutil.copyfile(src, dst)
-            rel[k] = os.path.relpath(dst, args.report.parent)
-        command = "python benchmarks/disentanglement.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_report(args.report, report_section(results, command.strip(), rel))
-        log(f"wrote the {SECTION[3:]} section of {args.report}")
+    publish(results, args, out, results["command"])
     log(f"done in {results['seconds'] / 60:.1f} min; results in {out / 'results.json'}")
     return results
+
+
+def publish(results: dict[str, Any], args: argparse.Namespace, out: Path, command: str) -> None:
+    """Summary figure, and with ``--report`` the report section with the figures copied beside it."""
+    summary_png = plot_summary(results, out / "disentanglement_summary.png")
+    if not args.report:
+        return
+    fig_dir = args.report.parent / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figures = {"summary": summary_png}
+    runs = results["runs"]
+    figures.update({f"swap example ({m})": Path(runs[m]["montage"]) for m in runs if runs[m]["montage"]})
+    rel = {}
+    for k, src in figures.items():
+        dst = fig_dir / Path(src).name
+        if Path(src).resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        rel[k] = os.path.relpath(dst, args.report.parent)
+    write_report(args.report, report_section(results, command, rel))
+    log(f"wrote the {SECTION[3:]} section of {args.report}")
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ def test_network_arguments_and_strict_loading(tmp_path):
     assert net.content_dim == 48
 
 
-def test_check_bundles_passes(cache, shared_dir):
+def test_check_bundles_passes(cache, shared_dir, tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("check_bundles", shared_dir / "tools" / "check_bundles.py")
@@ -248,5 +248,6 @@ def test_check_bundles_passes(cache, shared_dir):
     spec.loader.exec_module(tool)
     # in-process (one interpreter start less); demo size: the check instantiates train.json's
     # network, teacher and optimizer
-    problems = tool.check(ROOT / BUNDLE, {"latent_datalist": str(cache["latent_datalist"]), "model_size": "demo"})
+    overrides = {"latent_datalist": str(cache["latent_datalist"]), "model_size": "demo", "output_dir": str(tmp_path)}
+    problems = tool.check(ROOT / BUNDLE, overrides)
     assert problems == []
