@@ -64,6 +64,7 @@ from custom_nets.engines.disentangle_eval import mse, probe_accuracy  # noqa: E4
 from custom_nets.engines.factor_bank import meduet_factor_fn, volume_factors  # noqa: E402
 from custom_nets.engines.swap import A_CONTENT_B_STYLE, A_SELF, swap_latents  # noqa: E402
 from custom_nets.utils.io import write_json  # noqa: E402
+from report_tools import write_report  # noqa: E402  (same folder)
 
 MODES = ("random", "cross_domain")
 SECTION = "## Disentanglement"
@@ -469,18 +470,6 @@ def reading(results: dict[str, Any]) -> list[str]:
         sd = max(runs[m]["swap_sd"]["latent"]["swap"] for m in MODES)
         out.append(f"Swap error, cross-domain minus random pairing: {b - a:+.3f} (pair-to-pair sd up to {sd:.3f}).")
     return out
-
-
-def write_report(report: Path, section: str) -> None:
-    """Replace this benchmark's section of ``report`` (or append it), leaving other sections as they are."""
-    text = report.read_text() if report.is_file() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start >= 0:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    report.write_text(text)
 
 
 # --------------------------------------------------------------------------------------------

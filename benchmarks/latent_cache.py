@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from custom_nets.data.latent_cache import LatentCropDataset, augment_latent, write_latent
-from custom_nets.utils.io import atomic_write
+from report_tools import machine, write_report  # noqa: E402  (same folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Latent cache"
@@ -84,34 +83,6 @@ def crops_per_second(dataset: torch.utils.data.Dataset, workers: int, seconds: f
     wall, cpu = time.perf_counter() - t0, _cpu_seconds(pids) + time.process_time() - c0
     del it
     return n / wall, n / max(cpu, 1e-9), n
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores visible, load average {load:.1f} at the start, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
-
-
-def write_report(report: Path, section: str) -> None:
-    """Replace the section of ``report`` whose heading is ``section``'s first line (or append it),
-    leaving other sections as they are."""
-    heading = section.splitlines()[0]
-    text = report.read_text() if report.is_file() else "# Benchmarks\n"
-    start = text.find(heading + "\n")
-    if start >= 0:
-        nxt = text.find("\n## ", start + len(heading))
-        text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    atomic_write(report, lambda tmp: tmp.write_text(text))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

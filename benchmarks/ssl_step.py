@@ -38,6 +38,7 @@ from custom_nets.losses.domain import domain_loss  # noqa: E402
 from custom_nets.losses.mftd import mftd_loss  # noqa: E402
 from custom_nets.losses.siqc import siqc_loss  # noqa: E402
 from custom_nets.nets.meduet import MeDUET, meduet_config  # noqa: E402
+from report_tools import peak_rss_mb  # noqa: E402  (same folder)
 
 
 class ReferencePassesStep(MeDUETTrainStep):
@@ -98,12 +99,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from latent_cache import machine, write_report  # noqa: E402  (same folder)
+from report_tools import machine, write_report  # noqa: E402  (same folder)
 
 SECTION = "## VAE whole-volume encoding"
 
