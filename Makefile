@@ -1,5 +1,7 @@
 # make demo   : create .venv if missing, fetch sample data, train and run the whole chain at demo scale
 # make test   : create .venv if missing, run the test suite
+# make bench  : rerun the benchmarks one after the other and regenerate benchmarks/REPORT.md
+#               (BENCH=ssl_step,seg_inference picks suites; EXPERIMENTS=1 adds the evidence runs)
 # TORCH_SPEC picks the torch build installed first (CPU build by default; for CUDA install your
 # CUDA torch into .venv yourself before `make`, then TORCH_SPEC is satisfied and nothing changes).
 PYTHON ?= python3
@@ -8,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean-demo
+.PHONY: venv demo test bench clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +27,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py $(if $(BENCH),--only $(BENCH)) $(if $(EXPERIMENTS),--experiments)
 
 clean-demo:
 	rm -rf outputs/demo

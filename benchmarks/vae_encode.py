@@ -32,6 +32,12 @@ from report_tools import machine, write_report  # noqa: E402  (same folder)
 SECTION = "## VAE whole-volume encoding"
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (wall time depends on the machine's load)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -99,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from custom_nets.data.latent_cache import open_latent, write_latent
 
     if args.latent is None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         z = encode_volume(vae, image.as_tensor(), roi=args.roi, progress=True)
-        t_enc = time.perf_counter() - t0
+        t_enc, c_enc = time.perf_counter() - t0, cpu_seconds() - c0
         rss_enc = peak_rss_gb()
         print(f"encoded to {tuple(z.shape)} in {t_enc:.0f} s, peak RSS {rss_enc:.2f} GB", flush=True)
         write_latent(work / "latent.npy", z)
@@ -125,17 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{network_args(vae)['num_channels']} ({parameter_count(vae) / 1e6:.1f} M parameters; {weights}), "
         f"CPU, {threads} torch threads, exact tiling (halos + whole-volume GroupNorm statistics).",
         "",
-        "| step | tile | output | wall time | peak RSS of the process so far |",
-        "|---|---|---|---|---|",
-        f"| preprocessing | - | {'x'.join(map(str, image.shape[1:]))} | {t_pre:.0f} s | {rss_pre:.2f} GB |",
+        "| step | tile | output | wall time | CPU time | peak RSS of the process so far |",
+        "|---|---|---|---|---|---|",
+        f"| preprocessing | - | {'x'.join(map(str, image.shape[1:]))} | {t_pre:.0f} s | - | {rss_pre:.2f} GB |",
     ]
     if args.latent is None:
         lines.append(f"| encode (posterior mean) | {args.roi}^3 voxels | {'x'.join(map(str, z.shape))} | "
-                     f"{t_enc / 60:.1f} min | **{rss_enc:.2f} GB** |")
+                     f"{t_enc / 60:.1f} min | {c_enc / 60:.1f} min | **{rss_enc:.2f} GB** |")
     if not args.skip_decode:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         x = decode_latent(vae, z, roi=args.decode_roi, exact=args.decode_exact, progress=True)
-        t_dec = time.perf_counter() - t0
+        t_dec, c_dec = time.perf_counter() - t0, cpu_seconds() - c0
         rss_dec = peak_rss_gb()
         out = save_nifti(work / "decoded.nii.gz", to_intensity(x[0].numpy(), "CT"), image.affine.numpy())
         import nibabel as nib
@@ -148,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += [
             f"| decode ({'exact' if args.decode_exact else 'blended sliding window, overlap 0.25'}) + NIfTI | "
             f"{args.decode_roi}^3 latent voxels | {'x'.join(map(str, x.shape))} | "
-            f"{t_dec / 60:.1f} min | {rss_dec:.2f} GB |",
+            f"{t_dec / 60:.1f} min | {c_dec / 60:.1f} min | {rss_dec:.2f} GB |",
             "",
             f"Decoded NIfTI on the preprocessed grid: shape {written.shape}, affine equal to the preprocessed "
             f"image's: **{same}** (max abs difference "
