@@ -113,7 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sample_images = out / "sample_images"
     shutil.rmtree(sample_images, ignore_errors=True)
     sample_images.mkdir()
-    for item in merged["testing"] + [i for i in merged["training"] if "phantom" not in i["image"]][:2]:
+    # the held-out phantoms (scored against their labels) and the two smallest real CTs (kept small
+    # so the demo stays within its time budget; any CT works the same way)
+    real_ct = sorted((i for i in merged["training"] if "phantoms" not in Path(i["image"]).parts
+                      and i.get("modality", "CT") == "CT"), key=lambda i: Path(i["image"]).stat().st_size)
+    for item in merged["testing"] + real_ct[:2]:
         src = Path(item["image"])
         os.symlink(src, sample_images / src.name)
 

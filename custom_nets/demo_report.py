@@ -23,13 +23,14 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -
 
 
 def phantom_dice_table(seg_dir: Path, datalist: dict) -> list[str]:
-    """Markdown rows of Dice for every segmented phantom whose ground-truth label is known."""
+    """Markdown rows of Dice for every segmented phantom (the real sample volumes' labels use other
+    label sets, so only phantom domains are scored)."""
     import nibabel as nib
 
-    from custom_nets.data.phantoms import PHANTOM_LABELS
+    from custom_nets.data.phantoms import DOMAIN_STYLES, PHANTOM_LABELS
 
     truth_of = {Path(i["image"]).name.split(".")[0]: i.get("label") for k in ("training", "validation", "testing")
-                for i in datalist.get(k, []) if i.get("label")}
+                for i in datalist.get(k, []) if i.get("label") and i.get("domain") in DOMAIN_STYLES}
     names = [n for v, n in sorted(PHANTOM_LABELS.items()) if v > 0]
     rows = ["| volume | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 2) + "|"]
     for mask_path in sorted(seg_dir.rglob("*.nii.gz")):

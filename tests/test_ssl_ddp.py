@@ -7,12 +7,10 @@ of that same mean computed in one process.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_utils import assert_same_gradients, run_ranks
 
 from custom_nets.engines.meduet_step import MeDUETTrainStep
 from custom_nets.nets.meduet import MeDUET, meduet_config
@@ -36,34 +34,27 @@ def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[sl], d[sl], mask
 
 
-def worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=WORLD)
-    try:
-        net = torch.nn.parallel.DistributedDataParallel(make_net())
-        step = MeDUETTrainStep(net, STEP_CFG)
-        x, d, mask = rank_batch(rank)
-        total, _ = step.compute_losses(x, d, mask)
-        total.backward()
-        grads = {n: p.grad.detach().clone() for n, p in step.model.named_parameters()}
-        step.optimizer.zero_grad(set_to_none=True)
-        out = step(x, d, mask)  # the full step (backward, clipping, update, EMA) under DDP
-        torch.save({"grads": grads, "params": step.model.state_dict(), "loss": out["loss"]}, f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int, world: int) -> dict:
+    net = torch.nn.parallel.DistributedDataParallel(make_net())
+    step = MeDUETTrainStep(net, STEP_CFG)
+    x, d, mask = rank_batch(rank)
+    total, _ = step.compute_losses(x, d, mask)
+    total.backward()
+    grads = {n: p.grad.detach().clone() for n, p in step.model.named_parameters()}
+    step.optimizer.zero_grad(set_to_none=True)
+    out = step(x, d, mask)  # the full step (backward, clipping, update, EMA) under DDP
+    return {"grads": grads, "params": step.model.state_dict(), "loss": out["loss"]}
 
 
 def test_ddp_gradients_match_single_process(tmp_path: Path) -> None:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = run_ranks(worker, tmp_path, world=WORLD)
 
     step = MeDUETTrainStep(make_net(), STEP_CFG)
     losses = [step.compute_losses(*rank_batch(r))[0] for r in range(WORLD)]
     (sum(losses) / WORLD).backward()
-    for name, p in step.model.named_parameters():
-        for r in range(WORLD):
-            torch.testing.assert_close(ranks[r]["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    want = {name: p.grad for name, p in step.model.named_parameters()}
+    for r in range(WORLD):
+        assert_same_gradients(ranks[r]["grads"], want, rtol=1e-4, atol=1e-6)
     # after the full step both ranks hold the same weights, and they moved
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name]), name

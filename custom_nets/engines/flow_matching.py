@@ -575,50 +575,6 @@ class GeneratorExporter:
         logger.info("exported EMA generator to %s (sha256 %s...)", self.path, info["sha256"][:12])
 
 
-class TrainingState:
-    """Resumable training state: saves (and optionally first restores) the given objects plus the
-    trainer itself (its epoch and iteration counters) with MONAI's ``CheckpointSaver`` /
-    ``CheckpointLoader``.
-
-    The trainer is added when the handler is attached, because a config cannot name the trainer
-    inside the trainer's own handler list (circular reference). In a distributed run every rank
-    attaches it (restoring on every rank; ignite writes on rank 0 only).
-
-    Args:
-        save_dir: folder of the ``train_state`` checkpoints.
-        objects: objects with ``state_dict``/``load_state_dict`` (network, optimizer, EMA, step).
-        resume_from: a saved state to restore at start ("" or None: fresh start).
-        save_interval: epochs between saves.
-        n_saved: how many interval checkpoints to keep.
-    """
-
-    def __init__(
-        self,
-        save_dir: str | Path,
-        objects: Mapping[str, Any],
-        resume_from: str | Path | None = "",
-        save_interval: int = 1,
-        n_saved: int = 1,
-    ) -> None:
-        self.save_dir, self.objects = str(save_dir), dict(objects)
-        self.resume_from = str(resume_from) if resume_from else ""
-        self.save_interval, self.n_saved = save_interval, n_saved
-
-    def attach(self, engine: Engine) -> None:
-        from monai.handlers import CheckpointLoader, CheckpointSaver
-
-        state = {**self.objects, "trainer": engine}
-        if self.resume_from:
-            if not Path(self.resume_from).is_file():
-                raise InputError(self.resume_from, "training state to resume from not found")
-            CheckpointLoader(load_path=self.resume_from, load_dict=state, map_location="cpu").attach(engine)
-        # on every rank: ignite's DiskSaver synchronises the ranks when it is built and writes on rank 0 only
-        CheckpointSaver(
-            save_dir=self.save_dir, save_dict=state, file_prefix="train_state", save_interval=self.save_interval,
-            n_saved=self.n_saved, save_final=True, final_filename="train_state_final.pt",
-        ).attach(engine)
-
-
 def check_ssl_consistency(bank: FactorBank, ssl_ckpt: str | Path | None, init: bool) -> None:
     """Warn when the generator is initialised from another SSL model than the one whose factors
     condition it (on-the-fly factors at inference would then come from the wrong model)."""

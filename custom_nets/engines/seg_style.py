@@ -79,10 +79,15 @@ class StyleBank:
         self._sum, self._count = None, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"bank": self.bank}
+        # the running sum too: checkpoints are taken when an epoch completes, possibly before
+        # end_epoch() ran (handler order), and the sum belongs to that completed epoch
+        return {"bank": self.bank, "sum": self._sum, "count": self._count}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore, then fold a pending sum (it belongs to the epoch the checkpoint completed)."""
         self.bank = state.get("bank")
+        self._sum, self._count = state.get("sum"), int(state.get("count", 0))
+        self.end_epoch()
 
 
 @torch.no_grad()

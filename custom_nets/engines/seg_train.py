@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.handlers import CheckpointSaver
 from torch import nn
 
 from custom_nets.utils.checkpoint import read_stage_meta, save_stage_checkpoint
@@ -23,7 +22,6 @@ __all__ = [
     "trainable_parameters",
     "channel_def",
     "SegModelExporter",
-    "TrainerCheckpointSaver",
     "ValidationOverlayHandler",
 ]
 
@@ -89,7 +87,9 @@ class SegModelExporter:
 
     Attached to the trainer after the ``ValidationHandler``: at the end of an epoch where the
     evaluator's key metric improved it exports the weights; at the end of training it exports the
-    final weights if nothing was exported during the run (no validation, or no improvement ever).
+    final weights if no best model exists (no validation, or no improvement ever). The evaluator's
+    best metric is part of the resumable state, so a resumed run keeps the best model exported
+    before the interruption.
 
     Args:
         network: the trained network (DDP wrappers are unwrapped).
@@ -133,7 +133,8 @@ class SegModelExporter:
         self.export(engine, "best", float(ev.state.best_metric))
 
     def completed(self, engine: Any) -> None:
-        if self.exported_epoch is None:
+        best_epoch = int(getattr(getattr(self.evaluator, "state", None), "best_metric_epoch", -1))
+        if self.exported_epoch is None and best_epoch <= 0:
             metric = getattr(getattr(self.evaluator, "state", None), "best_metric", None)
             self.export(engine, "final", None if metric in (None, -1) else float(metric))
 
@@ -155,18 +156,6 @@ class SegModelExporter:
         self.exported_epoch = int(engine.state.epoch)
         logger.info("exported %s segmenter (epoch %d, key metric %s) to %s", reason, engine.state.epoch, metric, self.path)
         return info
-
-
-class TrainerCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` that also saves the engine it is attached to under "trainer".
-
-    A config cannot name the trainer inside the trainer's own handler list (circular reference),
-    yet a resumable checkpoint needs its counters: the engine is added at attach time.
-    """
-
-    def attach(self, engine: Any) -> None:
-        self.save_dict.setdefault("trainer", engine)
-        super().attach(engine)
 
 
 class ValidationOverlayHandler:

@@ -6,8 +6,8 @@ schedules and mixed precision live in the step). This module adds what the confi
 
 - :func:`latent_crop_dataset` (training crops) and :class:`FixedCropDataset` (validation crops);
 - :class:`SamplerEpoch`: new mixing pairs every epoch (MONAI only does this for ``DistributedSampler``);
-- :class:`ResumableCheckpoint`: MONAI ``CheckpointSaver`` of the full state (step + trainer
-  counters) and, with ``resume``, MONAI ``CheckpointLoader`` of the newest checkpoint;
+- (resumable checkpoints: :class:`custom_nets.engines.train_resume.ResumableCheckpoint`, shared by
+  every bundle);
 - :class:`ValidationReconstruction`: the evaluator's iteration, the teacher's token-demixing
   reconstruction loss on validation crops with fixed masks (comparable across evaluations);
 - :class:`TeacherExporter`: writes ``models/model.pt`` + ``model.json`` (stage meduet_ssl);
@@ -30,8 +30,6 @@ from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.utils.errors import InputError
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_GLOB = "checkpoint*.pt"
 
 
 def domain_indices(items: Sequence[Mapping[str, Any]], source: str | Path = "latent datalist") -> list[int]:
@@ -121,71 +119,6 @@ class SamplerEpoch:
 
     def __call__(self, engine: Engine) -> None:
         self.sampler.set_epoch(engine.state.epoch)
-
-
-def as_bool(value: bool | str | int) -> bool:
-    """A flag from a config or the command line (``--resume true`` arrives as the string 'true')."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise ValueError(f"expected a boolean, got {value!r}")
-        return v in ("1", "true", "yes", "on")
-    return bool(value)
-
-
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """Newest ``checkpoint*.pt`` in ``ckpt_dir`` (by modification time), or None."""
-    files = sorted(Path(ckpt_dir).glob(CHECKPOINT_GLOB), key=lambda p: (p.stat().st_mtime, p.name))
-    return files[-1] if files else None
-
-
-class ResumableCheckpoint:
-    """Save (and optionally resume) the full training state with MONAI's checkpoint handlers.
-
-    The saved dict holds ``objects`` plus ``"trainer"`` (epoch and iteration counters), added when
-    the handler is attached (a config cannot reference the trainer from inside its own handlers).
-
-    Args:
-        save_dir: folder of the checkpoints (``ckpt_dir``).
-        objects: things with ``state_dict`` / ``load_state_dict``, e.g. ``{"step": MeDUETTrainStep}``.
-        save_interval: save every this many epochs (0: only the final state).
-        n_saved: interval checkpoints kept.
-        resume: load the newest checkpoint of ``save_dir`` before training (a fresh start, logged,
-            when there is none).
-
-    In a distributed run attach it on every rank: ignite's saver synchronises the ranks and
-    writes from rank 0 only; every rank loads the checkpoint when resuming.
-    """
-
-    def __init__(
-        self,
-        save_dir: str | Path,
-        objects: Mapping[str, Any],
-        save_interval: int = 1,
-        n_saved: int = 2,
-        resume: bool = False,
-    ) -> None:
-        self.save_dir = Path(save_dir)
-        self.objects = dict(objects)
-        self.save_interval, self.n_saved = int(save_interval), int(n_saved)
-        self.resume = as_bool(resume)
-
-    def attach(self, engine: Engine) -> None:
-        from monai.handlers import CheckpointLoader, CheckpointSaver
-
-        objects = {**self.objects, "trainer": engine}
-        if self.resume:
-            path = latest_checkpoint(self.save_dir)
-            if path is None:
-                logger.info("resume: no checkpoint in %s, starting from scratch", self.save_dir)
-            else:
-                logger.info("resume: loading %s", path)
-                CheckpointLoader(load_path=str(path), load_dict=objects, map_location="cpu").attach(engine)
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        CheckpointSaver(
-            save_dir=str(self.save_dir), save_dict=objects, file_prefix="", save_final=True,
-            save_interval=self.save_interval, epoch_level=True, n_saved=self.n_saved,
-        ).attach(engine)
 
 
 class ValidationReconstruction:

@@ -11,13 +11,11 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import CommonKeys
 
 from custom_nets.losses.vae import VAELoss
@@ -73,33 +71,6 @@ def initialize_weights(network: torch.nn.Module, init_weights: str | Path | None
         msg = f"initialised from MAISI weights {init_weights}"
     logger.info(msg)
     return msg
-
-
-class ResumableCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` that also saves the engine it is attached to (epoch/iteration counters).
-
-    A config cannot name the trainer inside the trainer's own handler list (a circular reference),
-    so the engine is added at attach time.
-    """
-
-    def attach(self, engine: Any) -> None:
-        self.save_dict.setdefault("trainer", engine)
-        super().attach(engine)
-
-
-class ResumeLoader(CheckpointLoader):
-    """MONAI ``CheckpointLoader`` that also restores the engine it is attached to.
-
-    See :class:`ResumableCheckpointSaver`; a missing file is an error before training starts.
-    """
-
-    def attach(self, engine: Any) -> None:
-        if not Path(self.load_path).is_file():
-            from custom_nets.utils.errors import CheckpointError
-
-            raise CheckpointError(f"{self.load_path}: resume_from checkpoint not found")
-        self.load_dict.setdefault("trainer", engine)
-        super().attach(engine)
 
 
 class VAETrainStep:
@@ -251,7 +222,10 @@ class VAEExporter:
     """Export the VAE as ``model.pt`` + ``model.json`` (stage meduet_vae).
 
     Exports whenever the evaluator's key metric improves (``export="best"``), and at the end of
-    training if nothing was exported yet (or always, with ``export="final"``).
+    training if no validation ever ran (or always, with ``export="final"``). "Improves" is the
+    evaluator's own best-metric bookkeeping, which a resumed run restores (see
+    :class:`custom_nets.engines.train_resume.ResumableCheckpoint`): a resumed run neither re-exports
+    a worse model nor replaces the best one by the final weights.
 
     Args:
         network: the trained VAE (possibly DDP-wrapped).
@@ -267,8 +241,6 @@ class VAEExporter:
             raise ValueError(f"export must be 'best' or 'final', got {export!r}")
         self.network, self.path, self.evaluator = network, Path(path), evaluator
         self.export, self.extra = export, dict(extra or {})
-        self.best = -math.inf
-        self.exported = False
         self.trainer: Any = None
 
     def attach(self, engine: Any) -> None:
@@ -285,14 +257,17 @@ class VAEExporter:
         return {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
 
     def _on_validation(self, evaluator: Any) -> None:
-        name = evaluator.state.key_metric_name
-        value = evaluator.state.metrics.get(name) if name else None
-        if value is not None and float(value) > self.best:
-            self.best = float(value)
+        # MONAI's evaluator updates best_metric / best_metric_epoch before later handlers run
+        if evaluator.state.key_metric_name and evaluator.state.best_metric_epoch == evaluator.state.epoch:
             self.save("best")
 
+    def _best_exported(self) -> bool:
+        if self.evaluator is None or self.export != "best":
+            return False
+        return int(getattr(self.evaluator.state, "best_metric_epoch", -1)) > 0
+
     def _on_completed(self, engine: Any) -> None:
-        if self.export == "final" or not self.exported:
+        if self.export == "final" or not self._best_exported():
             self.save("final")
 
     def save(self, kind: str) -> dict[str, Any]:
@@ -304,6 +279,5 @@ class VAEExporter:
             export=kind, epoch=int(getattr(trainer_state, "epoch", 0) or 0),
             iteration=int(getattr(trainer_state, "iteration", 0) or 0), metrics=self._metrics(), **self.extra,
         )
-        self.exported = True
         logger.info("exported %s VAE to %s (epoch %s, metrics %s)", kind, self.path, info["epoch"], info["metrics"])
         return info
