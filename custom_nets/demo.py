@@ -140,8 +140,10 @@ def demo_stages(out: Path, rel) -> list[Stage]:
                                       output_dir=out / "vae")),
         Stage("vae encode", bundle_cmd("meduet_vae", ["inference.json", "demo.json"], datalist=out / "datalist_all.json",
                                        output_dir=out / "latents")),
+        # longer than the demo overlays' own settings (which the tests use): on 2 idle cores the
+        # whole chain still takes ~8 min, and the swaps and masks show more than noise
         Stage("ssl train", bundle_cmd("meduet_ssl", ["train.json", "demo.json"], latent_datalist=out / "latents/datalist.json",
-                                      output_dir=out / "ssl")),
+                                      output_dir=out / "ssl", max_epochs=120)),
         Stage("ssl factor bank", bundle_cmd("meduet_ssl", ["inference.json", "demo.json"],
                                             latent_datalist=out / "latents/datalist.json", output_dir=out / "factors")),
         Stage("ssl swap", bundle_cmd("meduet_ssl", ["swap.json", "demo.json"], latent_datalist=out / "latents/datalist.json",
@@ -151,7 +153,7 @@ def demo_stages(out: Path, rel) -> list[Stage]:
         Stage("ldm sample", bundle_cmd("meduet_ldm", ["inference.json", "demo.json"], factor_bank=out / "factors/factor_bank.pt",
                                        output_dir=out / "samples")),
         Stage("seg train", bundle_cmd("meduet_seg", ["train.json", "demo.json"], datalist=out / "phantoms/datalist.json",
-                                      output_dir=out / "seg")),
+                                      output_dir=out / "seg", max_epochs=32, val_interval=8)),
         # the README's main command, typed as a user would (defaults read outputs/demo/sample_images)
         Stage("seg inference", [sys.executable, "-m", "monai.bundle", "run", "--config_file",
                                 "bundles/meduet_seg/configs/inference.json", "--dataset_dir", rel(out / "sample_images"),
