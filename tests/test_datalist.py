@@ -345,7 +345,7 @@ def _grid_affine(root: Path) -> str:
 def _label_value(root: Path) -> str:
     write_nifti(root / "img.nii.gz", volume(0))
     write_nifti(root / "img_seg.nii.gz", label(value=5))
-    return "label value 5 above num_classes 2"
+    return "label value 5 above the largest class 2"
 
 
 def _dicom_two_series(root: Path) -> str:

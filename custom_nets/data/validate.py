@@ -308,7 +308,7 @@ def check_image(
             problems.append(InputError(path, f"negative label value {summary.minimum:g}"))
         elif num_classes is not None and summary.maximum > num_classes:
             problems.append(
-                InputError(path, f"label value {summary.maximum:g} above num_classes {num_classes}")
+                InputError(path, f"label value {summary.maximum:g} above the largest class {num_classes}")
             )
     return header, problems
 

@@ -272,6 +272,35 @@ def load_factor_bank(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 # --------------------------------------------------------------------------------------------
 
 
+def check_latents_match_ssl(ssl_ckpt: str | Path, latents: Mapping[str, Any], latent_datalist: str | Path) -> None:
+    """Refuse a latent cache encoded by another VAE than the one whose latents trained ``ssl_ckpt``.
+
+    A MeDUET network only understands the latent space it was trained on; factors or swaps of
+    another VAE's latents are meaningless, however plausible they look.
+
+    Args:
+        ssl_ckpt: the meduet_ssl checkpoint (its model.json ``vae_sha256``).
+        latents: the loaded latent datalist (its ``vae.sha256``).
+        latent_datalist: the datalist's path, named in the error.
+
+    Raises:
+        InputError: naming both VAEs when the two sha256 differ (a side that records none is not checked).
+    """
+    from custom_nets.utils.checkpoint import read_stage_meta
+
+    want = read_stage_meta(ssl_ckpt, "meduet_ssl").get("vae_sha256")
+    vae = latents.get("vae") or {}
+    have = vae.get("sha256")
+    if want and have and want != have:
+        raise InputError(
+            latent_datalist,
+            f"latents encoded by the VAE with sha256 {have[:12]}... ({vae.get('ckpt', 'checkpoint path not recorded')}), "
+            f"but ssl_ckpt {ssl_ckpt} was trained on latents of the VAE with sha256 {want[:12]}...; encode the cache "
+            f"with that VAE (meduet_vae inference) or use the meduet_ssl checkpoint trained on this cache",
+        )
+
+
+
 def bank_items(
     datalist: Mapping[str, Any], splits: Sequence[str] = ("training", "validation"), source: str | Path = "latent datalist"
 ) -> list[dict[str, Any]]:
@@ -310,7 +339,8 @@ class LatentVolumeDataset(Dataset):
         from custom_nets.data.latent_cache import open_latent
 
         arr = open_latent(self.items[i]["latent"])
-        return {"image": torch.from_numpy(np.asarray(arr, dtype=np.float32)), "index": i}
+        # "bank_index": the item's row in the whole bank when only some volumes are computed
+        return {"image": torch.from_numpy(np.asarray(arr, dtype=np.float32)), "index": int(self.items[i].get("bank_index", i))}
 
 
 class FactorInferer(Inferer):
@@ -339,14 +369,25 @@ class FactorInferer(Inferer):
 class FactorBankWriter:
     """Evaluator handler: collect every volume's factors and write the bank when the run completes.
 
+    Re-running: the bank records a key of the settings that made it (SSL checkpoint sha256, cube
+    size, overlap, token maps). With ``overwrite=False`` the rows of an existing bank with the same
+    key are kept for the volumes it already holds and only the other volumes are computed
+    (:meth:`pending_items`); a bank made with other settings is recomputed whole. Either way the
+    new bank replaces the old one atomically and never mixes rows of two settings. Token maps live
+    in ``token_maps/<key>/``; maps of other keys are removed once the new bank is written.
+
     Args:
         output_dir: folder of ``factor_bank.pt`` / ``factor_bank.json`` (and ``token_maps/``).
-        items: the dataset's item records (order = dataset index).
+        items: every item record of the bank (order = bank row).
         domains: domain names of the latent datalist.
         ssl_ckpt: SSL checkpoint used (its sha256 is recorded).
         patch_size: cube side, recorded.
         overlap: requested overlap, recorded.
         token_size: encoder token size, to record the actual stride.
+        token_maps: whether the inferer returns token maps (part of the settings key).
+        overwrite: recompute every volume even when the existing bank has it.
+        inputs: input files/folders ``output_dir`` must differ from (the latent datalist); the
+            latents' folders are added.
     """
 
     def __init__(
@@ -358,11 +399,67 @@ class FactorBankWriter:
         patch_size: int = 24,
         overlap: float = 0.25,
         token_size: int = 4,
+        token_maps: bool = False,
+        overwrite: bool = False,
+        inputs: Sequence[str | Path] = (),
     ) -> None:
         self.output_dir = Path(output_dir)
         self.items, self.domains, self.ssl_ckpt = list(items), list(domains), Path(ssl_ckpt)
         self.patch_size, self.overlap, self.token_size = patch_size, overlap, token_size
+        self.token_maps, self.overwrite, self.inputs = bool(token_maps), bool(overwrite), list(inputs)
         self.results: dict[int, dict[str, Any]] = {}
+        self.reused: dict[int, dict[str, Any]] = {}
+        self._key: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Key of the settings (see the class docstring)."""
+        if self._key is None:
+            from custom_nets.engines.inference_outputs import settings_key
+
+            self._key = settings_key({"ssl_sha256": file_sha256(self.ssl_ckpt), "patch_size": self.patch_size,
+                                      "overlap": self.overlap, "token_maps": self.token_maps})
+        return self._key
+
+    def pending_items(self) -> list[dict[str, Any]]:
+        """Check ``output_dir``, keep what the existing bank has with these settings (unless
+        ``overwrite``) and return the items still to compute, each with its ``bank_index``."""
+        import logging
+
+        from custom_nets.engines.inference_outputs import check_output_dir
+
+        check_output_dir(self.output_dir, [*self.inputs, *(it["latent"] for it in self.items)])
+        self.reused = {} if self.overwrite else self._reusable_rows()
+        todo = [{**it, "bank_index": i} for i, it in enumerate(self.items) if i not in self.reused]
+        if self.reused:
+            logging.getLogger(__name__).info(
+                "%s: %d of %d volumes already in the factor bank with this checkpoint and settings (kept; set "
+                "overwrite true to recompute them)", self.output_dir, len(self.reused), len(self.items))
+        return todo
+
+    def _reusable_rows(self) -> dict[int, dict[str, Any]]:
+        """Rows of the existing bank made with the current key, by new row index."""
+        if not (self.output_dir / FACTOR_BANK_JSON).is_file():
+            return {}
+        try:
+            tensors, meta = load_factor_bank(self.output_dir)
+        except InputError:
+            return {}  # unreadable or half-replaced by hand: recompute
+        if meta.get("settings_key") != self.key:
+            return {}
+        old = {str(rec.get("latent")): j for j, rec in enumerate(meta["items"])}
+        rows: dict[int, dict[str, Any]] = {}
+        for i, it in enumerate(self.items):
+            j = old.get(str(it["latent"]))
+            if j is None:
+                continue
+            rec = meta["items"][j]
+            maps = {k: rec[k] for k in ("content_map", "style_map") if k in rec}
+            if self.token_maps and (len(maps) < 2 or not all((self.output_dir / m).is_file() for m in maps.values())):
+                continue
+            rows[i] = {"content": tensors["content"][j], "style": tensors["style"][j],
+                       "n_cubes": int(rec.get("n_cubes", 0)), **maps}
+        return rows
 
     def attach(self, engine: Evaluator) -> None:
         from ignite.engine import Events
@@ -371,6 +468,21 @@ class FactorBankWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self.write)
 
+    def run(self, evaluator: Evaluator) -> Path | None:
+        """Compute the pending volumes with ``evaluator`` (its handlers include this writer), or,
+        when none is pending, rewrite the bank only if its item list changed."""
+        import logging
+
+        if len(evaluator.data_loader) > 0:
+            evaluator.run()
+            return self.output_dir / FACTOR_BANK_PT
+        meta = read_json(self.output_dir / FACTOR_BANK_JSON) if (self.output_dir / FACTOR_BANK_JSON).is_file() else {}
+        if [str(r.get("latent")) for r in meta.get("items", [])] == [str(it["latent"]) for it in self.items]:
+            logging.getLogger(__name__).info("factor bank %s is complete; nothing to do (set overwrite true to "
+                                             "recompute it)", self.output_dir)
+            return None
+        return self.write()
+
     def collect(self, engine: Evaluator) -> None:
         """Keep this iteration's factors (batch size 1: whole volumes differ in size)."""
         index = int(torch.as_tensor(engine.state.batch["index"]).reshape(-1)[0])
@@ -378,7 +490,8 @@ class FactorBankWriter:
         self.results[index] = pred
         for name in ("content_map", "style_map"):
             if name in pred:
-                rel = f"token_maps/{index:05d}_{Path(self.items[index]['latent']).name.split('.')[0]}_{name.split('_')[0]}.npy"
+                rel = (f"token_maps/{self.key}/{index:05d}_{Path(self.items[index]['latent']).name.split('.')[0]}"
+                       f"_{name.split('_')[0]}.npy")
                 with atomic_path(self.output_dir / rel) as tmp:
                     np.save(tmp, pred[name].numpy().astype(np.float16))
                 self.results[index] = {**self.results[index], name: rel}
@@ -391,7 +504,8 @@ class FactorBankWriter:
         return self.domains.index(item["domain"])
 
     def write(self, engine: Evaluator | None = None) -> Path:
-        """Write the bank (all volumes must have been seen)."""
+        """Write the bank (all volumes must have been seen or kept from the previous bank)."""
+        self.results = {**self.reused, **self.results}
         missing = [i for i in range(len(self.items)) if i not in self.results]
         if missing:
             raise RuntimeError(f"factor bank incomplete: volumes {missing[:10]} were not processed")
@@ -404,7 +518,7 @@ class FactorBankWriter:
             rec["n_cubes"] = int(self.results[i]["n_cubes"])
             records.append(rec)
         domain_index = torch.tensor([self._domain_index(self.items[i]) for i in order], dtype=torch.long)
-        return save_factor_bank(
+        pt = save_factor_bank(
             self.output_dir,
             torch.stack([self.results[i]["content"] for i in order]),
             torch.stack([self.results[i]["style"] for i in order]),
@@ -415,4 +529,21 @@ class FactorBankWriter:
             patch_size=self.patch_size,
             overlap=self.overlap,
             stride=cube_stride(self.patch_size, self.overlap, self.token_size),
+            settings_key=self.key,
         )
+        self._remove_stale_token_maps(records)
+        return pt
+
+    def _remove_stale_token_maps(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Delete token maps the new bank does not reference (earlier settings' folders, files of
+        volumes no longer in the bank): only ``.npy`` files under ``token_maps/`` are touched."""
+        folder = self.output_dir / "token_maps"
+        if not folder.is_dir():
+            return
+        keep = {(self.output_dir / r[k]).resolve() for r in records for k in ("content_map", "style_map") if k in r}
+        for f in folder.rglob("*.npy"):
+            if f.resolve() not in keep:
+                f.unlink()
+        for d in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+            if not any(d.iterdir()):
+                d.rmdir()

@@ -32,6 +32,7 @@ from monai.networks.schedulers.scheduler import Scheduler
 from torch.utils.data import Dataset
 
 from custom_nets.engines.flow_matching import FactorBank, is_flow, scheduler_from_args
+from custom_nets.engines.inference_outputs import OutputLedger, check_output_dir
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta
 from custom_nets.utils.errors import CheckpointError, InputError
 from custom_nets.utils.io import atomic_path
@@ -361,6 +362,10 @@ class SamplingJobs(Dataset):
         latent_shape: (C, X, Y, Z) of the sampled latents.
         samples_per_pair: repeats of each pair (different noise).
         seed: noise of job k is drawn from ``torch.Generator().manual_seed(seed + k)``.
+        ledger: :class:`~custom_nets.engines.inference_outputs.OutputLedger` of the output folder:
+            jobs whose sample and latent exist and were made with its settings are left out of the
+            dataset (unless it says ``overwrite``); None runs every job.
+        inputs: input files/folders the output folder must differ from (with a ledger).
     """
 
     def __init__(
@@ -370,6 +375,8 @@ class SamplingJobs(Dataset):
         latent_shape: Sequence[int],
         samples_per_pair: int = 1,
         seed: int = 0,
+        ledger: OutputLedger | None = None,
+        inputs: Sequence[str | Path | None] = (),
     ) -> None:
         if len(latent_shape) != 4:
             raise ValueError(f"latent_shape must be (C, X, Y, Z), got {tuple(latent_shape)}")
@@ -382,19 +389,38 @@ class SamplingJobs(Dataset):
             for c in range(len(self.style_sources))
             for k in range(int(samples_per_pair))
         ]
+        self.output_dir = None if ledger is None else ledger.output_dir
+        self.todo = list(range(len(self.jobs)))
+        if ledger is not None:
+            check_output_dir(ledger.output_dir, inputs)
+            self.todo = [i for i in self.todo if not ledger.all_done(sample_files(self.name(i)))]
+            if len(self.todo) < len(self.jobs):
+                logger.info("%s: %d of %d samples already written with this model and settings (skipped; set "
+                            "overwrite true to redo them)", ledger.output_dir, len(self.jobs) - len(self.todo), len(self.jobs))
+
+    def name(self, i: int) -> str:
+        """Output name of job ``i`` (of all jobs)."""
+        r, c, k = self.jobs[i]
+        return f"sample_c{r}-{self.content_sources[r].name}_s{c}-{self.style_sources[c].name}_{k}"
 
     def __len__(self) -> int:
-        return len(self.jobs)
+        return len(self.todo)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = self.todo[index]  # the job's own number seeds its noise, whichever jobs are skipped
         r, c, k = self.jobs[i]
         cs, ss = self.content_sources[r], self.style_sources[c]
         noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(self.seed + i))
         return {
             "noise": noise, "content": cs.content.float(), "style": ss.style.float(),
-            "name": f"sample_c{r}-{cs.name}_s{c}-{ss.name}_{k}", "row": r, "col": c, "repeat": k,
+            "name": self.name(i), "row": r, "col": c, "repeat": k,
             "content_source": cs.origin, "style_source": ss.origin,
         }
+
+
+def sample_files(name: str) -> tuple[str, str]:
+    """Files :class:`SaveSampled` writes for a sample: the image and its latent."""
+    return f"{name}.nii.gz", f"{name}_latent.npy"
 
 
 def prepare_sampling_batch(
@@ -478,20 +504,25 @@ class SaveSampled:
         output_dir: folder of the samples.
         spacing: voxel size of the decoded images (the VAE's 1.5 mm grid).
         key: the image's key.
+        ledger: records each written sample (see :class:`SamplingJobs`).
     """
 
-    def __init__(self, output_dir: str | Path, spacing: Sequence[float] = (1.5, 1.5, 1.5), key: str = "pred") -> None:
-        self.output_dir, self.spacing, self.key = Path(output_dir), list(spacing), key
+    def __init__(self, output_dir: str | Path, spacing: Sequence[float] = (1.5, 1.5, 1.5), key: str = "pred",
+                 ledger: OutputLedger | None = None) -> None:
+        self.output_dir, self.spacing, self.key, self.ledger = Path(output_dir), list(spacing), key, ledger
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         from custom_nets.engines.vae_encode import save_nifti
 
         d = dict(data)
         img = torch.as_tensor(d[self.key]).detach().cpu().float().numpy()[0]
-        path = save_nifti(self.output_dir / f"{d['name']}.nii.gz", img, centred_affine(img.shape, self.spacing))
+        image_name, latent_name = sample_files(d["name"])
+        path = save_nifti(self.output_dir / image_name, img, centred_affine(img.shape, self.spacing))
         if "latent" in d:
-            with atomic_path(self.output_dir / f"{d['name']}_latent.npy") as tmp:
+            with atomic_path(self.output_dir / latent_name) as tmp:
                 np.save(tmp, torch.as_tensor(d["latent"]).numpy().astype(np.float32))
+            if self.ledger is not None:
+                self.ledger.mark_done(image_name, latent_name)
         d["path"] = str(path)
         logger.info("wrote %s", path)
         return d
@@ -527,12 +558,27 @@ class SampleGridHandler:
             if int(item["repeat"]) != 0:
                 continue
             img = torch.as_tensor(out[self.key]).detach().cpu().float().numpy()[0]
-            slices = central_slices(img)
-            h = max(s.shape[0] for s in slices)
-            padded = [np.pad(s, ((0, h - s.shape[0]), (0, 2)), constant_values=float(img.min())) for s in slices]
-            self.panels[(int(item["row"]), int(item["col"]))] = np.concatenate(padded, axis=1)
+            self.panels[(int(item["row"]), int(item["col"]))] = self._panel(img)
+
+    def _panel(self, img: np.ndarray) -> np.ndarray:
+        slices = central_slices(img)
+        h = max(sl.shape[0] for sl in slices)
+        padded = [np.pad(sl, ((0, h - sl.shape[0]), (0, 2)), constant_values=float(img.min())) for sl in slices]
+        return np.concatenate(padded, axis=1)
+
+    def _skipped_panels(self) -> None:
+        """Panels of first-repeat samples skipped in this run (already on disk), read back."""
+        if self.jobs.output_dir is None:
+            return
+        import nibabel as nib
+
+        for i, (r, c, k) in enumerate(self.jobs.jobs):
+            path = Path(self.jobs.output_dir) / sample_files(self.jobs.name(i))[0]
+            if k == 0 and (r, c) not in self.panels and path.is_file():
+                self.panels[(r, c)] = self._panel(np.asarray(nib.load(path).dataobj, dtype=np.float32))
 
     def write(self, engine: Engine | None = None) -> Path | None:
+        self._skipped_panels()
         if not self.panels:
             return None
         import matplotlib

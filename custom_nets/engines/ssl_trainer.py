@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from custom_nets.engines.engine_outputs import first_item, scalars
 from custom_nets.engines.ssl_bundle import export_meduet
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.utils.errors import InputError
@@ -80,20 +81,21 @@ def lower_is_better(current: float, prev: float) -> bool:
     return current < prev
 
 
-def tensorboard_scalars(output: Mapping[str, float]) -> dict[str, float]:
-    """The step's output as TensorBoard scalars: losses under ``loss/``, lr/momentum/grad norm under
-    ``optim/`` (the step counter itself is the x axis, not a curve)."""
+def tensorboard_scalars(output: Any) -> dict[str, float]:
+    """The step's output (``[dict]``, see :func:`~custom_nets.engines.engine_outputs.as_decollated`)
+    as TensorBoard scalars: losses under ``loss/``, lr/momentum/grad norm under ``optim/`` (the step
+    counter itself is the x axis, not a curve)."""
     out = {}
-    for k, v in output.items():
+    for k, v in first_item(output).items():
         if k == "step":
             continue
         out[("optim/" if k in ("lr", "momentum", "grad_norm") else "loss/") + k] = float(v)
     return out
 
 
-def progress_scalars(output: Mapping[str, float]) -> dict[str, float]:
+def progress_scalars(output: Any) -> dict[str, float]:
     """What the progress bar shows: total loss and the reconstruction term."""
-    return {"loss": float(output["loss"]), "rec": float(output["rec"])}
+    return scalars(output, ("loss", "rec"))
 
 
 class LossProgressBar:

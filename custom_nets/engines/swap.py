@@ -18,6 +18,7 @@ For a pair (A, B): A's content with B's style, and B's content with A's style, t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from custom_nets.engines.factor_bank import cube_starts, pad_latent, padded_shape
+from custom_nets.engines.inference_outputs import OutputLedger, check_output_dir
 from custom_nets.nets.vae import decode_latent
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
 
 #: names of the latents :func:`swap_latents` returns
 A_CONTENT_B_STYLE = "a_content_b_style"
@@ -266,6 +270,11 @@ class SwapRunner:
             None decodes each volume in one pass (small volumes).
         decode_mode: MeDUET decoding regime (:func:`decode_factors`).
         mask_draws: complementary mask pairs averaged.
+        ledger: :class:`~custom_nets.engines.inference_outputs.OutputLedger` of ``output_dir``: a pair
+            whose three files exist and were made with the ledger's settings (checkpoints, decoding)
+            is skipped unless the ledger says ``overwrite``; None recomputes every pair.
+        inputs: input files/folders that ``output_dir`` must differ from (the latents' folders are
+            always checked).
     """
 
     def __init__(
@@ -281,8 +290,11 @@ class SwapRunner:
         vae_roi: int | None = 32,
         decode_mode: str = "complementary",
         mask_draws: int = 1,
+        ledger: OutputLedger | None = None,
+        inputs: Sequence[str | Path] = (),
     ) -> None:
         self.network, self.vae, self.items = network, vae, list(items)
+        self.ledger, self.inputs = ledger, list(inputs)
         self.output_dir = Path(output_dir)
         if pairs == "auto":
             self.pairs = auto_pairs(self.items, num_pairs)
@@ -309,15 +321,27 @@ class SwapRunner:
         """Process every pair; returns the records written to ``swaps.json``."""
         from custom_nets.utils.visualize import save_slice_montage
 
+        check_output_dir(self.output_dir, [*self.inputs, *(it["latent"] for it in self.items)])
         records = []
         for ia, ib in self.pairs:
             a, b = self.items[ia], self.items[ib]
             if "affine" not in a:
                 raise InputError(a["latent"], "latent datalist item has no 'affine' (image grid) to write NIfTI with")
+            sa, sb = _stem(a), _stem(b)
+            names = (f"{sa}__content_{sa}__style_{sb}.nii.gz", f"{sa}__content_{sb}__style_{sa}.nii.gz", f"{sa}__{sb}_swap.png")
+            record = {
+                "a": {"latent": a["latent"], "domain": a.get("domain")},
+                "b": {"latent": b["latent"], "domain": b.get("domain")},
+                "a_content_b_style": names[0], "b_content_a_style": names[1], "montage": names[2],
+            }
+            records.append(record)
+            if self.ledger is not None and self.ledger.all_done(names):
+                logger.info("swap %s / %s already written with this checkpoint and settings (skipped; set overwrite "
+                            "true to redo it)", sa, sb)
+                continue
             za, zb = self._load(a), self._load(b)
             swapped = swap_latents(self.network, za, zb, self.patch, self.overlap, decode_mode=self.decode_mode,
                                    mask_draws=self.mask_draws)
-            sa, sb = _stem(a), _stem(b)
             images = {
                 "A": self._decode(za),
                 "B": self._decode(F.interpolate(zb[None], size=za.shape[1:], mode="trilinear", align_corners=False)[0]
@@ -325,14 +349,11 @@ class SwapRunner:
                 "A content / B style": self._decode(swapped[A_CONTENT_B_STYLE]),
                 "B content / A style": self._decode(swapped[B_CONTENT_A_STYLE]),
             }
-            ab = save_nifti(images["A content / B style"], a["affine"], self.output_dir / f"{sa}__content_{sa}__style_{sb}.nii.gz")
-            ba = save_nifti(images["B content / A style"], a["affine"], self.output_dir / f"{sa}__content_{sb}__style_{sa}.nii.gz")
-            png = self.output_dir / f"{sa}__{sb}_swap.png"
-            save_slice_montage(png, [v[0] for v in images.values()], titles=list(images), vrange=(0.0, 1.0))
-            records.append({
-                "a": {"latent": a["latent"], "domain": a.get("domain")},
-                "b": {"latent": b["latent"], "domain": b.get("domain")},
-                "a_content_b_style": ab.name, "b_content_a_style": ba.name, "montage": png.name,
-            })
+            save_nifti(images["A content / B style"], a["affine"], self.output_dir / names[0])
+            save_nifti(images["B content / A style"], a["affine"], self.output_dir / names[1])
+            save_slice_montage(self.output_dir / names[2], [v[0] for v in images.values()], titles=list(images),
+                               vrange=(0.0, 1.0))
+            if self.ledger is not None:
+                self.ledger.mark_done(*names)
         write_json(self.output_dir / "swaps.json", {"pairs": records})
         return records

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from monai.utils import CommonKeys
 
+from custom_nets.engines.engine_outputs import scalars
 from custom_nets.losses.vae import VAELoss
 from custom_nets.nets.vae import STAGE, decode_latent, encode_volume, load_maisi_weights, network_args
 from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path, save_stage_checkpoint
@@ -44,10 +45,13 @@ def training_state(**objects: Any) -> dict[str, Any]:
     return {k: v for k, v in objects.items() if v is not None}
 
 
-def loss_terms(output: Mapping[str, Any]) -> dict[str, float]:
-    """TensorBoard scalars of one :class:`VAETrainStep` output."""
-    keys = ("loss", "recon_loss", "kl_loss", "perceptual_loss", "adv_loss", "disc_loss")
-    return {k: float(output[k]) for k in keys if k in output}
+LOSS_TERMS = ("loss", "recon_loss", "kl_loss", "perceptual_loss", "adv_loss", "disc_loss")
+
+
+def loss_terms(output: Any) -> dict[str, float]:
+    """TensorBoard scalars of one :class:`VAETrainStep` output (as returned, or decollated by the
+    trainer into one dict per crop with the losses replicated)."""
+    return scalars(output, LOSS_TERMS)
 
 
 def initialize_weights(network: torch.nn.Module, init_weights: str | Path | None) -> str:
