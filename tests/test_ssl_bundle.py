@@ -130,6 +130,7 @@ def test_inference_writes_the_factor_bank(cache, trained):
     assert meta["ssl_sha256"] == file_sha256(model) and meta["domains"] == DOMAINS
     assert meta["patch_size"] == 16 and meta["overlap"] == 0.25
     assert [it["split"] for it in meta["items"]] == ["training"] * 6 + ["validation"] * 2
+    assert (out / "factor_bank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the picture of the bank
     cmap = np.load(out / meta["items"][1]["content_map"])
     assert cmap.shape == (48, 5, 4, 4)  # latent (20, 16, 16) -> 5 x 4 x 4 tokens
     # the bank holds what the teacher computes for that volume

@@ -134,15 +134,32 @@ def test_tiled_encode_and_decode_equal_an_untiled_pass(demo_vae: torch.nn.Module
     assert (tiled - full).abs().max().item() < TILED_TOLERANCE
     assert all(not m.__dict__.get("forward") for m in demo_vae.modules())  # GroupNorm patches removed
 
+    # the other stage split gives the same numbers (it only trades memory for recomputation)
+    by_block = encode_volume(demo_vae, x, roi=24, granularity="block")
+    assert (by_block - full).abs().max().item() < TILED_TOLERANCE
+
     dec_full = decode_latent(demo_vae, full[:1], roi=None)
-    dec_tiled = decode_latent(demo_vae, full[:1], roi=6)
-    assert dec_tiled.shape == (1, 1, 48, 40, 32)
-    assert (dec_tiled - dec_full).abs().max().item() < TILED_TOLERANCE
+    for granularity in ("block", "resolution"):
+        dec_tiled = decode_latent(demo_vae, full[:1], roi=6, granularity=granularity)
+        assert dec_tiled.shape == (1, 1, 48, 40, 32)
+        assert (dec_tiled - dec_full).abs().max().item() < TILED_TOLERANCE, granularity
 
     # MAISI-style sliding window: every tile normalises by itself, so it differs from the untiled pass
     blended = encode_volume(demo_vae, x[:1], roi=24, overlap=0.5, exact=False)
     assert blended.shape == full[:1].shape and torch.isfinite(blended).all()
     assert (blended - full[:1]).abs().max().item() > 10 * TILED_TOLERANCE
+
+
+def test_block_granularity_puts_one_normalised_block_in_each_stage(demo_vae: torch.nn.Module) -> None:
+    from custom_nets.nets.vae import _has_norm, split_stages
+
+    blocks = [demo_vae.post_quant_conv, *demo_vae.decoder.blocks]
+    by_block = split_stages(blocks, "block")
+    assert [b for st in by_block for b in st] == blocks
+    assert all(sum(_has_norm(b) for b in st) == 1 for st in by_block)
+    assert len(split_stages(blocks, "resolution")) < len(by_block)
+    with pytest.raises(ValueError, match="granularity"):
+        split_stages(blocks, "layer")
 
 
 def test_latent_affine_puts_latent_voxels_at_block_centres() -> None:

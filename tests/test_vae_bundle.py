@@ -91,6 +91,9 @@ def test_latent_cache_matches_the_preprocessed_images(run: dict) -> None:
         np.testing.assert_allclose(it["latent_affine"], latent_affine(img.affine), atol=1e-5)
         np.testing.assert_allclose(it["spacing"], [1.2, 1.2, 2.0], atol=1e-5)
         np.testing.assert_allclose(it["original_affine"], nib.load(it["image"]).affine, atol=1e-5)
+        latent = Path(it["latent"])
+        preview = run["latents"].parent / "previews" / latent.parent.name / f"{latent.stem}.png"
+        assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", preview
         untiled = encode_volume(vae, img.as_tensor(), roi=None).numpy()
         np.testing.assert_allclose(np.asarray(z, dtype=np.float32), untiled, atol=2e-3, rtol=2e-3)  # float16
 

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from custom_nets.utils.checkpoint import file_sha256, save_torch
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import atomic_path, read_json, write_json
+from custom_nets.utils.visualize import save_factor_scatter
 
 FACTOR_BANK_PT = "factor_bank.pt"
 FACTOR_BANK_JSON = "factor_bank.json"
@@ -518,10 +519,12 @@ class FactorBankWriter:
             rec["n_cubes"] = int(self.results[i]["n_cubes"])
             records.append(rec)
         domain_index = torch.tensor([self._domain_index(self.items[i]) for i in order], dtype=torch.long)
+        content = torch.stack([self.results[i]["content"] for i in order])
+        style = torch.stack([self.results[i]["style"] for i in order])
         pt = save_factor_bank(
             self.output_dir,
-            torch.stack([self.results[i]["content"] for i in order]),
-            torch.stack([self.results[i]["style"] for i in order]),
+            content,
+            style,
             domain_index,
             records,
             self.domains,
@@ -532,6 +535,9 @@ class FactorBankWriter:
             settings_key=self.key,
         )
         self._remove_stale_token_maps(records)
+        # a picture of the bank for a person: style should cluster by domain, content should not
+        save_factor_scatter(self.output_dir / "factor_bank.png", {"content": content, "style": style},
+                            domain_index, self.domains)
         return pt
 
     def _remove_stale_token_maps(self, records: Sequence[Mapping[str, Any]]) -> None:

@@ -24,6 +24,7 @@ import torch
 from custom_nets.data.latent_cache import load_latent_datalist, open_latent, write_latent
 from custom_nets.nets.vae import DOWNSAMPLE, decode_latent, encode_volume, latent_affine
 from custom_nets.utils.checkpoint import read_stage_meta
+from custom_nets.utils.visualize import save_slice_montage
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import atomic_path, read_json, write_json
 
@@ -48,16 +49,18 @@ class TiledVAEEncoder:
             sliding window with Gaussian blending.
         store_dtype: "float32" or "bfloat16" for the whole-volume intermediates of the exact mode.
         progress: tqdm bars per tile.
+        granularity: stage split of the exact mode, "resolution" (least memory) or "block" (least
+            recomputation); see :func:`custom_nets.nets.vae.split_stages`.
     """
 
     def __init__(self, roi: int | None = 128, overlap: float = 0.25, exact: bool = True,
-                 store_dtype: str = "float32", progress: bool = False) -> None:
+                 store_dtype: str = "float32", progress: bool = False, granularity: str = "resolution") -> None:
         self.roi, self.overlap, self.exact, self.progress = roi, float(overlap), bool(exact), bool(progress)
-        self.store_dtype = getattr(torch, store_dtype)
+        self.store_dtype, self.granularity = getattr(torch, store_dtype), granularity
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         return encode_volume(network, inputs, roi=self.roi, overlap=self.overlap, exact=self.exact,
-                             store_dtype=self.store_dtype, progress=self.progress)
+                             store_dtype=self.store_dtype, progress=self.progress, granularity=self.granularity)
 
 
 class TiledVAEDecoder:
@@ -65,17 +68,19 @@ class TiledVAEDecoder:
 
     Args:
         roi: tile edge in latent voxels.
-        overlap, exact, store_dtype, progress: as for :class:`TiledVAEEncoder`.
+        overlap, exact, store_dtype, progress, granularity: as for :class:`TiledVAEEncoder`; the
+            decoder defaults to "block", which spares the full-resolution upsampling convolution
+            one recomputation per GroupNorm layer.
     """
 
     def __init__(self, roi: int | None = 32, overlap: float = 0.25, exact: bool = True,
-                 store_dtype: str = "float32", progress: bool = False) -> None:
+                 store_dtype: str = "float32", progress: bool = False, granularity: str = "block") -> None:
         self.roi, self.overlap, self.exact, self.progress = roi, float(overlap), bool(exact), bool(progress)
-        self.store_dtype = getattr(torch, store_dtype)
+        self.store_dtype, self.granularity = getattr(torch, store_dtype), granularity
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         return decode_latent(network, inputs, roi=self.roi, overlap=self.overlap, exact=self.exact,
-                             store_dtype=self.store_dtype, progress=self.progress)
+                             store_dtype=self.store_dtype, progress=self.progress, granularity=self.granularity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +149,8 @@ class LatentCacheEncoder:
         overwrite: re-encode volumes already encoded with the same VAE.
         num_workers: DataLoader workers that preprocess the next volume while one is encoded.
         progress: tqdm bar over volumes.
+        previews: also write ``previews/<latent name>.png``: the preprocessed image's central slices
+            above those of each latent channel.
     """
 
     def __init__(
@@ -158,8 +165,10 @@ class LatentCacheEncoder:
         overwrite: bool = False,
         num_workers: int = 0,
         progress: bool = True,
+        previews: bool = True,
     ) -> None:
         self.dataset, self.network, self.inferer = dataset, network, inferer
+        self.previews = bool(previews)
         self.output_dir = Path(output_dir).resolve()
         self.vae_ckpt = Path(vae_ckpt)
         self.device = torch.device(device)
@@ -237,6 +246,10 @@ class LatentCacheEncoder:
             record = self._record(item, image, z, sha)
             npy = self.output_dir / record["latent"]
             write_latent(npy, z)
+            if self.previews:
+                save_slice_montage(self.output_dir / "previews" / (record["latent"][: -len(".npy")] + ".png"),
+                                   [image, *z], titles=["image", *[f"latent {c}" for c in range(z.shape[0])]],
+                                   vrange=None)
             write_json(npy.with_suffix(".json"), record)  # written last: its presence means "done"
         return self.write_datalist(items, sha)
 

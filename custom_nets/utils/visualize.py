@@ -87,3 +87,67 @@ def save_slice_montage(
     finally:
         plt.close(fig)
     return path
+
+
+def principal_components(x: np.ndarray | torch.Tensor, k: int = 2) -> np.ndarray:
+    """Project the rows of ``x`` (N, D) onto their first ``k`` principal axes (zeros where rank is short)."""
+    arr = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+    arr = arr - arr.mean(axis=0, keepdims=True)
+    out = np.zeros((arr.shape[0], k))
+    if arr.shape[0] > 1:
+        u, s, _ = np.linalg.svd(arr, full_matrices=False)
+        m = min(k, len(s))
+        out[:, :m] = u[:, :m] * s[:m]
+    return out
+
+
+def save_factor_scatter(
+    path: str | Path,
+    factors: dict[str, np.ndarray | torch.Tensor],
+    domain_index: Sequence[int] | np.ndarray | torch.Tensor,
+    domains: Sequence[str],
+    dpi: int = 100,
+) -> Path:
+    """Write a PNG with one panel per factor (e.g. content, style): its vectors' first two principal
+    components, one colour per domain. Disentangled factors show style clustering by domain and
+    content mixing across domains.
+
+    Args:
+        path: destination ``.png`` (written atomically).
+        factors: name -> (N, D) vectors, all with the same N.
+        domain_index: (N,) domain of each vector.
+        domains: domain names (index -> name).
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    dom = np.asarray(domain_index.cpu() if isinstance(domain_index, torch.Tensor) else domain_index, dtype=int)
+    if not factors:
+        raise ValueError("save_factor_scatter needs at least one factor")
+    fig, axes = plt.subplots(1, len(factors), figsize=(4.5 * len(factors), 4), squeeze=False)
+    try:
+        for ax, (name, vectors) in zip(axes[0], factors.items()):
+            pc = principal_components(vectors)
+            if pc.shape[0] != dom.shape[0]:
+                raise ValueError(f"{name}: {pc.shape[0]} vectors for {dom.shape[0]} domain labels")
+            for d, dname in enumerate(domains):
+                sel = dom == d
+                if sel.any():
+                    ax.scatter(pc[sel, 0], pc[sel, 1], s=18, label=dname)
+            ax.set_title(f"{name} vectors (PCA)")
+            ax.set_xlabel("PC 1")
+            ax.set_ylabel("PC 2")
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = Path(path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return path
