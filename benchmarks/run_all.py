@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 from report_tools import machine, write_report  # noqa: E402  (same folder)
+
+from custom_nets.utils.proc import run_logged  # noqa: E402
 
 REPORT = BENCH / "REPORT.md"
 PY = sys.executable
@@ -64,20 +65,13 @@ def command_line(run: Run) -> str:
 
 
 def execute(run: Run, log: Path) -> None:
-    """Run one benchmark process, tee its output to ``log``, parse its last line as JSON if it is."""
+    """Run one benchmark process with its output streamed to ``log``; parse its last line as JSON if it is."""
     print(f"[bench] {run.label}: {command_line(run)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n===== {run.label}\n$ {command_line(run)}\n")
-        f.flush()
-        proc = subprocess.run([PY, *run.argv], cwd=ROOT, env={**os.environ, **run.env}, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        f.write(proc.stdout)
-    run.seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-30:])
-        raise SystemExit(f"[bench] {run.label} failed (exit {proc.returncode}); see {log}:\n{tail}")
-    lines = proc.stdout.strip().splitlines()
+    done = run_logged([PY, *run.argv], log, run.label, cwd=ROOT, env=run.env)
+    run.seconds = done.seconds
+    if done.returncode != 0:
+        raise SystemExit(f"[bench] {run.label} failed (exit {done.returncode}); see {log}:\n{done.tail(30)}")
+    lines = done.output.strip().splitlines()
     try:
         run.result = json.loads(lines[-1]) if lines else None
     except json.JSONDecodeError:

@@ -13,12 +13,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from custom_nets.utils.proc import run_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,16 +47,11 @@ def bundle_cmd(bundle: str, configs: Sequence[str], **overrides: object) -> list
 def run_stage(stage: Stage, log: Path) -> None:
     """Run one stage, streaming its output to ``log``; stop the demo with its log tail if it fails."""
     print(f"[demo] {stage.name}: {' '.join(stage.cmd)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n===== {stage.name}\n$ {' '.join(stage.cmd)}\n")
-        f.flush()
-        proc = subprocess.run(stage.cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    stage.seconds = time.perf_counter() - t0
-    print(f"[demo] {stage.name}: {'done' if proc.returncode == 0 else 'FAILED'} in {stage.seconds:.0f} s", flush=True)
-    if proc.returncode != 0:
-        tail = log.read_text().splitlines()[-40:]
-        sys.exit(f"[demo] stage {stage.name!r} failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail))
+    run = run_logged(stage.cmd, log, stage.name, cwd=ROOT)
+    stage.seconds = run.seconds
+    print(f"[demo] {stage.name}: {'done' if run.returncode == 0 else 'FAILED'} in {stage.seconds:.0f} s", flush=True)
+    if run.returncode != 0:
+        sys.exit(f"[demo] stage {stage.name!r} failed (exit {run.returncode}); last lines of {log}:\n" + run.tail(40))
 
 
 def merge_datalists(paths: Sequence[Path], out: Path) -> dict:

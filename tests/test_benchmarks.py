@@ -44,3 +44,17 @@ def test_failed_benchmark_stops_the_run(tmp_path: Path) -> None:
     run = run_all.Run("broken", ["benchmarks/ssl_step.py", "--batch", "3"])
     with pytest.raises(SystemExit, match="broken failed"):
         run_all.execute(run, tmp_path / "bench.log")
+
+
+def test_run_logged_appends_each_run_under_its_header(tmp_path: Path) -> None:
+    import sys
+
+    from custom_nets.utils.proc import run_logged
+
+    log = tmp_path / "logs" / "runs.log"
+    ok = run_logged([sys.executable, "-c", "print('first line'); print('last line')"], log, "ok run")
+    bad = run_logged([sys.executable, "-c", "import sys; print('partial'); sys.exit(3)"], log, "bad run")
+    assert ok.returncode == 0 and ok.output.splitlines() == ["first line", "last line"] and ok.tail(1) == "last line"
+    assert bad.returncode == 3 and bad.output.strip() == "partial"
+    text = log.read_text()
+    assert text.index("===== ok run") < text.index("last line") < text.index("===== bad run") < text.index("partial")
