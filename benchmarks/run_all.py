@@ -124,6 +124,14 @@ def ssl_section(runs: list[Run]) -> str:
         b = by["project bf16"]
         lines.append(f"bf16 against the targets: {b['step_s_median']:.1f} s (target <= 13 s), "
                      f"{b['peak_rss_mb'] / 1024:.2f} GB peak (target <= 3.5 GB).")
+    profiled = [r for r in runs if "--profile" in r.argv]
+    if profiled:
+        path = Path(profiled[0].argv[profiled[0].argv.index("--profile") + 1])
+        phases = [ln for ln in path.read_text().splitlines() if ln.startswith(("meduet.", "phase |", "---|"))] \
+            if path.is_file() else []
+        if phases:
+            lines += ["", f"Where the {profiled[0].label} step spends its time (one extra step under torch.profiler; "
+                      f"full operator table in `{os.path.relpath(path, ROOT)}`):", "", *phases]
     lines += ["", f"Machine: {machine()}.", ""]
     return "\n".join(lines)
 
@@ -178,6 +186,7 @@ def suites(cuda: bool, outdir: Path) -> list[Suite]:
     ssl = [Run(f"{passes} {prec}", ["benchmarks/ssl_step.py", "--batch", "4", "--threads", "2", "--precision", prec,
                                      "--passes", "project" if passes == "project" else "reference"], two)
            for passes in ("project", "reference passes") for prec in ("fp32", "bf16")]
+    ssl[0].argv += ["--profile", str(outdir / "ssl_step_profile.txt")]  # where the project's fp32 step spends its time
     if cuda:
         ssl.append(Run("project bf16 cuda", ["benchmarks/ssl_step.py", "--batch", "4", "--precision", "bf16",
                                              "--device", "cuda", "--steps", "10"]))

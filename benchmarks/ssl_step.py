@@ -101,6 +101,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def write_profile(path: Path, one_step) -> None:
+    """Profile one step and write where its CPU time goes: the step's phases (``meduet.*`` scopes of
+    MeDUETTrainStep: teacher, student, reencode, backward, optimizer, ema) and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = one_step()
+    events = prof.key_averages()
+    phases = sorted((e for e in events if e.key.startswith("meduet.")), key=lambda e: -e.cpu_time_total)
+    lines = [f"profiled step: {wall:.2f} s wall (profiler overhead included)", "",
+             "phase | CPU time s (wall of the scope, children included)", "---|---"]
+    lines += [f"{e.key} | {e.cpu_time_total / 1e6:.2f}" for e in phases]
+    lines += ["", events.table(sort_by="self_cpu_time_total", row_limit=30)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"profile written to {path}", flush=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4, help="latent crops per step (even)")
@@ -123,7 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--malloc-mmap-threshold", type=int, default=0,
         help="bytes; >0 calls set_malloc_mmap_threshold (lower peak RSS, more page faults); 0 = glibc default",
     )
+    p.add_argument("--reencode-chunk", type=int, default=None,
+                   help="items per chunk of the student's streamed re-encoding (default: the step's own, 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="also profile one extra step (torch.profiler, CPU) and write its op and phase tables here")
     args = p.parse_args(argv)
     if args.batch < 2 or args.batch % 2:
         p.error("--batch must be even and >= 2")
@@ -146,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     step_cfg = dict(total_steps=200_000, warmup_steps=2_000, mftd_start_step=0, siqc=True, precision=args.precision)
     if args.checkpointing != "default":
         step_cfg["checkpointing"] = () if args.checkpointing == "none" else tuple(args.checkpointing.split(","))
+    if args.reencode_chunk is not None:
+        step_cfg["reencode_chunk"] = args.reencode_chunk
     step_cls = ReferencePassesStep if args.passes == "reference" else MeDUETTrainStep
     step = step_cls(model, step_cfg, device=device)
     gen = torch.Generator().manual_seed(args.seed)
@@ -174,10 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(args.steps):
         times.append(one_step())
         print(f"timed step {i + 1}/{args.steps}: {times[-1]:.2f} s", flush=True)
+    peak_mb = peak_rss_mb()  # before profiling: the profiler's event buffers would count too
+    if args.profile is not None:
+        write_profile(args.profile, one_step)
     result = {
         "step_s_median": round(statistics.median(times), 3),
         "step_s": [round(t, 3) for t in times],
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_mb, 1),
         # CPU seconds and page faults of the timed steps (system time shows allocator page faults)
         "user_s_median": round(statistics.median(u for u, _, _ in cpu_times[args.warmup :]), 2),
         "sys_s_median": round(statistics.median(s for _, s, _ in cpu_times[args.warmup :]), 2),
@@ -193,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "malloc_mmap_threshold": args.malloc_mmap_threshold,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "checkpointing": sorted(model.checkpointing),
+        "reencode_chunk": step.config.reencode_chunk,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "torch": torch.__version__,
         "cpu": cpu_model(),

@@ -129,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Input: {what}; preprocessed (RAS, CT window, 1.5 mm, foreground crop, multiple of 4) to "
         f"{'x'.join(map(str, image.shape[1:]))} voxels in {t_pre:.0f} s. MAISI VAE with channels "
         f"{network_args(vae)['num_channels']} ({parameter_count(vae) / 1e6:.1f} M parameters; {weights}), "
-        f"CPU, {threads} torch threads, exact tiling (halos + whole-volume GroupNorm statistics).",
+        f"CPU, {threads} torch threads, exact tiling (halos + whole-volume GroupNorm statistics; encoder "
+        f"stages split by resolution, decoder stages by block, see custom_nets.nets.vae.split_stages).",
         "",
         "| step | tile | output | wall time | CPU time | peak RSS of the process so far |",
         "|---|---|---|---|---|---|",

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from custom_nets.engines.ema import cosine_momentum, ema_update, make_teacher, unwrap
 from custom_nets.engines.schedule import warmup_cosine_scheduler
@@ -376,8 +377,10 @@ class MeDUETTrainStep:
         zero = x.new_zeros(())
         with self.autocast():
             # teacher first: its activations are freed before the student's pass
-            t_out = self.teacher.forward_teacher(x, 1.0 - mask, clean=mftd, swap=siqc) if (mftd or siqc) else {}
-            s_out = self.student(x, mask, swap_styles=siqc)
+            with record_function("meduet.teacher"):
+                t_out = self.teacher.forward_teacher(x, 1.0 - mask, clean=mftd, swap=siqc) if (mftd or siqc) else {}
+            with record_function("meduet.student"):
+                s_out = self.student(x, mask, swap_styles=siqc)
         # losses in float32 (outside autocast)
         l_rec = demix_reconstruction_loss(s_out["pred"], self.model.patchify(x), mask)
         l_dom, l_dom_c, l_dom_s = domain_loss(s_out["domain_content"], s_out["domain_style"], d)
@@ -422,9 +425,10 @@ class MeDUETTrainStep:
         streamed = torch.zeros(4, device=self.device)
         if rows:
             grad_scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
-            loss_rows, streamed = streamed_reencode_loss(
-                self.model, torch.cat(rows), grid, chunk_loss, cfg.reencode_chunk, grad_scale, self.autocast
-            )
+            with record_function("meduet.reencode"):  # forward and backward of the re-encoding chunks
+                loss_rows, streamed = streamed_reencode_loss(
+                    self.model, torch.cat(rows), grid, chunk_loss, cfg.reencode_chunk, grad_scale, self.autocast
+                )
             total = total + loss_rows
         l_mftd_c, l_mftd_s = streamed[0], streamed[1]
         l_mftd = cfg.mftd_content_weight * l_mftd_c + l_mftd_s
@@ -462,20 +466,23 @@ class MeDUETTrainStep:
             raise FloatingPointError(f"non-finite loss at step {self.step}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in zip(parts, values)
             ))
-        self.scaler.scale(total).backward()
+        with record_function("meduet.backward"):
+            self.scaler.scale(total).backward()
         del total
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with record_function("meduet.optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
         momentum = cosine_momentum(self.step, cfg.total_steps, cfg.momentum_base, cfg.momentum_final)
-        ema_update(self.teacher, self.model, momentum)
+        with record_function("meduet.ema"):
+            ema_update(self.teacher, self.model, momentum)
         out = dict(zip(parts, values))
         out.update(lr=float(lr), momentum=float(momentum), grad_norm=float(grad_norm), step=float(self.step))
         self.step += 1
