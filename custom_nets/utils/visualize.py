@@ -139,7 +139,9 @@ def save_factor_scatter(
             for d, dname in enumerate(domains):
                 sel = dom == d
                 if sel.any():
-                    ax.scatter(pc[sel, 0], pc[sel, 1], s=18, label=dname)
+                    # tab20 + alternating markers: more domains than the default 10-colour cycle
+                    ax.scatter(pc[sel, 0], pc[sel, 1], s=22, label=dname, color=plt.cm.tab20(d % 20),
+                               marker="os^D"[(d // 20) % 4])
             ax.set_title(f"{name} vectors (PCA)")
             ax.set_xlabel("PC 1")
             ax.set_ylabel("PC 2")
