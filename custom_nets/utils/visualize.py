@@ -145,11 +145,12 @@ def save_factor_scatter(
             ax.set_title(f"{name} vectors (PCA)")
             ax.set_xlabel("PC 1")
             ax.set_ylabel("PC 2")
-        axes[0][-1].legend(fontsize=7, loc="best")
+        # legend beside the last panel, in columns of 16, so that it never hides points
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 + (len(domains) - 1) // 16)
         fig.tight_layout()
         path = Path(path)
         with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
+            fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
