@@ -149,10 +149,11 @@ def seg_section(runs: list[Run]) -> str:
         "",
         *[f"    {command_line(r)}" for r in runs],
         "",
-        "| mode | device | seconds | peak RSS (MB) |",
-        "|---|---|---|---|",
+        "| mode | device | wall s | CPU s | windows | VAE encode wall s (latent) | peak RSS (MB) | load avg |",
+        "|---|---|---|---|---|---|---|---|",
         *[f"| {r.result.get('mode', r.label)} | {r.result.get('device', 'cpu')} | {r.result['seconds']:.1f} | "
-          f"{r.result['peak_rss_mb']:.0f} |" for r in runs],
+          f"{r.result.get('cpu_s', '-')} | {r.result.get('windows', '-')} | {r.result.get('vae_encode_s') or '-'} | "
+          f"{r.result['peak_rss_mb']:.0f} | {r.result.get('load_avg_1min', '-')} |" for r in runs],
         "",
         f"Machine: {machine()}.",
         "",
