@@ -25,6 +25,7 @@ Files (contract with meduet_ldm)::
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,10 +38,13 @@ from monai.engines import Evaluator
 from monai.inferers import Inferer
 from torch.utils.data import Dataset
 
-from custom_nets.utils.checkpoint import file_sha256, save_torch
+from custom_nets.engines.inference_outputs import check_output_dir, settings_key
+from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_torch
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import atomic_path, read_json, write_json
 from custom_nets.utils.visualize import save_factor_scatter
+
+logger = logging.getLogger(__name__)
 
 FACTOR_BANK_PT = "factor_bank.pt"
 FACTOR_BANK_JSON = "factor_bank.json"
@@ -287,8 +291,6 @@ def check_latents_match_ssl(ssl_ckpt: str | Path, latents: Mapping[str, Any], la
     Raises:
         InputError: naming both VAEs when the two sha256 differ (a side that records none is not checked).
     """
-    from custom_nets.utils.checkpoint import read_stage_meta
-
     want = read_stage_meta(ssl_ckpt, "meduet_ssl").get("vae_sha256")
     vae = latents.get("vae") or {}
     have = vae.get("sha256")
@@ -299,7 +301,6 @@ def check_latents_match_ssl(ssl_ckpt: str | Path, latents: Mapping[str, Any], la
             f"but ssl_ckpt {ssl_ckpt} was trained on latents of the VAE with sha256 {want[:12]}...; encode the cache "
             f"with that VAE (meduet_vae inference) or use the meduet_ssl checkpoint trained on this cache",
         )
-
 
 
 def bank_items(
@@ -416,8 +417,6 @@ class FactorBankWriter:
     def key(self) -> str:
         """Key of the settings (see the class docstring)."""
         if self._key is None:
-            from custom_nets.engines.inference_outputs import settings_key
-
             self._key = settings_key({"ssl_sha256": file_sha256(self.ssl_ckpt), "patch_size": self.patch_size,
                                       "overlap": self.overlap, "token_maps": self.token_maps})
         return self._key
@@ -425,15 +424,11 @@ class FactorBankWriter:
     def pending_items(self) -> list[dict[str, Any]]:
         """Check ``output_dir``, keep what the existing bank has with these settings (unless
         ``overwrite``) and return the items still to compute, each with its ``bank_index``."""
-        import logging
-
-        from custom_nets.engines.inference_outputs import check_output_dir
-
         check_output_dir(self.output_dir, [*self.inputs, *(it["latent"] for it in self.items)])
         self.reused = {} if self.overwrite else self._reusable_rows()
         todo = [{**it, "bank_index": i} for i, it in enumerate(self.items) if i not in self.reused]
         if self.reused:
-            logging.getLogger(__name__).info(
+            logger.info(
                 "%s: %d of %d volumes already in the factor bank with this checkpoint and settings (kept; set "
                 "overwrite true to recompute them)", self.output_dir, len(self.reused), len(self.items))
         return todo
@@ -472,14 +467,12 @@ class FactorBankWriter:
     def run(self, evaluator: Evaluator) -> Path | None:
         """Compute the pending volumes with ``evaluator`` (its handlers include this writer), or,
         when none is pending, rewrite the bank only if its item list changed."""
-        import logging
-
         if len(evaluator.data_loader) > 0:
             evaluator.run()
             return self.output_dir / FACTOR_BANK_PT
         meta = read_json(self.output_dir / FACTOR_BANK_JSON) if (self.output_dir / FACTOR_BANK_JSON).is_file() else {}
         if [str(r.get("latent")) for r in meta.get("items", [])] == [str(it["latent"]) for it in self.items]:
-            logging.getLogger(__name__).info("factor bank %s is complete; nothing to do (set overwrite true to "
+            logger.info("factor bank %s is complete; nothing to do (set overwrite true to "
                                              "recompute it)", self.output_dir)
             return None
         return self.write()

@@ -11,8 +11,8 @@ schedules and mixed precision live in the step). This module adds what the confi
 - :class:`ValidationReconstruction`: the evaluator's iteration, the teacher's token-demixing
   reconstruction loss on validation crops with fixed masks (comparable across evaluations);
 - :class:`TeacherExporter`: writes ``models/model.pt`` + ``model.json`` (stage meduet_ssl);
-- :func:`tensorboard_scalars`: every loss term of the step's output as a TensorBoard scalar;
-  :class:`LossProgressBar`: ignite's progress bar with the running loss.
+- :func:`tensorboard_scalars`: every loss term of the step's output as a TensorBoard scalar (the
+  progress bar is :class:`custom_nets.engines.engine_outputs.LossProgressBar`, shared by every bundle).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from custom_nets.engines.engine_outputs import first_item, scalars
+from custom_nets.engines.engine_outputs import first_item
 from custom_nets.engines.ssl_bundle import export_meduet
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.utils.errors import InputError
@@ -91,23 +91,6 @@ def tensorboard_scalars(output: Any) -> dict[str, float]:
             continue
         out[("optim/" if k in ("lr", "momentum", "grad_norm") else "loss/") + k] = float(v)
     return out
-
-
-def progress_scalars(output: Any) -> dict[str, float]:
-    """What the progress bar shows: total loss and the reconstruction term."""
-    return scalars(output, ("loss", "rec"))
-
-
-class LossProgressBar:
-    """ignite ``ProgressBar`` showing the running loss (MONAI attaches handlers without arguments)."""
-
-    def __init__(self, persist: bool = False) -> None:
-        from ignite.handlers import ProgressBar
-
-        self.bar = ProgressBar(persist=persist)
-
-    def attach(self, engine: Engine) -> None:
-        self.bar.attach(engine, output_transform=progress_scalars)
 
 
 class SamplerEpoch:

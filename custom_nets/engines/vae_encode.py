@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from custom_nets.data.latent_cache import load_latent_datalist, open_latent, write_latent
+from custom_nets.engines.inference_outputs import check_output_dir
 from custom_nets.nets.vae import DOWNSAMPLE, decode_latent, encode_volume, latent_affine
 from custom_nets.utils.checkpoint import read_stage_meta
 from custom_nets.utils.visualize import save_slice_montage
@@ -191,12 +192,6 @@ class LatentCacheEncoder:
         return (rec.get("vae_sha256") == sha and rec.get("image") == str(item["image"])
                 and list(arr.shape) == rec.get("shape"))
 
-    def _check_output_dir(self, items: Sequence[Mapping[str, Any]]) -> None:
-        inputs = {Path(it["image"]).resolve().parent for it in items}
-        inputs |= {Path(it["datalist"]).resolve().parent for it in items if it.get("datalist")}
-        if self.output_dir in inputs:
-            raise InputError(self.output_dir, "output_dir is an input folder; choose a separate folder for the cache")
-
     def _record(self, item: Mapping[str, Any], image: Any, latent: torch.Tensor, sha: str) -> dict[str, Any]:
         meta = getattr(image, "meta", {}) or {}
         original_affine = np.asarray(meta.get("original_affine", image.affine), dtype=np.float64)
@@ -226,7 +221,7 @@ class LatentCacheEncoder:
         """Encode what is missing, then write the latent datalist. Returns its path."""
         sha = read_stage_meta(self.vae_ckpt, "meduet_vae")["sha256"]
         items = list(self.dataset.data)
-        self._check_output_dir(items)
+        check_output_dir(self.output_dir, [*(it["image"] for it in items), *(it.get("datalist") for it in items)])
         pending = [i for i, it in enumerate(items) if not self._is_done(it, sha)]
         logger.info("latent cache %s: %d of %d volumes to encode", self.output_dir, len(pending), len(items))
         loader = torch.utils.data.DataLoader(
