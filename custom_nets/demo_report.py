@@ -50,6 +50,18 @@ def phantom_dice_table(seg_dir: Path, datalist: dict) -> list[str]:
     return rows if len(rows) > 2 else []
 
 
+# How to read a stage's figure where the demo scale limits what it can show
+READING = {
+    "ldm sample": (
+        "Rows: content sources; columns: style sources; the first row and column show the sources "
+        "themselves (decoded centre windows). At demo scale the samples do not follow them: the demo "
+        "encoder's content vectors also carry the domain and the small generator does not model "
+        "anatomy (figures in benchmarks/REPORT.md, LDM (b)). The grid is the check to repeat on "
+        "paper-scale models."
+    ),
+}
+
+
 def write_demo_report(out: Path, stages: Sequence, total_s: float, datalist: dict) -> Path:
     """Write ``out/REPORT.md`` and the loss-curve PNGs it shows. Returns the report path."""
     lines = ["# MeDUET demo report", "", f"Total wall time: {total_s / 60:.1f} min on {os.cpu_count()} CPU core(s).", "",
@@ -65,6 +77,8 @@ def write_demo_report(out: Path, stages: Sequence, total_s: float, datalist: dic
             section.append(f"![{s.name} curves]({os.path.relpath(curve, out)})")
         pngs = sorted(p for p in Path(s.output_dir).rglob("*.png"))[:6]
         section += [f"![{p.stem}]({os.path.relpath(p, out)})" for p in pngs]
+        if s.name in READING:
+            section += ["", READING[s.name]]
         if s.name == "seg inference":
             table = phantom_dice_table(Path(s.output_dir), datalist)
             if table:

@@ -249,6 +249,9 @@ def test_factor_bank_rows_sources_and_jobs(tmp_path):
     assert torch.equal(sources[0].content, bank.content[4])
     with pytest.raises(InputError, match="rows"):
         resolve_sources([7], bank)
+    assert [s.name for s in resolve_sources(["domain:b", "domain:a"], bank)] == ["bank1", "bank0"]
+    with pytest.raises(InputError, match="no volume of domain 'c'.*domains: a, b"):
+        resolve_sources(["domain:c"], bank)
     with pytest.raises(InputError, match="ssl_ckpt"):
         resolve_sources(["ref.npy"], bank, root=tmp_path)
     jobs = SamplingJobs(resolve_sources(2, bank), resolve_sources(3, bank), (4, 8, 8, 4), samples_per_pair=2, seed=1)
@@ -288,3 +291,35 @@ def test_decoding_refuses_another_vae(tmp_path):
     assert load_matching_vae(paths[0], meta) is not None
     with pytest.raises(CheckpointError, match="not the VAE whose latents trained this generator"):
         load_matching_vae(paths[1], meta)
+
+
+def test_grid_shows_the_sources_beside_the_samples(tmp_path):
+    """The grid's margins hold each source's centred latent window decoded like the samples."""
+    from custom_nets.engines.flow_sampling import (DecodeLatentd, FactorSource, SampleGridHandler, SourcePreview,
+                                                   centre_window)
+    from custom_nets.nets.vae import decode_latent, maisi_vae
+
+    torch.manual_seed(0)
+    vae = maisi_vae("demo").eval()
+    decode = DecodeLatentd(vae, scale_factor=0.5, roi=16, modality="MR")
+    latent = torch.randn(4, 10, 9, 6)
+    np.save(tmp_path / "src.npy", latent.numpy().astype(np.float16))
+    preview = SourcePreview(decode, (8, 8, 4))
+    on_disk = FactorSource("bank0", torch.zeros(12), torch.zeros(6), "a", str(tmp_path / "src.npy"))
+    img = preview(on_disk)
+    window = centre_window(torch.from_numpy(np.load(tmp_path / "src.npy").astype(np.float32)), (8, 8, 4))
+    assert window.shape == (4, 8, 8, 4) and torch.equal(window, centre_window(window, (8, 8, 4)))
+    with torch.no_grad():
+        expected = np.clip(decode_latent(vae, window, roi=None).numpy()[0], 0, 1)  # MR: 0..1
+    assert img.shape == (32, 32, 16) and np.allclose(img, expected, atol=1e-5)
+    # an image reference keeps the latent it was encoded to; a missing cache file leaves a blank panel
+    kept = FactorSource("ref", torch.zeros(12), torch.zeros(6), None, "ref.nii.gz", latent)
+    assert preview(kept).shape == (32, 32, 16)
+    assert preview(FactorSource("gone", torch.zeros(12), torch.zeros(6), None, str(tmp_path / "gone.npy"))) is None
+
+    jobs = SamplingJobs([on_disk, kept], [on_disk], (4, 8, 8, 4))
+    grid = SampleGridHandler(tmp_path / "grid.png", jobs, preview=preview)
+    grid.panels[(0, 0)] = grid._panel(img)
+    margins = grid._source_panels()
+    assert sorted(margins) == [(-1, 0), (0, -1), (1, -1)]
+    assert grid.write() == tmp_path / "grid.png" and (tmp_path / "grid.png").stat().st_size > 0

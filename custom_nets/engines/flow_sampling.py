@@ -189,6 +189,8 @@ class FactorSource:
         content: (Dc,) vector; style: (Ds,) vector.
         domain: domain name when known.
         origin: the bank row's latent or the reference file.
+        latent: the reference's (C, X, Y, Z) latent when it was computed here (image references);
+            bank rows and latent references are read from ``origin`` when needed.
     """
 
     name: str
@@ -196,6 +198,7 @@ class FactorSource:
     style: torch.Tensor
     domain: str | None = None
     origin: str = ""
+    latent: torch.Tensor | None = None
 
 
 def bank_source(bank: FactorBank, row: int) -> FactorSource:
@@ -206,7 +209,9 @@ def bank_source(bank: FactorBank, row: int) -> FactorSource:
     domain = item.get("domain")
     if domain is None and bank.domains:
         domain = bank.domains[int(bank.domain_index[row])]
-    return FactorSource(f"bank{row}", bank.content[row], bank.style[row], domain, str(item.get("latent", "")))
+    latent = Path(str(item.get("latent", "")))
+    origin = str(latent if latent.is_absolute() else (bank.path.parent / latent).resolve())
+    return FactorSource(f"bank{row}", bank.content[row], bank.style[row], domain, origin)
 
 
 def default_rows(bank: FactorBank, n: int) -> list[int]:
@@ -305,6 +310,18 @@ class FactorExtractor:
 
 
 _BANK_ROW = re.compile(r"^(?:bank)?#?(\d+)$")
+_DOMAIN_PREFIX = "domain:"
+
+
+def domain_row(bank: FactorBank | None, domain: str) -> int:
+    """The first factor-bank row of ``domain``; an InputError lists the bank's domains otherwise."""
+    if bank is None:
+        raise InputError("factor_bank", f"source 'domain:{domain}' needs the factor bank")
+    if domain in bank.domains:
+        rows = (bank.domain_index == bank.domains.index(domain)).nonzero().flatten().tolist()
+        if rows:
+            return int(rows[0])
+    raise InputError(bank.path, f"no volume of domain {domain!r} in the factor bank (domains: {', '.join(bank.domains)})")
 
 
 def resolve_sources(
@@ -317,8 +334,9 @@ def resolve_sources(
 
     Args:
         specs: an integer n (n bank rows spread over the domains, :func:`default_rows`), or a list
-            whose entries are bank rows (``3``, ``"3"``, ``"#3"``, ``"bank3"``) or reference volumes
-            (a latent ``.npy`` or an image; relative paths are taken from ``root``).
+            whose entries are bank rows (``3``, ``"3"``, ``"#3"``, ``"bank3"``), domains
+            (``"domain:NAME"``: the domain's first bank row) or reference volumes (a latent
+            ``.npy`` or an image; relative paths are taken from ``root``).
         bank: the factor bank (needed for rows).
         root: folder of relative reference paths (the bundle's ``dataset_dir``).
         extractor: computes factors of reference volumes.
@@ -329,6 +347,9 @@ def resolve_sources(
         return [bank_source(bank, r) for r in default_rows(bank, specs)]
     out = []
     for spec in specs:
+        if isinstance(spec, str) and spec.startswith(_DOMAIN_PREFIX):
+            out.append(bank_source(bank, domain_row(bank, spec[len(_DOMAIN_PREFIX):])))
+            continue
         m = _BANK_ROW.match(str(spec).strip())
         if isinstance(spec, int) or m:
             if bank is None:
@@ -338,8 +359,13 @@ def resolve_sources(
         path = Path(spec) if Path(spec).is_absolute() else Path(root) / spec
         if extractor is None:
             raise InputError(path, "a reference volume needs the MeDUET checkpoint (set ssl_ckpt)")
-        content, style = extractor(path)
-        out.append(FactorSource(path.name.split(".")[0], content, style, None, str(path)))
+        if not path.is_file():
+            raise InputError(path, "reference volume not found")
+        latent = extractor.latent_of(path)
+        content, style = extractor.factors_of_latent(latent)
+        # an image reference's latent is kept for the grid's source panel (no second encoding)
+        kept = None if path.suffix == ".npy" else latent
+        out.append(FactorSource(path.name.split(".")[0], content, style, None, str(path), kept))
     if not out:
         raise InputError("sources", "no content or style source given")
     return out
@@ -528,20 +554,67 @@ class SaveSampled:
         return d
 
 
+def centre_window(latent: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The centred (C, *size) window of a (C, X, Y, Z) latent (the whole axis where it is shorter)."""
+    starts = [max(0, (n - k) // 2) for n, k in zip(latent.shape[1:], size)]
+    return latent[(slice(None), *(slice(a, a + k) for a, k in zip(starts, size)))]
+
+
+class SourcePreview:
+    """What a content or style source looks like, for the margins of the sample grid: the centred
+    window of the source's latent at the sampled size, decoded by the same VAE and intensity map as
+    the samples, so a sample and its sources differ only by what the generator did.
+
+    Args:
+        decode: the samples' :class:`DecodeLatentd` (its VAE, tiling and modality are reused).
+        latent_size: (x, y, z) of the sampled latents.
+    """
+
+    def __init__(self, decode: DecodeLatentd, latent_size: Sequence[int]) -> None:
+        self.decode, self.latent_size = decode, [int(n) for n in latent_size]
+
+    def latent_of(self, source: FactorSource) -> torch.Tensor | None:
+        """The source's (C, X, Y, Z) latent, or None when it is not at hand (a missing cache file)."""
+        if source.latent is not None:
+            return torch.as_tensor(source.latent).float()
+        path = Path(source.origin)
+        if path.suffix != ".npy" or not path.is_file():
+            logger.warning("no latent at %s for the grid panel of source %s; the panel is left empty", path, source.name)
+            return None
+        from custom_nets.data.latent_cache import open_latent
+
+        return torch.from_numpy(np.asarray(open_latent(path), dtype=np.float32))
+
+    @torch.no_grad()
+    def __call__(self, source: FactorSource) -> np.ndarray | None:
+        """(X, Y, Z) decoded image of the source's centre window, or None."""
+        latent = self.latent_of(source)
+        if latent is None:
+            return None
+        # DecodeLatentd divides by the scale factor; the cache holds unscaled latents
+        window = centre_window(latent, self.latent_size) * self.decode.scale_factor
+        return torch.as_tensor(self.decode({"pred": window})["pred"]).float().numpy()[0]
+
+
 class SampleGridHandler:
     """Collects the central slices of every sample and writes a PNG grid when sampling completes:
     rows = content sources, columns = style sources (first repeat of each pair), one panel per
     sample holding its axial | coronal | sagittal slices (``visualize.central_slices``; the
-    one-row-per-volume ``save_slice_montage`` has no room for the content x style grid).
+    one-row-per-volume ``save_slice_montage`` has no room for the content x style grid). With a
+    ``preview``, the sources themselves head the grid (style sources above their columns, content
+    sources left of their rows), so whether a row shares its content source's anatomy and a column
+    its style source's appearance can be read off the figure.
 
     Args:
         path: destination PNG.
         jobs: the sampling jobs (for the source names).
         key: the decoded image's key in the output.
+        preview: renders a source as an image (:class:`SourcePreview`); None leaves the margins out.
     """
 
-    def __init__(self, path: str | Path, jobs: SamplingJobs, key: str = "pred") -> None:
-        self.path, self.jobs, self.key = Path(path), jobs, key
+    def __init__(self, path: str | Path, jobs: SamplingJobs, key: str = "pred",
+                 preview: Callable[[FactorSource], np.ndarray | None] | None = None) -> None:
+        self.path, self.jobs, self.key, self.preview = Path(path), jobs, key, preview
         self.panels: dict[tuple[int, int], np.ndarray] = {}
 
     def attach(self, engine: Engine) -> None:
@@ -566,6 +639,11 @@ class SampleGridHandler:
         padded = [np.pad(sl, ((0, h - sl.shape[0]), (0, 2)), constant_values=float(img.min())) for sl in slices]
         return np.concatenate(padded, axis=1)
 
+    @staticmethod
+    def source_label(src: FactorSource) -> str:
+        """``bank3 (ct_sharp)`` or a reference's name."""
+        return f"{src.name} ({src.domain})" if src.domain else src.name
+
     def _skipped_panels(self) -> None:
         """Panels of first-repeat samples skipped in this run (already on disk), read back."""
         if self.jobs.output_dir is None:
@@ -577,6 +655,18 @@ class SampleGridHandler:
             if k == 0 and (r, c) not in self.panels and path.is_file():
                 self.panels[(r, c)] = self._panel(np.asarray(nib.load(path).dataobj, dtype=np.float32))
 
+    def _source_panels(self) -> dict[tuple[int, int], np.ndarray]:
+        """Margin panels keyed like the grid: (-1, c) style source c, (r, -1) content source r."""
+        if self.preview is None:
+            return {}
+        out = {}
+        for key, sources in (((lambda i: (-1, i)), self.jobs.style_sources), ((lambda i: (i, -1)), self.jobs.content_sources)):
+            for i, src in enumerate(sources):
+                img = self.preview(src)
+                if img is not None:
+                    out[key(i)] = self._panel(img)
+        return out
+
     def write(self, engine: Engine | None = None) -> Path | None:
         self._skipped_panels()
         if not self.panels:
@@ -586,22 +676,31 @@ class SampleGridHandler:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        margins = self._source_panels()
+        off = 1 if self.preview is not None else 0
         rows, cols = len(self.jobs.content_sources), len(self.jobs.style_sources)
-        values = np.concatenate([p.ravel() for p in self.panels.values()])
+        panels = {**self.panels, **margins}
+        values = np.concatenate([p.ravel() for p in panels.values()])
         lo, hi = np.percentile(values, [0.5, 99.5])
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.6, 1.4 * rows + 0.6), squeeze=False)
-        for (r, c), panel in self.panels.items():
-            axes[r, c].imshow(panel, cmap="gray", vmin=lo, vmax=hi)
-        for r in range(rows):
-            for c in range(cols):
+        fig, axes = plt.subplots(rows + off, cols + off, figsize=(3.2 * (cols + off) + 0.6, 1.4 * (rows + off) + 0.6), squeeze=False)
+        for (r, c), panel in panels.items():
+            axes[r + off, c + off].imshow(panel, cmap="gray", vmin=lo, vmax=hi)
+        for r in range(rows + off):
+            for c in range(cols + off):
                 ax = axes[r, c]
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if c == 0:
-                    ax.set_ylabel(f"content {self.jobs.content_sources[r].name}", fontsize=7)
-                if r == 0:
-                    ax.set_title(f"style {self.jobs.style_sources[c].name}", fontsize=7)
-        fig.suptitle("samples: rows = content source, columns = style source", fontsize=8)
+                for side in ax.spines.values():
+                    side.set_visible(r >= off and c >= off)
+        for r, src in enumerate(self.jobs.content_sources):
+            axes[r + off, 0].set_ylabel(f"content\n{self.source_label(src)}", fontsize=7)
+        for c, src in enumerate(self.jobs.style_sources):
+            axes[0, c + off].set_title(f"style {self.source_label(src)}", fontsize=7)
+        if off:
+            axes[0, 0].text(0.5, 0.5, "sources\n(decoded centre\nwindow)", ha="center", va="center", fontsize=7,
+                            transform=axes[0, 0].transAxes)
+        title = "samples: rows = content source, columns = style source"
+        fig.suptitle(title + ("; first row/column: the sources themselves" if off else ""), fontsize=8)
         fig.tight_layout()
         with atomic_path(self.path) as tmp:
             fig.savefig(tmp, dpi=100, format="png")
