@@ -301,12 +301,13 @@ class FactorExtractor:
         out = volume_factors(meduet_factor_fn(net), latent, self.patch_size, self.overlap, int(net.encoder.patch_size))
         return out["content"].float().cpu(), out["style"].float().cpu()
 
-    def __call__(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-        """(content (Dc,), style (Ds,)) of a reference volume file."""
+    def __call__(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(content (Dc,), style (Ds,), latent (C, X, Y, Z)) of a reference volume file."""
         path = Path(path)
         if not path.is_file():
             raise InputError(path, "reference volume not found")
-        return self.factors_of_latent(self.latent_of(path))
+        latent = self.latent_of(path)
+        return (*self.factors_of_latent(latent), latent)
 
 
 _BANK_ROW = re.compile(r"^(?:bank)?#?(\d+)$")
@@ -359,10 +360,7 @@ def resolve_sources(
         path = Path(spec) if Path(spec).is_absolute() else Path(root) / spec
         if extractor is None:
             raise InputError(path, "a reference volume needs the MeDUET checkpoint (set ssl_ckpt)")
-        if not path.is_file():
-            raise InputError(path, "reference volume not found")
-        latent = extractor.latent_of(path)
-        content, style = extractor.factors_of_latent(latent)
+        content, style, latent = extractor(path)
         # an image reference's latent is kept for the grid's source panel (no second encoding)
         kept = None if path.suffix == ".npy" else latent
         out.append(FactorSource(path.name.split(".")[0], content, style, None, str(path), kept))
@@ -659,12 +657,13 @@ class SampleGridHandler:
         """Margin panels keyed like the grid: (-1, c) style source c, (r, -1) content source r."""
         if self.preview is None:
             return {}
+        keyed = [((-1, c), src) for c, src in enumerate(self.jobs.style_sources)]
+        keyed += [((r, -1), src) for r, src in enumerate(self.jobs.content_sources)]
         out = {}
-        for key, sources in (((lambda i: (-1, i)), self.jobs.style_sources), ((lambda i: (i, -1)), self.jobs.content_sources)):
-            for i, src in enumerate(sources):
-                img = self.preview(src)
-                if img is not None:
-                    out[key(i)] = self._panel(img)
+        for key, src in keyed:
+            img = self.preview(src)
+            if img is not None:
+                out[key] = self._panel(img)
         return out
 
     def write(self, engine: Engine | None = None) -> Path | None:
