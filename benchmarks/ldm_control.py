@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--scale", type=float, default=3.0, help="content and style guidance scale")
+    parser.add_argument("--content-scale", type=float, help="content guidance scale (default --scale)")
+    parser.add_argument("--style-scale", type=float, help="style guidance scale (default --scale)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     extractor = FactorExtractor(args.ssl_ckpt, expect_ssl_sha256=meta.get("factor_ssl_sha256"),
                                 patch_size=bank.meta.get("patch_size", 24), overlap=bank.meta.get("overlap", 0.25))
     scheduler = scheduler_from_args(meta["scheduler"])
+    content_scale = args.scale if args.content_scale is None else args.content_scale
+    style_scale = args.scale if args.style_scale is None else args.style_scale
     rows = default_rows(bank, 2 * args.sources)
     content_rows, style_rows = rows[0::2][: args.sources], rows[1::2][: args.sources]
     pairs = [(c, s) for c in content_rows for s in style_rows]
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     content = bank.content[[c for c, _ in pairs]]
     style = bank.style[[s for _, s in pairs]]
     with torch.no_grad():
-        z = sample_latents(net, noise, content, style, scheduler, args.steps, args.sampler, args.scale, args.scale)
+        z = sample_latents(net, noise, content, style, scheduler, args.steps, args.sampler, content_scale, style_scale)
     z = z / meta["scale_factor"]
 
     ssl = extractor.ssl_model()
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         pred_head = ssl.style_domain_head(gen_s.to(next(ssl.parameters()).device)).argmax(1).cpu()
     differ = want != content_dom
     res = {
-        "pairs": len(pairs), "steps": args.steps, "sampler": args.sampler, "guidance": args.scale,
+        "pairs": len(pairs), "steps": args.steps, "sampler": args.sampler, "content_scale": content_scale, "style_scale": style_scale,
         "content_cos_to_source": float(to_source.mean()), "content_cos_to_others": float(to_others.mean()),
         "content_retrieval_top1": float(top1), "chance_top1": 1.0 / len(bank),
         "style_acc_centroid_vs_style_source": float((pred_centroid == want).float().mean()),
