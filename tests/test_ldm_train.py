@@ -317,6 +317,18 @@ def test_grid_shows_the_sources_beside_the_samples(tmp_path):
     assert preview(kept).shape == (32, 32, 16)
     assert preview(FactorSource("gone", torch.zeros(12), torch.zeros(6), None, str(tmp_path / "gone.npy"))) is None
 
+    class CountingDecode(DecodeLatentd):
+        calls = 0
+
+        def __call__(self, data):
+            self.calls += 1
+            return super().__call__(data)
+
+    counting = CountingDecode(vae, scale_factor=0.5, roi=16, modality="MR")
+    once = SourcePreview(counting, (8, 8, 4))
+    assert np.array_equal(once(on_disk), img) and np.array_equal(once(on_disk), img)
+    assert counting.calls == 1  # a source named twice (as content and as style) is decoded once
+
     jobs = SamplingJobs([on_disk, kept], [on_disk], (4, 8, 8, 4))
     grid = SampleGridHandler(tmp_path / "grid.png", jobs, preview=preview)
     grid.panels[(0, 0)] = grid._panel(img)

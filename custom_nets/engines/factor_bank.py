@@ -472,8 +472,8 @@ class FactorBankWriter:
             return self.output_dir / FACTOR_BANK_PT
         meta = read_json(self.output_dir / FACTOR_BANK_JSON) if (self.output_dir / FACTOR_BANK_JSON).is_file() else {}
         if [str(r.get("latent")) for r in meta.get("items", [])] == [str(it["latent"]) for it in self.items]:
-            logger.info("factor bank %s is complete; nothing to do (set overwrite true to "
-                                             "recompute it)", self.output_dir)
+            logger.info("factor bank %s is complete; nothing to do (set overwrite true to recompute it)",
+                        self.output_dir)
             return None
         return self.write()
 

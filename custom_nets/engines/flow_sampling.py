@@ -570,6 +570,8 @@ class SourcePreview:
 
     def __init__(self, decode: DecodeLatentd, latent_size: Sequence[int]) -> None:
         self.decode, self.latent_size = decode, [int(n) for n in latent_size]
+        # by origin: content and style lists often name the same volumes, and a paper-size decode is costly
+        self._images: dict[str, np.ndarray | None] = {}
 
     def latent_of(self, source: FactorSource) -> torch.Tensor | None:
         """The source's (C, X, Y, Z) latent, or None when it is not at hand (a missing cache file)."""
@@ -585,13 +587,16 @@ class SourcePreview:
 
     @torch.no_grad()
     def __call__(self, source: FactorSource) -> np.ndarray | None:
-        """(X, Y, Z) decoded image of the source's centre window, or None."""
-        latent = self.latent_of(source)
-        if latent is None:
-            return None
-        # DecodeLatentd divides by the scale factor; the cache holds unscaled latents
-        window = centre_window(latent, self.latent_size) * self.decode.scale_factor
-        return torch.as_tensor(self.decode({"pred": window})["pred"]).float().numpy()[0]
+        """(X, Y, Z) decoded image of the source's centre window, or None (decoded once per origin)."""
+        if source.origin not in self._images:
+            latent = self.latent_of(source)
+            image = None
+            if latent is not None:
+                # DecodeLatentd divides by the scale factor; the cache holds unscaled latents
+                window = centre_window(latent, self.latent_size) * self.decode.scale_factor
+                image = torch.as_tensor(self.decode({"pred": window})["pred"]).float().numpy()[0]
+            self._images[source.origin] = image
+        return self._images[source.origin]
 
 
 class SampleGridHandler:
