@@ -23,7 +23,7 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m custom_nets.demo --out outputs/demo
+	$(PY) -m meduet_demo.run --out outputs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

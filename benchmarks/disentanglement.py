@@ -59,10 +59,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from custom_nets.data.phantoms import DOMAIN_STYLES, write_phantom_collection  # noqa: E402
-from custom_nets.engines.disentangle_eval import mse, probe_accuracy  # noqa: E402
-from custom_nets.engines.factor_bank import meduet_factor_fn, volume_factors  # noqa: E402
-from custom_nets.engines.swap import A_CONTENT_B_STYLE, A_SELF, swap_latents  # noqa: E402
+from meduet_demo.phantoms import DOMAIN_STYLES, write_phantom_collection  # noqa: E402
+from custom_nets.engines.ssl.disentangle import mse, probe_accuracy  # noqa: E402
+from custom_nets.engines.ssl.factor_bank import meduet_factor_fn, volume_factors  # noqa: E402
+from custom_nets.engines.ssl.swap import A_CONTENT_B_STYLE, A_SELF, swap_latents  # noqa: E402
 from custom_nets.utils.io import write_json  # noqa: E402
 from report_tools import write_report  # noqa: E402  (same folder)
 
@@ -255,7 +255,7 @@ def encode_phantoms(datalist: dict[str, Any], tokenizer: Any, vae_record: dict[s
 def evaluate(ssl_ckpt: Path, latent_datalist: Path, images: dict[str, np.ndarray], tokenizer: Any, max_pairs: int,
              crop: int, seed: int, out: Path, tag: str) -> dict[str, Any]:
     from custom_nets.data.latent_cache import load_latent_datalist
-    from custom_nets.engines.ssl_bundle import load_meduet
+    from custom_nets.engines.ssl.model import load_meduet
     from custom_nets.utils.visualize import save_slice_montage
 
     net, meta = load_meduet(ssl_ckpt)

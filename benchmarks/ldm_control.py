@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from custom_nets.engines.flow_matching import load_factor_bank, scheduler_from_args
-    from custom_nets.engines.flow_sampling import FactorExtractor, default_rows, sample_latents
+    from custom_nets.engines.ldm.train import load_factor_bank, scheduler_from_args
+    from custom_nets.engines.ldm.sample import FactorExtractor, default_rows, sample_latents
     from custom_nets.nets.latent_dit import LatentDiT
     from custom_nets.utils.checkpoint import load_stage_checkpoint, read_stage_meta
 

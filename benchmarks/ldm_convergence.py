@@ -7,7 +7,7 @@ timesteps, logged to TensorBoard per training epoch and converted to steps here)
 Markdown table and plotted.
 
 It needs the demo's upstream outputs (latent cache, factor bank and a trained MeDUET encoder whose
-width and depth match the demo generator), e.g. from ``python -m custom_nets.demo``:
+width and depth match the demo generator), e.g. from ``python -m meduet_demo.run``:
 
     python benchmarks/ldm_convergence.py --demo-dir outputs/demo --max-steps 200 --val-interval 2
 """
@@ -49,7 +49,7 @@ def run_training(out: Path, init: bool, args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--demo-dir", type=Path, default=ROOT / "outputs/demo", help="output folder of custom_nets.demo")
+    parser.add_argument("--demo-dir", type=Path, default=ROOT / "outputs/demo", help="output folder of meduet_demo.run")
     parser.add_argument("--ssl-ckpt", type=Path, default=ROOT / "bundles/meduet_ssl/models/model.pt")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/bench/ldm_convergence")
     parser.add_argument("--max-steps", type=int, default=200)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for need in (args.demo_dir / "latents/datalist.json", args.demo_dir / "factors/factor_bank.pt", args.ssl_ckpt):
         if not need.is_file():
-            sys.exit(f"{need}: not found; run `python -m custom_nets.demo` (or the meduet_vae/meduet_ssl demo configs) first")
+            sys.exit(f"{need}: not found; run `python -m meduet_demo.run` (or the meduet_vae/meduet_ssl demo configs) first")
 
     from custom_nets.utils.report import read_scalars
 

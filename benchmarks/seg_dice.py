@@ -110,7 +110,7 @@ def bundle(name: str, configs: Sequence[str | Path], log: Path, **overrides: Any
 
 
 def item(subject: int, style: str) -> dict[str, Any]:
-    from custom_nets.data.phantoms import get_style
+    from meduet_demo.phantoms import get_style
 
     return {"image": f"images/sub-{subject:03d}_{style}.nii.gz", "label": f"labels/sub-{subject:03d}.nii.gz",
             "domain": style, "modality": get_style(style).modality, "content_id": f"sub-{subject:03d}"}
@@ -127,7 +127,7 @@ def labelled_set(n: int) -> list[dict[str, Any]]:
 
 
 def prepare(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from custom_nets.data.phantoms import DOMAIN_STYLES, write_phantom_collection
+    from meduet_demo.phantoms import DOMAIN_STYLES, write_phantom_collection
 
     ph = out / "phantoms"
     times: dict[str, float] = {}
@@ -195,7 +195,7 @@ def prepare(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_overlay(out: Path, name: str, seed: int, steps: int) -> tuple[Path, Path]:
     """Per-run overlay config for ``meduet_seg`` train.json + demo.json. Returns (overlay, run folder)."""
-    from custom_nets.engines.ssl_bundle import meduet_network_args
+    from custom_nets.engines.ssl.model import meduet_network_args
 
     n, ssl_init, style, refine = RUNS[name]
     run_dir = out / "runs" / f"{name}_steps{steps}_seed{seed}"
@@ -230,9 +230,9 @@ def evaluate(model: Path, datalist: Path, threads: int) -> list[dict[str, Any]]:
     from monai.networks.utils import one_hot
 
     from custom_nets.data.datalist import load_datalist
-    from custom_nets.data.phantoms import PHANTOM_LABELS
+    from meduet_demo.phantoms import PHANTOM_LABELS
     from custom_nets.data.transforms import preprocess_transforms
-    from custom_nets.engines.seg_inference import LatentSlidingWindowInferer
+    from custom_nets.engines.seg.inference import LatentSlidingWindowInferer
     from custom_nets.nets.latent_segmenter import build_segmenter, load_segmenter_weights
 
     torch.set_num_threads(threads)

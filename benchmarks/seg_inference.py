@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from monai.transforms import AsDiscreted, Compose, Invertd, SaveImaged
 
     from custom_nets.data.transforms import preprocess_transforms
-    from custom_nets.engines.seg_inference import LatentSlidingWindowInferer
+    from custom_nets.engines.seg.inference import LatentSlidingWindowInferer
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

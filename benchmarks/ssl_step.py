@@ -1,7 +1,7 @@
 """Time and memory of one full MeDUET pretraining step at paper scale on random latents.
 
 One step = teacher and student passes with MFTD and SiQC both on, one backward, gradient clipping,
-AdamW update, lr schedule and EMA update (custom_nets.engines.meduet_step.MeDUETTrainStep).
+AdamW update, lr schedule and EMA update (custom_nets.engines.ssl.step.MeDUETTrainStep).
 
     python benchmarks/ssl_step.py --batch 4 --threads 2 [--precision fp32|bf16|fp16|auto] [--device cpu|cuda]
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from custom_nets.engines.meduet_step import MeDUETTrainStep, set_malloc_mmap_threshold  # noqa: E402
+from custom_nets.engines.ssl.step import MeDUETTrainStep, set_malloc_mmap_threshold  # noqa: E402
 from custom_nets.losses.demix import demix_reconstruction_loss  # noqa: E402
 from custom_nets.losses.domain import domain_loss  # noqa: E402
 from custom_nets.losses.mftd import mftd_loss  # noqa: E402

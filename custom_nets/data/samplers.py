@@ -27,7 +27,7 @@ epoch) and takes every ``num_replicas``-th one, so each process gets whole batch
 property holds on every process. The list is padded by wrapping around to a multiple of
 ``num_replicas`` so all processes run the same number of steps (as ``DistributedSampler`` does).
 Call :meth:`PairBatchSampler.set_epoch` at the start of every epoch to draw new pairs (the
-meduet_ssl bundle attaches :class:`custom_nets.engines.ssl_trainer.SamplerEpoch` for this; MONAI
+meduet_ssl bundle attaches :class:`custom_nets.engines.ssl.train.SamplerEpoch` for this; MONAI
 itself only does it for ``DistributedSampler``).
 """
 

@@ -5,7 +5,7 @@ initialisation from a MeDUET encoder, size factories.
 
 The network is shared by the DiT and SiT variants; they differ only in the training objective
 (``LDM_OBJECTIVES``: DDPM noise prediction for DiT, rectified-flow velocity for SiT), which lives in
-:mod:`custom_nets.engines.flow_matching`.
+:mod:`custom_nets.engines.ldm.train`.
 
 Conditioning (METHOD.md section 4): content (768) and style (192) vectors are L2-normalised, divided
 by a learnable temperature (initialised at 0.1), passed through SiLU + linear to the model width.

@@ -21,7 +21,7 @@ Decoder (``fs`` = feature_size, ``D`` = ViT width; the ViT grid ``g`` is latent 
 
 The split between :meth:`LatentSegmenter.encode_latent` and :meth:`LatentSegmenter.forward_latent`
 lets whole-volume inference encode each volume once (tiled VAE encoding) and slide windows over
-the latent volume (see :mod:`custom_nets.engines.seg_inference`).
+the latent volume (see :mod:`custom_nets.engines.seg.inference`).
 """
 
 from __future__ import annotations

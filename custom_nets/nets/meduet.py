@@ -435,7 +435,7 @@ class MeDUET(nn.Module):
 
         Re-encoding the reconstructions (MFTD) and the swaps (SiQC) is left to the caller
         (:meth:`reencode`; the training step streams it in chunks, see
-        :mod:`custom_nets.engines.meduet_step`).
+        :mod:`custom_nets.engines.ssl.step`).
 
         Args:
             x: (B, C, X, Y, Z) latent crops; sample i is paired with B-1-i.

@@ -1,0 +1,713 @@
+"""Sampling from the conditioned latent generator (meduet_ldm inference).
+
+- :func:`sample_latents`: guided sampling with separate content and style scales,
+  v = v(null, null) + g_s (v(null, s) - v(null, null)) + g_c (v(c, null) - v(null, null)),
+  the three condition variants batched into one forward; Euler or Heun for rectified flow
+  (timesteps from MONAI's ``RFlowScheduler.set_timesteps``), DDIM or ancestral DDPM for DDPM.
+- :class:`GuidedSampler`: the same as a MONAI ``Inferer`` (the bundle's ``inferer``).
+- Sources of content and style: rows of the factor bank, or reference volumes (cached latents
+  ``.npy`` or images) whose factors the MeDUET encoder computes on the fly.
+- :class:`SamplingJobs`: the bundle's ``dataset``: one item per (content source, style source,
+  repeat) with its own seeded noise.
+- Postprocessing: tiled VAE decoding, NIfTI writing, and a PNG grid (rows: content sources,
+  columns: style sources).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import Inferer
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers.scheduler import Scheduler
+from torch.utils.data import Dataset
+
+from custom_nets.engines.ldm.train import FactorBank, is_flow, scheduler_from_args
+from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
+from custom_nets.utils.checkpoint import file_sha256, read_stage_meta
+from custom_nets.utils.errors import CheckpointError, InputError
+from custom_nets.utils.io import atomic_path
+from custom_nets.utils.visualize import central_slices
+
+logger = logging.getLogger(__name__)
+
+FLOW_SAMPLERS = ("euler", "heun")
+DDPM_SAMPLERS = ("ddim", "ddpm")
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------
+
+
+def flow_timesteps(scheduler: RFlowScheduler, num_steps: int, spatial: Sequence[int]) -> list[float]:
+    """Decreasing timesteps t_0 = T > ... > t_{n-1}, then 0, from ``RFlowScheduler.set_timesteps``
+    (which applies the scheduler's resolution-dependent timestep transform when enabled)."""
+    scheduler.set_timesteps(num_inference_steps=num_steps, input_img_size_numel=int(math.prod(spatial)))
+    ts = [float(t) for t in scheduler.timesteps.double()]
+    return ts + [0.0]
+
+
+def sample_latents(
+    network: torch.nn.Module,
+    noise: torch.Tensor,
+    content: torch.Tensor,
+    style: torch.Tensor,
+    scheduler: Scheduler,
+    num_steps: int = 250,
+    sampler: str = "euler",
+    content_scale: float = 3.0,
+    style_scale: float = 3.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate from noise to (scaled) latents with guidance.
+
+    Args:
+        network: a :class:`~custom_nets.nets.latent_dit.LatentDiT` (eval mode).
+        noise: (B, C, X, Y, Z) standard normal starting point.
+        content: (B, Dc); style: (B, Ds).
+        scheduler: the training scheduler (``RFlowScheduler`` or ``DDPMScheduler``).
+        num_steps: sampling steps (network calls: one per step for Euler/DDIM/DDPM, two for Heun
+            except on the last step).
+        sampler: "euler" | "heun" (flow); "ddim" | "ddpm" (DDPM; "ddpm" needs num_steps = T).
+        content_scale: g_c; style_scale: g_s.
+        generator: random numbers for the ancestral DDPM sampler.
+        progress: tqdm bar over steps.
+
+    Returns:
+        (B, C, X, Y, Z) latents in the training (scaled) units.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    guide = getattr(network, "forward_with_guidance", None) or network.module.forward_with_guidance
+
+    def predict(x: torch.Tensor, t: float) -> torch.Tensor:
+        """Guided network output: velocity (flow) or noise (DDPM)."""
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        return guide(x, tt, content, style, content_scale, style_scale).float()
+
+    steps = range(num_steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"sampling ({sampler})", leave=False)
+    x = noise.float()
+    if is_flow(scheduler):
+        if sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} does not fit rectified flow; use one of {FLOW_SAMPLERS}")
+        ts = flow_timesteps(scheduler, num_steps, x.shape[2:])
+        T = float(scheduler.num_train_timesteps)
+        for i in steps:
+            t, t_next = ts[i], ts[i + 1]
+            dt = (t - t_next) / T  # x_t = (1 - t/T) x0 + (t/T) noise, v = x0 - noise: x moves by +v dt
+            v = predict(x, t)
+            if sampler == "heun" and t_next > 0:
+                x_pred = x + dt * v
+                x = x + dt * 0.5 * (v + predict(x_pred, t_next))
+            else:
+                x = x + dt * v
+        return x
+    if sampler not in DDPM_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} does not fit DDPM; use one of {DDPM_SAMPLERS}")
+    if sampler == "ddim":
+        sched: Scheduler = DDIMScheduler(
+            num_train_timesteps=scheduler.num_train_timesteps, clip_sample=False,
+            prediction_type=str(scheduler.prediction_type), schedule="linear_beta",
+            beta_start=float(scheduler.betas[0]), beta_end=float(scheduler.betas[-1]),
+        )
+    else:
+        if num_steps != scheduler.num_train_timesteps:
+            raise ValueError(
+                f"the ancestral DDPM sampler runs all {scheduler.num_train_timesteps} steps; use sampler 'ddim' for {num_steps}"
+            )
+        sched = scheduler
+    sched.set_timesteps(num_steps, device=x.device)
+    timesteps = [int(t) for t in sched.timesteps]
+    for i in steps:
+        t = timesteps[i]
+        eps = predict(x, float(t))
+        x = sched.step(eps, t, x, generator=generator)[0] if isinstance(sched, DDPMScheduler) else sched.step(eps, t, x)[0]
+    return x
+
+
+class GuidedSampler(Inferer):
+    """MONAI ``Inferer`` wrapping :func:`sample_latents`: ``sampler(noise, network, content=..., style=...)``.
+
+    Args:
+        scheduler: the training scheduler (or its recorded arguments from model.json).
+        num_steps, sampler, content_scale, style_scale, progress: see :func:`sample_latents`.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler | Mapping[str, Any],
+        num_steps: int = 250,
+        sampler: str = "euler",
+        content_scale: float = 3.0,
+        style_scale: float = 3.0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.scheduler = scheduler if isinstance(scheduler, Scheduler) else scheduler_from_args(scheduler)
+        allowed = FLOW_SAMPLERS if is_flow(self.scheduler) else DDPM_SAMPLERS
+        if sampler not in allowed:
+            raise ValueError(f"sampler {sampler!r} does not fit the model's objective; use one of {allowed}")
+        self.num_steps, self.sampler = int(num_steps), sampler
+        self.content_scale, self.style_scale = float(content_scale), float(style_scale)
+        self.progress = progress
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """inputs: (B, C, X, Y, Z) noise; kwargs ``content`` (B, Dc) and ``style`` (B, Ds)."""
+        with torch.no_grad():
+            return sample_latents(
+                network, inputs, kwargs["content"], kwargs["style"], self.scheduler, self.num_steps, self.sampler,
+                self.content_scale, self.style_scale, progress=self.progress,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Factor sources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FactorSource:
+    """Where a content or style vector comes from.
+
+    Attributes:
+        name: short label for file names and the grid ("bank12", a reference's stem).
+        content: (Dc,) vector; style: (Ds,) vector.
+        domain: domain name when known.
+        origin: the bank row's latent or the reference file.
+        latent: the reference's (C, X, Y, Z) latent when it was computed here (image references);
+            bank rows and latent references are read from ``origin`` when needed.
+    """
+
+    name: str
+    content: torch.Tensor
+    style: torch.Tensor
+    domain: str | None = None
+    origin: str = ""
+    latent: torch.Tensor | None = None
+
+
+def bank_source(bank: FactorBank, row: int) -> FactorSource:
+    """The factor bank's row ``row`` as a source."""
+    if not 0 <= row < len(bank):
+        raise InputError(bank.path, f"row {row} requested but the factor bank has {len(bank)} rows")
+    item = bank.items[row]
+    domain = item.get("domain")
+    if domain is None and bank.domains:
+        domain = bank.domains[int(bank.domain_index[row])]
+    latent = Path(str(item.get("latent", "")))
+    origin = str(latent if latent.is_absolute() else (bank.path.parent / latent).resolve())
+    return FactorSource(f"bank{row}", bank.content[row], bank.style[row], domain, origin)
+
+
+def default_rows(bank: FactorBank, n: int) -> list[int]:
+    """``n`` bank rows spread over the domains: the first volume of each domain in turn, then the second, ..."""
+    by_domain: dict[int, list[int]] = {}
+    for row, d in enumerate(bank.domain_index.tolist()):
+        by_domain.setdefault(int(d), []).append(row)
+    order = [rows[k] for k in range(max(map(len, by_domain.values()), default=0)) for rows in by_domain.values() if k < len(rows)]
+    return order[: max(0, n)]
+
+
+class FactorExtractor:
+    """Content and style of a reference volume, computed with the MeDUET encoder on the fly.
+
+    A reference is a cached latent (``.npy``, (C, X, Y, Z)) or an image that the VAE encodes first
+    (same preprocessing as meduet_vae inference). Its factors follow the factor bank's recipe
+    (:func:`custom_nets.engines.ssl.factor_bank.volume_factors`: mean over tokens and over grid
+    cubes of ``patch_size`` with ``overlap``; 24 and 0.25 at paper scale, METHOD.md section 4).
+
+    Args:
+        ssl_ckpt: meduet_ssl ``models/model.pt``.
+        vae_ckpt: meduet_vae ``models/model.pt`` (needed for image references only).
+        device: where the encoders run.
+        expect_ssl_sha256: the SSL checkpoint hash the generator's conditions came from; a
+            different checkpoint would give factors in another space, so it is refused.
+        patch_size: cube side in latent voxels (use the factor bank's ``patch_size``).
+        overlap: cube overlap (the factor bank's ``overlap``).
+    """
+
+    def __init__(
+        self,
+        ssl_ckpt: str | Path,
+        vae_ckpt: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        expect_ssl_sha256: str | None = None,
+        patch_size: int = 24,
+        overlap: float = 0.25,
+    ) -> None:
+        self.ssl_ckpt, self.vae_ckpt, self.device = Path(ssl_ckpt), vae_ckpt, torch.device(device)
+        self.expect_ssl_sha256 = expect_ssl_sha256
+        self.patch_size, self.overlap = int(patch_size), float(overlap)
+        self._ssl: torch.nn.Module | None = None
+        self._vae: torch.nn.Module | None = None
+
+    def ssl_model(self) -> torch.nn.Module:
+        """The MeDUET network of ``ssl_ckpt`` (built from its model.json, loaded strictly)."""
+        if self._ssl is None:
+            from custom_nets.nets.meduet import MeDUET
+            from custom_nets.utils.checkpoint import load_stage_checkpoint
+
+            meta = read_stage_meta(self.ssl_ckpt, "meduet_ssl")
+            if self.expect_ssl_sha256 and meta.get("sha256") != self.expect_ssl_sha256:
+                raise CheckpointError(
+                    f"{self.ssl_ckpt}: not the MeDUET checkpoint whose factors trained this generator "
+                    f"(sha256 {self.expect_ssl_sha256[:12]}... expected); point ssl_ckpt at that one"
+                )
+            net = MeDUET(**meta["network"])
+            load_stage_checkpoint(net, self.ssl_ckpt, "meduet_ssl")
+            self._ssl = net.to(self.device).eval()
+        return self._ssl
+
+    def latent_of(self, path: Path) -> torch.Tensor:
+        """(C, X, Y, Z) float32 latent of a reference file."""
+        if path.suffix == ".npy":
+            from custom_nets.data.latent_cache import open_latent
+
+            return torch.from_numpy(np.asarray(open_latent(path), dtype=np.float32))
+        if self.vae_ckpt is None:
+            raise InputError(path, "an image reference needs the VAE (set vae_ckpt)")
+        from custom_nets.data.transforms import preprocess_transforms
+        from custom_nets.nets.vae import encode_volume, load_vae
+
+        if self._vae is None:
+            self._vae, _ = load_vae(self.vae_ckpt, self.device)
+        try:
+            image = preprocess_transforms()({"image": str(path)})["image"]
+        except Exception as e:  # unreadable or non-3D files
+            raise InputError(path, f"cannot be read as a 3D image ({e})") from e
+        return encode_volume(self._vae, torch.as_tensor(image))
+
+    @torch.no_grad()
+    def factors_of_latent(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(content (Dc,), style (Ds,)) of a (C, X, Y, Z) latent."""
+        from custom_nets.engines.ssl.factor_bank import meduet_factor_fn, volume_factors
+
+        net = self.ssl_model()
+        out = volume_factors(meduet_factor_fn(net), latent, self.patch_size, self.overlap, int(net.encoder.patch_size))
+        return out["content"].float().cpu(), out["style"].float().cpu()
+
+    def __call__(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(content (Dc,), style (Ds,), latent (C, X, Y, Z)) of a reference volume file."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "reference volume not found")
+        latent = self.latent_of(path)
+        return (*self.factors_of_latent(latent), latent)
+
+
+_BANK_ROW = re.compile(r"^(?:bank)?#?(\d+)$")
+_DOMAIN_PREFIX = "domain:"
+
+
+def domain_row(bank: FactorBank | None, domain: str) -> int:
+    """The first factor-bank row of ``domain``; an InputError lists the bank's domains otherwise."""
+    if bank is None:
+        raise InputError("factor_bank", f"source 'domain:{domain}' needs the factor bank")
+    if domain in bank.domains:
+        rows = (bank.domain_index == bank.domains.index(domain)).nonzero().flatten().tolist()
+        if rows:
+            return int(rows[0])
+    raise InputError(bank.path, f"no volume of domain {domain!r} in the factor bank (domains: {', '.join(bank.domains)})")
+
+
+def resolve_sources(
+    specs: Sequence[int | str] | int,
+    bank: FactorBank | None,
+    root: str | Path = ".",
+    extractor: FactorExtractor | None = None,
+) -> list[FactorSource]:
+    """Turn the user's list of sources into vectors.
+
+    Args:
+        specs: an integer n (n bank rows spread over the domains, :func:`default_rows`), or a list
+            whose entries are bank rows (``3``, ``"3"``, ``"#3"``, ``"bank3"``), domains
+            (``"domain:NAME"``: the domain's first bank row) or reference volumes (a latent
+            ``.npy`` or an image; relative paths are taken from ``root``).
+        bank: the factor bank (needed for rows).
+        root: folder of relative reference paths (the bundle's ``dataset_dir``).
+        extractor: computes factors of reference volumes.
+    """
+    if isinstance(specs, int):
+        if bank is None:
+            raise InputError("factor_bank", "a number of sources needs the factor bank")
+        return [bank_source(bank, r) for r in default_rows(bank, specs)]
+    out = []
+    for spec in specs:
+        if isinstance(spec, str) and spec.startswith(_DOMAIN_PREFIX):
+            out.append(bank_source(bank, domain_row(bank, spec[len(_DOMAIN_PREFIX):])))
+            continue
+        m = _BANK_ROW.match(str(spec).strip())
+        if isinstance(spec, int) or m:
+            if bank is None:
+                raise InputError("factor_bank", f"source {spec!r} is a bank row but no factor bank is given")
+            out.append(bank_source(bank, int(m.group(1)) if m else int(spec)))
+            continue
+        path = Path(spec) if Path(spec).is_absolute() else Path(root) / spec
+        if extractor is None:
+            raise InputError(path, "a reference volume needs the MeDUET checkpoint (set ssl_ckpt)")
+        content, style, latent = extractor(path)
+        # an image reference's latent is kept for the grid's source panel (no second encoding)
+        kept = None if path.suffix == ".npy" else latent
+        out.append(FactorSource(path.name.split(".")[0], content, style, None, str(path), kept))
+    if not out:
+        raise InputError("sources", "no content or style source given")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------------
+
+
+class SamplingJobs(Dataset):
+    """Every (content source, style source, repeat) combination, each with its own seeded noise.
+
+    Item: {"noise": (C, X, Y, Z), "content": (Dc,), "style": (Ds,), "name": str, "row": int,
+    "col": int, "repeat": int, "content_source": str, "style_source": str}.
+
+    Args:
+        content_sources: grid rows.
+        style_sources: grid columns.
+        latent_shape: (C, X, Y, Z) of the sampled latents.
+        samples_per_pair: repeats of each pair (different noise).
+        seed: noise of job k is drawn from ``torch.Generator().manual_seed(seed + k)``.
+        ledger: :class:`~custom_nets.engines.common.outputs.OutputLedger` of the output folder:
+            jobs whose sample and latent exist and were made with its settings are left out of the
+            dataset (unless it says ``overwrite``); None runs every job.
+        inputs: input files/folders the output folder must differ from (with a ledger).
+    """
+
+    def __init__(
+        self,
+        content_sources: Sequence[FactorSource],
+        style_sources: Sequence[FactorSource],
+        latent_shape: Sequence[int],
+        samples_per_pair: int = 1,
+        seed: int = 0,
+        ledger: OutputLedger | None = None,
+        inputs: Sequence[str | Path | None] = (),
+    ) -> None:
+        if len(latent_shape) != 4:
+            raise ValueError(f"latent_shape must be (C, X, Y, Z), got {tuple(latent_shape)}")
+        self.content_sources, self.style_sources = list(content_sources), list(style_sources)
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.seed = int(seed)
+        self.jobs = [
+            (r, c, k)
+            for r in range(len(self.content_sources))
+            for c in range(len(self.style_sources))
+            for k in range(int(samples_per_pair))
+        ]
+        self.output_dir = None if ledger is None else ledger.output_dir
+        self.todo = list(range(len(self.jobs)))
+        if ledger is not None:
+            check_output_dir(ledger.output_dir, inputs)
+            self.todo = [i for i in self.todo if not ledger.all_done(sample_files(self.name(i)))]
+            if len(self.todo) < len(self.jobs):
+                logger.info("%s: %d of %d samples already written with this model and settings (skipped; set "
+                            "overwrite true to redo them)", ledger.output_dir, len(self.jobs) - len(self.todo), len(self.jobs))
+
+    def name(self, i: int) -> str:
+        """Output name of job ``i`` (of all jobs)."""
+        r, c, k = self.jobs[i]
+        return f"sample_c{r}-{self.content_sources[r].name}_s{c}-{self.style_sources[c].name}_{k}"
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = self.todo[index]  # the job's own number seeds its noise, whichever jobs are skipped
+        r, c, k = self.jobs[i]
+        cs, ss = self.content_sources[r], self.style_sources[c]
+        noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(self.seed + i))
+        return {
+            "noise": noise, "content": cs.content.float(), "style": ss.style.float(),
+            "name": self.name(i), "row": r, "col": c, "repeat": k,
+            "content_source": cs.origin, "style_source": ss.origin,
+        }
+
+
+def sample_files(name: str) -> tuple[str, str]:
+    """Files :class:`SaveSampled` writes for a sample: the image and its latent."""
+    return f"{name}.nii.gz", f"{name}_latent.npy"
+
+
+def prepare_sampling_batch(
+    batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, None, tuple, dict[str, torch.Tensor]]:
+    """``prepare_batch`` for the sampling evaluator: (noise, None, (), {"content", "style"})."""
+    to = dict(device=device, non_blocking=non_blocking)
+    return batchdata["noise"].to(**to), None, (), {"content": batchdata["content"].to(**to), "style": batchdata["style"].to(**to)}
+
+
+# --------------------------------------------------------------------------------------------
+# Postprocessing: decode, save, grid
+# --------------------------------------------------------------------------------------------
+
+
+def load_matching_vae(vae_ckpt: str | Path, generator_meta: Mapping[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The meduet_vae network to decode samples with, refused unless it is the VAE whose latents
+    trained the generator (model.json ``vae_sha256``), since another VAE's latent space differs."""
+    from custom_nets.nets.vae import load_vae
+
+    want = generator_meta.get("vae_sha256")
+    read_stage_meta(vae_ckpt, "meduet_vae")
+    if want and file_sha256(vae_ckpt) != want:
+        raise CheckpointError(
+            f"{vae_ckpt}: not the VAE whose latents trained this generator (sha256 {want[:12]}... expected, "
+            f"recorded from {generator_meta.get('vae_ckpt')}); point vae_ckpt at that checkpoint"
+        )
+    return load_vae(vae_ckpt, device)[0]
+
+
+def centred_affine(shape: Sequence[int], spacing: Sequence[float] = (1.5, 1.5, 1.5)) -> np.ndarray:
+    """RAS affine with the given voxel size whose grid is centred on the world origin."""
+    aff = np.diag([*map(float, spacing), 1.0])
+    aff[:3, 3] = -(np.asarray(shape[-3:], dtype=np.float64) - 1) / 2 * np.asarray(spacing, dtype=np.float64)
+    return aff
+
+
+class DecodeLatentd:
+    """Postprocessing: ``data[key]`` scaled latent (C, x, y, z) -> image (1, 4x, 4y, 4z) through the
+    VAE (tiled), after dividing out the latent scale factor, mapped back to intensities
+    (``vae_encode.to_intensity``: CT -> Hounsfield units of the preprocessing window, MR -> [0, 1]).
+
+    Args:
+        vae: the meduet_vae network (eval mode).
+        scale_factor: the generator's latent scale factor (model.json).
+        roi: decoding tile edge in latent voxels (``decode_latent``'s exact stage-wise tiling).
+        overlap: tile overlap (used by ``decode_latent``'s sliding-window mode only).
+        modality: "CT" or "MR".
+        key: the latent's key in the output dict; the latent itself is kept under "latent".
+    """
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        scale_factor: float,
+        roi: int = 32,
+        overlap: float = 0.25,
+        modality: str = "CT",
+        key: str = "pred",
+    ) -> None:
+        self.vae, self.scale_factor = vae, float(scale_factor)
+        self.roi, self.overlap, self.modality, self.key = int(roi), float(overlap), modality, key
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        from custom_nets.engines.vae.encode import to_intensity
+        from custom_nets.nets.vae import decode_latent
+
+        d = dict(data)
+        z = torch.as_tensor(d[self.key]).float() / self.scale_factor
+        d["latent"] = z.cpu()
+        img = decode_latent(self.vae, z, roi=self.roi, overlap=self.overlap)
+        d[self.key] = torch.from_numpy(to_intensity(img.numpy(), self.modality))
+        return d
+
+
+class SaveSampled:
+    """Postprocessing: write ``data[key]`` (1, X, Y, Z) as ``output_dir/<name>.nii.gz`` (atomic, RAS
+    grid of ``spacing`` centred on the origin) and the latent beside it as ``<name>_latent.npy``.
+
+    Args:
+        output_dir: folder of the samples.
+        spacing: voxel size of the decoded images (the VAE's 1.5 mm grid).
+        key: the image's key.
+        ledger: records each written sample (see :class:`SamplingJobs`).
+    """
+
+    def __init__(self, output_dir: str | Path, spacing: Sequence[float] = (1.5, 1.5, 1.5), key: str = "pred",
+                 ledger: OutputLedger | None = None) -> None:
+        self.output_dir, self.spacing, self.key, self.ledger = Path(output_dir), list(spacing), key, ledger
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        from custom_nets.engines.vae.encode import save_nifti
+
+        d = dict(data)
+        img = torch.as_tensor(d[self.key]).detach().cpu().float().numpy()[0]
+        image_name, latent_name = sample_files(d["name"])
+        path = save_nifti(self.output_dir / image_name, img, centred_affine(img.shape, self.spacing))
+        if "latent" in d:
+            with atomic_path(self.output_dir / latent_name) as tmp:
+                np.save(tmp, torch.as_tensor(d["latent"]).numpy().astype(np.float32))
+            if self.ledger is not None:
+                self.ledger.mark_done(image_name, latent_name)
+        d["path"] = str(path)
+        logger.info("wrote %s", path)
+        return d
+
+
+def centre_window(latent: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The centred (C, *size) window of a (C, X, Y, Z) latent (the whole axis where it is shorter)."""
+    starts = [max(0, (n - k) // 2) for n, k in zip(latent.shape[1:], size)]
+    return latent[(slice(None), *(slice(a, a + k) for a, k in zip(starts, size)))]
+
+
+class SourcePreview:
+    """What a content or style source looks like, for the margins of the sample grid: the centred
+    window of the source's latent at the sampled size, decoded by the same VAE and intensity map as
+    the samples, so a sample and its sources differ only by what the generator did.
+
+    Args:
+        decode: the samples' :class:`DecodeLatentd` (its VAE, tiling and modality are reused).
+        latent_size: (x, y, z) of the sampled latents.
+    """
+
+    def __init__(self, decode: DecodeLatentd, latent_size: Sequence[int]) -> None:
+        self.decode, self.latent_size = decode, [int(n) for n in latent_size]
+        # by origin: content and style lists often name the same volumes, and a paper-size decode is costly
+        self._images: dict[str, np.ndarray | None] = {}
+
+    def latent_of(self, source: FactorSource) -> torch.Tensor | None:
+        """The source's (C, X, Y, Z) latent, or None when it is not at hand (a missing cache file)."""
+        if source.latent is not None:
+            return torch.as_tensor(source.latent).float()
+        path = Path(source.origin)
+        if path.suffix != ".npy" or not path.is_file():
+            logger.warning("no latent at %s for the grid panel of source %s; the panel is left empty", path, source.name)
+            return None
+        from custom_nets.data.latent_cache import open_latent
+
+        return torch.from_numpy(np.asarray(open_latent(path), dtype=np.float32))
+
+    @torch.no_grad()
+    def __call__(self, source: FactorSource) -> np.ndarray | None:
+        """(X, Y, Z) decoded image of the source's centre window, or None (decoded once per origin)."""
+        if source.origin not in self._images:
+            latent = self.latent_of(source)
+            image = None
+            if latent is not None:
+                # DecodeLatentd divides by the scale factor; the cache holds unscaled latents
+                window = centre_window(latent, self.latent_size) * self.decode.scale_factor
+                image = torch.as_tensor(self.decode({"pred": window})["pred"]).float().numpy()[0]
+            self._images[source.origin] = image
+        return self._images[source.origin]
+
+
+class SampleGridHandler:
+    """Collects the central slices of every sample and writes a PNG grid when sampling completes:
+    rows = content sources, columns = style sources (first repeat of each pair), one panel per
+    sample holding its axial | coronal | sagittal slices (``visualize.central_slices``; the
+    one-row-per-volume ``save_slice_montage`` has no room for the content x style grid). With a
+    ``preview``, the sources themselves head the grid (style sources above their columns, content
+    sources left of their rows), so whether a row shares its content source's anatomy and a column
+    its style source's appearance can be read off the figure.
+
+    Args:
+        path: destination PNG.
+        jobs: the sampling jobs (for the source names).
+        key: the decoded image's key in the output.
+        preview: renders a source as an image (:class:`SourcePreview`); None leaves the margins out.
+    """
+
+    def __init__(self, path: str | Path, jobs: SamplingJobs, key: str = "pred",
+                 preview: Callable[[FactorSource], np.ndarray | None] | None = None) -> None:
+        self.path, self.jobs, self.key, self.preview = Path(path), jobs, key, preview
+        self.panels: dict[tuple[int, int], np.ndarray] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        # after decollation, the job fields (row, col, repeat) stay in the batch items and the
+        # decoded image in the output items
+        outputs, batch = engine.state.output, engine.state.batch
+        if not isinstance(outputs, list):
+            raise ValueError("SampleGridHandler needs a decollated evaluator output (decollate=True)")
+        for item, out in zip(batch, outputs):
+            if int(item["repeat"]) != 0:
+                continue
+            img = torch.as_tensor(out[self.key]).detach().cpu().float().numpy()[0]
+            self.panels[(int(item["row"]), int(item["col"]))] = self._panel(img)
+
+    def _panel(self, img: np.ndarray) -> np.ndarray:
+        slices = central_slices(img)
+        h = max(sl.shape[0] for sl in slices)
+        padded = [np.pad(sl, ((0, h - sl.shape[0]), (0, 2)), constant_values=float(img.min())) for sl in slices]
+        return np.concatenate(padded, axis=1)
+
+    @staticmethod
+    def source_label(src: FactorSource) -> str:
+        """``bank3 (ct_sharp)`` or a reference's name."""
+        return f"{src.name} ({src.domain})" if src.domain else src.name
+
+    def _skipped_panels(self) -> None:
+        """Panels of first-repeat samples skipped in this run (already on disk), read back."""
+        if self.jobs.output_dir is None:
+            return
+        import nibabel as nib
+
+        for i, (r, c, k) in enumerate(self.jobs.jobs):
+            path = Path(self.jobs.output_dir) / sample_files(self.jobs.name(i))[0]
+            if k == 0 and (r, c) not in self.panels and path.is_file():
+                self.panels[(r, c)] = self._panel(np.asarray(nib.load(path).dataobj, dtype=np.float32))
+
+    def _source_panels(self) -> dict[tuple[int, int], np.ndarray]:
+        """Margin panels keyed like the grid: (-1, c) style source c, (r, -1) content source r."""
+        if self.preview is None:
+            return {}
+        keyed = [((-1, c), src) for c, src in enumerate(self.jobs.style_sources)]
+        keyed += [((r, -1), src) for r, src in enumerate(self.jobs.content_sources)]
+        out = {}
+        for key, src in keyed:
+            img = self.preview(src)
+            if img is not None:
+                out[key] = self._panel(img)
+        return out
+
+    def write(self, engine: Engine | None = None) -> Path | None:
+        self._skipped_panels()
+        if not self.panels:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        margins = self._source_panels()
+        off = 1 if self.preview is not None else 0
+        rows, cols = len(self.jobs.content_sources), len(self.jobs.style_sources)
+        panels = {**self.panels, **margins}
+        values = np.concatenate([p.ravel() for p in panels.values()])
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        fig, axes = plt.subplots(rows + off, cols + off, figsize=(3.2 * (cols + off) + 0.6, 1.4 * (rows + off) + 0.6), squeeze=False)
+        for (r, c), panel in panels.items():
+            axes[r + off, c + off].imshow(panel, cmap="gray", vmin=lo, vmax=hi)
+        for r in range(rows + off):
+            for c in range(cols + off):
+                ax = axes[r, c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for side in ax.spines.values():
+                    side.set_visible(r >= off and c >= off)
+        for r, src in enumerate(self.jobs.content_sources):
+            axes[r + off, 0].set_ylabel(f"content\n{self.source_label(src)}", fontsize=7)
+        for c, src in enumerate(self.jobs.style_sources):
+            axes[0, c + off].set_title(f"style {self.source_label(src)}", fontsize=7)
+        if off:
+            axes[0, 0].text(0.5, 0.5, "sources\n(decoded centre\nwindow)", ha="center", va="center", fontsize=7,
+                            transform=axes[0, 0].transAxes)
+        title = "samples: rows = content source, columns = style source"
+        fig.suptitle(title + ("; first row/column: the sources themselves" if off else ""), fontsize=8)
+        fig.tight_layout()
+        with atomic_path(self.path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        logger.info("wrote %s", self.path)
+        return self.path

@@ -1,0 +1,1 @@
+"""The segmentation stage: training, style augmentation, whole-volume latent inference."""

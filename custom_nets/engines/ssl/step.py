@@ -1,0 +1,530 @@
+"""One MeDUET pretraining step: student and EMA teacher passes, the four losses, the update.
+
+    L = L_rec + 0.2 L_dom + 0.5 L_MFTD + 0.3 L_SiQC            (MFTD from ``mftd_start_step`` on)
+
+Per step, every forward pass is computed once and nothing is recomputed beyond the optional
+activation checkpointing:
+- teacher (no gradient): one 2B encoder pass on [clean batch, mixture with mask 1 - M] (the clean
+  factors of the reversed batch are the flipped clean factors), one 2B decoder pass for its style
+  swaps, one 2B plain pass re-encoding them;
+- student: one B pass on the mixture and one 4B decoder pass on the dual streams and the swaps
+  together, through ``student.forward`` (so that a DistributedDataParallel wrapper sees it); then
+  the plain re-encoding of the two reconstructions and the two swaps (4B items), streamed in chunks
+  whose gradients are taken at once (:class:`StreamedReencodeLoss`: same gradients, the activation
+  memory of one chunk). The caller runs one backward per step.
+
+Use from a MONAI ``SupervisedTrainer``: build the step, then pass ``iteration_update=step.iteration_update``
+(``iteration_update(engine, batchdata)`` reads ``batchdata["latent"]`` and ``batchdata["domain_index"]``,
+runs the step and returns the float losses as ``engine.state.output``); put ``step`` itself into
+the CheckpointSaver / CheckpointLoader ``save_dict`` (it has ``state_dict`` / ``load_state_dict``)
+to resume network, teacher, optimizer, scheduler, scaler, step counter and random states.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from custom_nets.engines.common.ema import cosine_momentum, ema_update, make_teacher, unwrap
+from custom_nets.engines.common.schedule import warmup_cosine_scheduler
+from custom_nets.losses.demix import demix_reconstruction_loss
+from custom_nets.losses.domain import domain_loss
+from custom_nets.losses.mftd import mftd_row_targets, mftd_terms
+from custom_nets.losses.siqc import pool_groups, pool_tokens, quadruplet_ids, supcon_row_losses
+
+__all__ = [
+    "MeDUETStepConfig",
+    "MeDUETTrainStep",
+    "param_groups_no_decay",
+    "build_optimizer",
+    "resolve_precision",
+    "cpu_has_native_bf16",
+    "set_malloc_mmap_threshold",
+    "StreamedReencodeLoss",
+    "streamed_reencode_loss",
+]
+
+logger = logging.getLogger(__name__)
+
+NO_DECAY_NAMES = ("cls_token", "mask_token")
+
+
+def param_groups_no_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW parameter groups: with ``weight_decay``, and without it for biases, norm weights
+    (every 1-D parameter) and the cls / mask tokens (the MAE convention).
+
+    Args:
+        model: network (a DDP wrapper is unwrapped).
+        weight_decay: decay of the first group.
+
+    Returns:
+        [{"params": decayed, "weight_decay": wd}, {"params": others, "weight_decay": 0.0}].
+    """
+    decay, no_decay = [], []
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(
+    model: nn.Module, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.01
+) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups_no_decay`; the fused kernel (no full-size temporaries) where
+    every parameter is a floating tensor on the CPU or CUDA."""
+    groups = param_groups_no_decay(model, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def set_malloc_mmap_threshold(threshold_bytes: int) -> bool:
+    """Serve heap allocations of at least ``threshold_bytes`` with mmap (glibc ``M_MMAP_THRESHOLD``).
+
+    PyTorch's CPU tensors come from malloc. glibc raises its mmap threshold up to 32 MB as blocks
+    are freed, after which freed activation memory stays in the process heap in pieces too small
+    to reuse, so resident memory grows well beyond what is allocated. A fixed threshold returns
+    large blocks to the operating system on free (at the price of page faults on reuse). Process
+    wide; a no-op returning False where glibc is not the allocator.
+
+    Args:
+        threshold_bytes: blocks this large or larger are mmapped.
+
+    Returns:
+        True when the setting was applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold_bytes)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX-512 BF16 / AMX) that oneDNN uses."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"fp32", "bf16" or "fp16" for ``device``.
+
+    "auto" picks bf16 on CUDA GPUs and CPUs with native bf16, fp32 on other CPUs. "fp16" (with
+    gradient scaling) is a CUDA option. "bf16" on a CPU without native bf16 runs, much slower than
+    fp32 (emulated matrix products), and warns.
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ValueError("precision 'fp16' (with gradient scaling) needs a CUDA device; use 'bf16' or 'fp32'")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bfloat16 instructions: bf16 autocast will be slower than fp32", stacklevel=2)
+    return precision
+
+
+REENCODE_MODULES = ("encoder", "content_head", "style_head", "style_smooth")
+
+
+class StreamedReencodeLoss(torch.autograd.Function):
+    """Re-encode decoded latents in chunks, taking each chunk's loss gradient at once.
+
+    The student's re-encoding losses are sums over re-encoded items (MFTD per item with fixed
+    normalisers, SiQC per query with teacher keys that carry no gradient), so the gradient of their
+    sum is the sum of per-chunk gradients. The forward pass runs every chunk through the plain
+    encoder and heads (through detached aliases of the parameters, so that DistributedDataParallel's
+    hooks do not fire), back-propagates the chunk's loss to the chunk's input and to the aliases and
+    frees the chunk's activations; the backward pass hands the accumulated gradients to the real
+    inputs. Same gradients as one big graph, with the activation memory of one chunk and no
+    recomputation. ``grad_scale`` scales the inner backward like a GradScaler scales the outer one.
+    """
+
+    @staticmethod
+    def forward(ctx, model, grid, chunk_loss, chunk_items, grad_scale, autocast, names, pred, *params):  # type: ignore[override]
+        aliases = {name: p.detach().requires_grad_(p.requires_grad) for name, p in zip(names, params)}
+        leaves = [a for a in aliases.values() if a.requires_grad]
+        n = pred.shape[0]
+        size = chunk_items if chunk_items > 0 else n
+        grad_pred = torch.zeros(pred.shape, dtype=torch.float32, device=pred.device)
+        total = torch.zeros((), dtype=torch.float32, device=pred.device)
+        parts = None
+        with torch.enable_grad():
+            for start in range(0, n, size):
+                stop = min(start + size, n)
+                leaf = pred[start:stop].detach().requires_grad_()
+                with autocast():
+                    content, style = torch.func.functional_call(model, aliases, (model.unpatchify(leaf, grid),))
+                loss, chunk_parts = chunk_loss(content, style, start, stop)
+                torch.autograd.backward(loss * grad_scale, inputs=[leaf, *leaves])
+                grad_pred[start:stop] = leaf.grad
+                total += loss.detach()
+                parts = chunk_parts.detach() if parts is None else parts + chunk_parts.detach()
+        ctx.grad_pred, ctx.grad_params = grad_pred, [a.grad for a in aliases.values()]
+        ctx.grad_scale, ctx.pred_dtype = grad_scale, pred.dtype
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_parts):  # type: ignore[override]
+        factor = grad_total.float() / ctx.grad_scale
+        grad_pred = ctx.grad_pred.mul_(factor).to(ctx.pred_dtype)
+        grads = [None if g is None else g.mul_(factor) for g in ctx.grad_params]
+        ctx.grad_pred = ctx.grad_params = None  # let autograd take the buffers without copies
+        return (None,) * 7 + (grad_pred, *grads)
+
+
+def streamed_reencode_loss(
+    model: nn.Module,
+    pred: torch.Tensor,
+    grid: tuple[int, int, int],
+    chunk_loss: Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]],
+    chunk_items: int = 2,
+    grad_scale: float = 1.0,
+    autocast: Callable[[], Any] = nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of ``chunk_loss`` over chunks of re-encoded predictions (:class:`StreamedReencodeLoss`).
+
+    Args:
+        model: the (unwrapped) MeDUET network; its encoder and factor heads re-encode.
+        pred: (R, N, p^3 C) decoded latents (rows of the student's graph).
+        grid: token grid.
+        chunk_loss: ``(content (r, N, Dc), style (r, N, Ds), start, stop) -> (loss, parts)`` for
+            rows [start, stop); ``loss`` is this chunk's share of the total (a sum over rows).
+        chunk_items: rows per chunk (0: all at once).
+        grad_scale: loss scale of the surrounding backward (GradScaler), 1 without scaling.
+        autocast: context factory wrapped around the re-encoding.
+
+    Returns:
+        (loss with gradient to ``pred`` and the re-encoding parameters, summed parts without gradient).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if n.split(".")[0] in REENCODE_MODULES]
+    names = [n for n, _ in named]
+    params = [p for _, p in named]
+    return StreamedReencodeLoss.apply(model, grid, chunk_loss, chunk_items, grad_scale, autocast, names, pred, *params)
+
+
+@dataclass
+class MeDUETStepConfig:
+    """Hyper-parameters of :class:`MeDUETTrainStep` (METHOD.md section 3; lengths in iterations).
+
+    Args:
+        total_steps: iterations of the whole run (cosine lr and EMA-momentum schedules).
+        warmup_steps: linear lr warm-up (paper: 50 of 5000 epochs).
+        mftd_start_step: first iteration with MFTD (paper: epoch 1000 of 5000).
+        lr, start_lr, final_lr: peak, warm-up start and final learning rates.
+        betas, weight_decay: AdamW (no decay on biases, norms and tokens).
+        momentum_base, momentum_final: EMA momentum at the start / end (cosine in between).
+        weight_rec, weight_domain, weight_mftd, weight_siqc: loss weights.
+        mftd_content_weight: weight of the MFTD content terms (style terms weigh 1).
+        siqc: compute SiQC.
+        siqc_temperature: SiQC similarity temperature.
+        grad_clip: max gradient norm (<= 0 disables clipping).
+        precision: "auto", "fp32", "bf16" (autocast) or "fp16" (autocast + gradient scaling, CUDA).
+        checkpointing: network parts that recompute activations in backward, a subset of
+            ("mixture", "decoder"); same results, less memory, more time.
+        reencode_chunk: items per chunk of the student's streamed re-encoding (0: all at once);
+            same results, memory of one chunk's activations.
+        seed: seed of the mixing-mask generator (add the rank under DDP for different masks per rank).
+    """
+
+    total_steps: int = 200_000
+    warmup_steps: int = 2_000
+    mftd_start_step: int = 40_000
+    lr: float = 1e-4
+    start_lr: float = 1e-6
+    final_lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    momentum_base: float = 0.997
+    momentum_final: float = 0.9997
+    weight_rec: float = 1.0
+    weight_domain: float = 0.2
+    weight_mftd: float = 0.5
+    weight_siqc: float = 0.3
+    mftd_content_weight: float = 0.5
+    siqc: bool = True
+    siqc_temperature: float = 0.07
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    checkpointing: tuple[str, ...] = field(default_factory=lambda: ("decoder",))
+    reencode_chunk: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps], got {self.warmup_steps}")
+        if self.mftd_start_step < 0:
+            raise ValueError(f"mftd_start_step must be >= 0, got {self.mftd_start_step}")
+        if self.reencode_chunk < 0:
+            raise ValueError(f"reencode_chunk must be >= 0, got {self.reencode_chunk}")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.checkpointing = tuple(self.checkpointing)
+
+
+class MeDUETTrainStep:
+    """Student, EMA teacher, optimizer, lr scheduler and gradient scaler of MeDUET pretraining.
+
+    Args:
+        student: a :class:`~custom_nets.nets.meduet.MeDUET`, possibly wrapped in
+            DistributedDataParallel (wrap it before building the step).
+        config: :class:`MeDUETStepConfig` or a mapping of its fields.
+        teacher: EMA teacher; by default a frozen copy of the student.
+        optimizer: by default :func:`build_optimizer` with the config's lr, betas and decay.
+        device: device of the batches; by default the student's.
+
+    Call ``step(latents (B, C, X, Y, Z), domain_index (B,))`` -> dict of float losses; B must be even
+    (sample i is mixed with B-1-i). Under DDP each rank pairs within its own batch.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        config: MeDUETStepConfig | Mapping[str, Any] | None = None,
+        teacher: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, MeDUETStepConfig) else MeDUETStepConfig(**dict(config or {}))
+        cfg = self.config
+        self.student = student
+        self.model = unwrap(student)
+        self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.model.set_checkpointing(cfg.checkpointing)
+        self.teacher = teacher if teacher is not None else make_teacher(self.model)
+        self.teacher.eval()
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(
+            self.model, cfg.lr, cfg.betas, cfg.weight_decay
+        )
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, cfg.total_steps, cfg.warmup_steps, cfg.start_lr, cfg.final_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.mask_generator = torch.Generator().manual_seed(int(cfg.seed))
+        self.step = 0
+
+    # ---------------------------------------------------------------- pieces
+    def autocast(self):
+        """Autocast context for the configured precision (a no-op for fp32)."""
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @property
+    def mftd_active(self) -> bool:
+        """Whether the current step includes MFTD."""
+        return self.step >= self.config.mftd_start_step
+
+    def draw_mask(self, batch: int, n_tokens: int) -> torch.Tensor:
+        """(B, N) mixing mask from the step's own generator (saved in :meth:`state_dict`)."""
+        return self.model.random_mix_mask(batch, n_tokens, self.mask_generator, self.device)
+
+    def compute_losses(
+        self, latents: torch.Tensor, domain_index: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher and student passes and the weighted loss (no optimizer update).
+
+        The student's re-encoding (MFTD reconstructions and SiQC swaps) runs in chunks of
+        ``config.reencode_chunk`` items whose gradients are taken at once (see
+        :class:`StreamedReencodeLoss`); everything else stays in the autograd graph of the returned
+        loss, on which the caller calls ``backward()`` once.
+
+        Args:
+            latents: (B, C, X, Y, Z) latent crops, B even.
+            domain_index: (B,) domain of each crop.
+            mask: (B, N) mixing mask; drawn from the step's generator when None.
+
+        Returns:
+            (total loss with gradient, dict of detached parts).
+        """
+        cfg = self.config
+        x = latents.to(self.device, non_blocking=True).float()
+        d = domain_index.to(self.device, non_blocking=True).long().view(-1)
+        b = x.shape[0]
+        if b < 2 or b % 2:
+            raise ValueError(f"the batch must hold an even number (>= 2) of crops to pair i <-> B-1-i, got {b}")
+        if d.shape[0] != b:
+            raise ValueError(f"{d.shape[0]} domain indices for {b} crops")
+        grid = self.model.encoder.grid_of(x.shape[2:])
+        if mask is None:
+            mask = self.draw_mask(b, math.prod(grid))
+        mask = mask.to(self.device).float()
+        mftd, siqc = self.mftd_active, cfg.siqc
+        zero = x.new_zeros(())
+        with self.autocast():
+            # teacher first: its activations are freed before the student's pass
+            with record_function("meduet.teacher"):
+                t_out = self.teacher.forward_teacher(x, 1.0 - mask, clean=mftd, swap=siqc) if (mftd or siqc) else {}
+            with record_function("meduet.student"):
+                s_out = self.student(x, mask, swap_styles=siqc)
+        # losses in float32 (outside autocast)
+        l_rec = demix_reconstruction_loss(s_out["pred"], self.model.patchify(x), mask)
+        l_dom, l_dom_c, l_dom_s = domain_loss(s_out["domain_content"], s_out["domain_style"], d)
+        total = cfg.weight_rec * l_rec + cfg.weight_domain * l_dom
+
+        # rows re-encoded by the student: [stream A; stream B] (MFTD), then [x12; x21] (SiQC)
+        rows = ([s_out["pred"]] if mftd else []) + ([s_out["swap_pred"]] if siqc else [])
+        siqc_offset = 2 * b if mftd else 0
+        if mftd:
+            targets_c, targets_s, weights = mftd_row_targets(t_out["content"], t_out["style"], mask)
+        main_c = main_s = zero
+        if siqc:
+            # queries of groups [source 1, source 2] come from the mixture (items 0..2B of the 4B);
+            # keys of all four groups from the teacher
+            keys_c = pool_groups(t_out["content1"], t_out["content2"], t_out["swap_content"])
+            keys_s = pool_groups(t_out["style1"], t_out["style2"], t_out["swap_style"])
+            ids_c, ids_s = quadruplet_ids(b, self.device)
+            first = torch.arange(2 * b, device=self.device)
+            temp = cfg.siqc_temperature
+            main_c = supcon_row_losses(pool_groups(s_out["content1"], s_out["content2"]), keys_c, ids_c, first, temp).sum()
+            main_s = supcon_row_losses(pool_groups(s_out["style1"], s_out["style2"]), keys_s, ids_s, first, temp).sum()
+            total = total + cfg.weight_siqc * (main_c + main_s) / (4 * b)
+
+        def chunk_loss(content: torch.Tensor, style: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Weighted MFTD + SiQC contribution of re-encoded rows [start, stop) and its 4 raw sums."""
+            parts = [zero, zero, zero, zero]  # MFTD content, MFTD style, SiQC content, SiQC style
+            if mftd and start < 2 * b:
+                hi = min(stop, 2 * b)
+                parts[0], parts[1] = mftd_terms(
+                    content[: hi - start], style[: hi - start], targets_c[start:hi], targets_s[start:hi], weights[start:hi]
+                )
+            lo = max(start, siqc_offset)
+            if siqc and lo < stop:
+                q_rows = torch.arange(lo, stop, device=content.device) - siqc_offset + 2 * b
+                sl = slice(lo - start, stop - start)
+                parts[2] = supcon_row_losses(pool_tokens(content[sl]), keys_c, ids_c, q_rows, cfg.siqc_temperature).sum()
+                parts[3] = supcon_row_losses(pool_tokens(style[sl]), keys_s, ids_s, q_rows, cfg.siqc_temperature).sum()
+            loss = cfg.weight_mftd * (cfg.mftd_content_weight * parts[0] + parts[1])
+            loss = loss + cfg.weight_siqc * (parts[2] + parts[3]) / (4 * b)
+            return loss, torch.stack(parts)
+
+        streamed = torch.zeros(4, device=self.device)
+        if rows:
+            grad_scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+            with record_function("meduet.reencode"):  # forward and backward of the re-encoding chunks
+                loss_rows, streamed = streamed_reencode_loss(
+                    self.model, torch.cat(rows), grid, chunk_loss, cfg.reencode_chunk, grad_scale, self.autocast
+                )
+            total = total + loss_rows
+        l_mftd_c, l_mftd_s = streamed[0], streamed[1]
+        l_mftd = cfg.mftd_content_weight * l_mftd_c + l_mftd_s
+        l_siqc_c = (main_c.detach() + streamed[2]) / (4 * b)
+        l_siqc_s = (main_s.detach() + streamed[3]) / (4 * b)
+        parts = {
+            "loss": total, "rec": l_rec, "domain": l_dom, "domain_content": l_dom_c, "domain_style": l_dom_s,
+            "mftd": l_mftd, "mftd_content": l_mftd_c, "mftd_style": l_mftd_s,
+            "siqc": l_siqc_c + l_siqc_s, "siqc_content": l_siqc_c, "siqc_style": l_siqc_s,
+        }
+        return total, {k: v.detach().float() for k, v in parts.items()}
+
+    # ---------------------------------------------------------------- the step
+    def __call__(
+        self, latents: torch.Tensor, domain_index: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """One training step: losses, one backward, clipping, optimizer, lr schedule, EMA update.
+
+        Args:
+            latents: (B, C, X, Y, Z) latent crops, B even.
+            domain_index: (B,) domain of each crop.
+            mask: optional (B, N) mixing mask (drawn from the step's generator when None).
+
+        Returns:
+            Float losses ("loss", "rec", "domain", "mftd", "siqc" and their parts), "lr",
+            "momentum", "grad_norm", "step" (the step just done, 0-based).
+        """
+        cfg = self.config
+        self.student.train()
+        self.teacher.eval()
+        lr = self.optimizer.param_groups[0]["lr"]
+        total, parts = self.compute_losses(latents, domain_index, mask)
+        values = torch.stack(list(parts.values())).float().tolist()  # one synchronisation
+        if not math.isfinite(values[0]):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in zip(parts, values)
+            ))
+        with record_function("meduet.backward"):
+            self.scaler.scale(total).backward()
+        del total
+        with record_function("meduet.optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        momentum = cosine_momentum(self.step, cfg.total_steps, cfg.momentum_base, cfg.momentum_final)
+        with record_function("meduet.ema"):
+            ema_update(self.teacher, self.model, momentum)
+        out = dict(zip(parts, values))
+        out.update(lr=float(lr), momentum=float(momentum), grad_norm=float(grad_norm), step=float(self.step))
+        self.step += 1
+        return out
+
+    def iteration_update(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, float]:
+        """MONAI ``SupervisedTrainer(iteration_update=...)`` hook: one step on ``batchdata["latent"]``
+        and ``batchdata["domain_index"]``; the returned losses become ``engine.state.output``."""
+        return self(batchdata["latent"], batchdata["domain_index"])
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: networks, optimizer, scheduler, scaler, step, random states."""
+        rng = {"torch": torch.get_rng_state(), "mask_generator": self.mask_generator.get_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "network": self.model.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "rng": rng,
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (strict for the networks)."""
+        self.model.load_state_dict(state["network"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"].cpu())
+        if "mask_generator" in rng:
+            self.mask_generator.set_state(rng["mask_generator"].cpu())
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        saved = state.get("config")
+        if saved is not None and dict(saved) != asdict(self.config):
+            logger.info("resuming with a changed step configuration: %s -> %s", saved, asdict(self.config))

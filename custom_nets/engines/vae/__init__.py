@@ -1,0 +1,1 @@
+"""The VAE stage: training step, exporter, latent cache encoding and decoding."""

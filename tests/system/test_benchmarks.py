@@ -1,0 +1,60 @@
+"""The benchmark runner behind ``make bench``: it runs a benchmark script and writes its REPORT.md section."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import run_all  # noqa: E402
+from report_tools import write_report  # noqa: E402
+
+
+def test_list_names_every_suite(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_all.main(["--list", "--experiments"]) == 0
+    listed = {line.split(":", 1)[0] for line in capsys.readouterr().out.splitlines()}
+    assert listed == {s.name for s in run_all.suites(cuda=False, outdir=ROOT / "outputs" / "bench")}
+
+
+def test_unknown_suite_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "no_such_suite", "--list"])
+
+
+def test_ssl_step_run_becomes_a_report_section(tmp_path: Path) -> None:
+    """A real (demo-size) ssl_step run: the JSON it prints is parsed and rendered as the section table."""
+    run = run_all.Run("project fp32", ["benchmarks/ssl_step.py", "--size", "demo", "--crop", "16", "--steps", "1",
+                                       "--warmup", "0", "--threads", "1"], {"OMP_NUM_THREADS": "1"})
+    run_all.execute(run, tmp_path / "bench.log")
+    assert run.result is not None and run.result["step_s_median"] > 0
+    report = tmp_path / "REPORT.md"
+    report.write_text("# Benchmarks\n\n## Latent cache\n\nkept\n")
+    write_report(report, run_all.ssl_section([run]))
+    text = report.read_text()
+    assert "## Latent cache\n\nkept" in text
+    assert "## SSL pretraining step (meduet_ssl)" in text
+    assert f"| project fp32 | fp32 | cpu | {run.result['step_s_median']:.2f} |" in text
+
+
+def test_failed_benchmark_stops_the_run(tmp_path: Path) -> None:
+    run = run_all.Run("broken", ["benchmarks/ssl_step.py", "--batch", "3"])
+    with pytest.raises(SystemExit, match="broken failed"):
+        run_all.execute(run, tmp_path / "bench.log")
+
+
+def test_run_logged_appends_each_run_under_its_header(tmp_path: Path) -> None:
+    import sys
+
+    from custom_nets.utils.proc import run_logged
+
+    log = tmp_path / "logs" / "runs.log"
+    ok = run_logged([sys.executable, "-c", "print('first line'); print('last line')"], log, "ok run")
+    bad = run_logged([sys.executable, "-c", "import sys; print('partial'); sys.exit(3)"], log, "bad run")
+    assert ok.returncode == 0 and ok.output.splitlines() == ["first line", "last line"] and ok.tail(1) == "last line"
+    assert bad.returncode == 3 and bad.output.strip() == "partial"
+    text = log.read_text()
+    assert text.index("===== ok run") < text.index("last line") < text.index("===== bad run") < text.index("partial")
