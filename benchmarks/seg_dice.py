@@ -208,7 +208,7 @@ def run_overlay(out: Path, name: str, seed: int, steps: int) -> tuple[Path, Path
         "datalist": str((out / "phantoms" / f"labelled_L{n}.json").resolve()),
         "vae_ckpt": str((out / "vae" / "model.pt").resolve()),
         "ssl_ckpt": str(ssl_ckpt.resolve()) if ssl_init else "none",
-        "encoder_args": enc,  # random runs get the same architecture as the pretrained one
+        "network_args#encoder": enc,  # random runs get the same architecture as the pretrained one
         "style_aug": style, "refine_channels": refine, "seed": seed,
         "max_epochs": epochs, "warmup_epochs": max(1, epochs // 10),
         "val_interval": epochs + 1,  # no validation: final weights, no model selection

@@ -169,7 +169,7 @@ def demo_stages(out: Path, rel, domains: Sequence[str] = GRID_CONTENT + GRID_STY
                                        style_sources=json.dumps(grid_sources(domains, GRID_STYLE)))),
         Stage("seg train", bundle_cmd("meduet_seg", ["train.json", "demo.json"], datalist=out / "phantoms/datalist.json",
                                       output_dir=out / "seg", max_epochs=32, val_interval=8)),
-        # the README's main command, typed as a user would (defaults read outputs/demo/sample_images)
+        # the README's main command, typed as a user would (the demo passes its own image folder)
         Stage("seg inference", [sys.executable, "-m", "monai.bundle", "run", "--config_file",
                                 "bundles/meduet_seg/configs/inference.json", "--dataset_dir", rel(out / "sample_images"),
                                 "--output_dir", rel(out / "seg_inference")]),

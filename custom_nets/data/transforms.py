@@ -9,7 +9,7 @@ so ``monai.transforms.Invertd`` maps predictions back onto the original image gr
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -185,6 +185,7 @@ def preprocess_transforms(
     max_size: int | Sequence[int] = (512, 512, 768),
     min_size: int | Sequence[int] = 96,
     divisor: int = 4,
+    then: Sequence[Callable] | Compose | None = None,
 ) -> Compose:
     """The paper's whole-volume preprocessing as a MONAI ``Compose`` of dictionary transforms.
 
@@ -202,6 +203,8 @@ def preprocess_transforms(
         max_size: largest output size per axis (centre crop).
         min_size: smallest output size per axis (zero padding, i.e. the bottom of the 0..1 range).
         divisor: every output size is padded to a multiple of this.
+        then: transforms appended after the preprocessing (a list or a ``Compose``), e.g. a
+            config's ``@train#augmentation``; what follows sees the preprocessed item.
 
     Returns:
         Compose mapping {key: path, ...} to {key: MetaTensor float32 (C, X, Y, Z) in [0, 1], ...}.
@@ -231,6 +234,8 @@ def preprocess_transforms(
         DivisiblePadd(all_keys, k=divisor),
         EnsureTyped(image_keys, dtype=torch.float32, track_meta=True),
     ]
+    if then is not None:
+        transforms += list(then.transforms if isinstance(then, Compose) else then)
     return PreprocessCompose(transforms)
 
 

@@ -531,6 +531,22 @@ _SIZES = {
 }
 
 
+# the bundle's ``model_size`` id: "paper" is SiT/DiT-B, "demo" a 2-block network for CPU demos and tests
+_BUNDLE_SIZES = {"paper": _SIZES["B"], "demo": dict(hidden_size=48, depth=2, num_heads=4)}
+
+
+def ldm_size_config(size: str = "paper") -> dict:
+    """Width, depth and heads of :class:`LatentDiT` for a bundle ``model_size`` ("paper", "demo", "S", "B", "L").
+
+    Returns:
+        A fresh dict with ``hidden_size``, ``depth`` and ``num_heads``.
+    """
+    table = {**_BUNDLE_SIZES, **_SIZES}
+    if size not in table:
+        raise ValueError(f"unknown generator size {size!r}; expected one of {sorted(table)}")
+    return dict(table[size])
+
+
 def ldm_config(name: str = "SiT-B/4") -> dict:
     """Constructor arguments of :class:`LatentDiT` for a model name such as ``"DiT-B/4"``."""
     try:

@@ -50,13 +50,13 @@ CHECKPOINT_PARTS = ("mixture", "decoder")
 # --------------------------------------------------------------------------------------------
 
 
-def meduet_config(size: str = "B") -> dict[str, Any]:
+def meduet_config(size: str = "paper") -> dict[str, Any]:
     """Constructor arguments of :class:`MeDUET` for named sizes.
 
-    "B" is the paper's network (ViT-B encoder on 4 x 24^3 latents, decoder 8 x 384, about 105 M
+    "paper" (also "B") is the paper's network (ViT-B encoder on 4 x 24^3 latents, decoder 8 x 384, about 105 M
     parameters); "demo" is a tiny network with the same structure for CPU demos and tests.
     """
-    if size == "B":
+    if size in ("paper", "B"):
         encoder = dict(vit_encoder_config("B"), grid=[6, 6, 6])
         return dict(
             encoder=encoder, style_ratio=0.25, decoder_embed_dim=384, decoder_depth=8, decoder_num_heads=12,
@@ -68,7 +68,7 @@ def meduet_config(size: str = "B") -> dict[str, Any]:
             encoder=encoder, style_ratio=0.25, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=4,
             decoder_mlp_ratio=4.0, n_domains=10, mix_ratio=0.5, grl_lambda=1.0, style_kernel=3,
         )
-    raise ValueError(f"unknown MeDUET size {size!r}; expected 'B' or 'demo'")
+    raise ValueError(f"unknown MeDUET size {size!r}; expected 'paper' (or 'B') or 'demo'")
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,15 +39,14 @@ def _overrides(name: str, world: dict[str, Path], out: Path) -> dict[str, str]:
     are expressions and arrive as numbers). Demo sizes keep the instantiated networks small."""
     common = {"bundle_root": str(world["root"] / name), "output_dir": str(out), "ckpt_dir": str(out / "ckpt")}
     return common | {
-        "meduet_vae": {"dataset_dir": str(world["phantoms"]), "vae_size": "demo", "min_size": "$32",
+        "meduet_vae": {"dataset_dir": str(world["phantoms"]), "model_size": "demo", "min_size": "$32",
                        "num_workers": "$0"},
         "meduet_ssl": {"latent_datalist": str(world["latent_datalist"]), "model_size": "demo"},
         "meduet_seg": {"dataset_dir": str(world["phantoms"]), "vae_ckpt": str(world["vae_ckpt"]),
                        "ssl_ckpt": str(world["ssl_ckpt"]), "num_workers": "$0"},
         "meduet_ldm": {"latent_datalist": str(world["latent_datalist"]), "factor_bank": str(world["factor_bank"]),
                        "ssl_ckpt": str(world["ssl_ckpt"]), "vae_ckpt": str(world["vae_ckpt"]),
-                       "model_path": str(world["ldm_model"]), "hidden_size": "$48", "depth": "$2",
-                       "num_heads": "$4", "latent_crop": "$[16, 16, 8]"},
+                       "model_path": str(world["ldm_model"]), "model_size": "demo", "latent_crop": "$[16, 16, 8]"},
     }[name]
 
 

@@ -75,7 +75,8 @@ def trained(upstream) -> Path:
     proc = run_bundle(
         [CONFIGS / "train.json", CONFIGS / "demo.json"],
         {"bundle_root": BUNDLE, "latent_datalist": upstream["latent_datalist"], "factor_bank": upstream["factor_bank"],
-         "ssl_ckpt": upstream["ssl_ckpt"], "output_dir": out, "ckpt_dir": out / "models", "max_steps": 8,
+         "ssl_ckpt": upstream["ssl_ckpt"], "output_dir": out, "ckpt_dir": out / "models" / "checkpoints",
+         "model_path": out / "models" / "model.pt", "max_steps": 8,
          "steps_per_epoch": 4, "val_interval": 1},
     )
     assert "initialised" in proc.stdout + proc.stderr  # the MeDUET initialisation was logged
@@ -92,7 +93,7 @@ def test_demo_training_exports_the_ema_generator(upstream, trained):
     assert meta["ema_updates"] == 8
     sd = torch.load(trained, weights_only=True)
     assert "blocks.0.adaLN_content.1.weight" in sd
-    assert (trained.parent / "train_state_final.pt").is_file()  # resumable state
+    assert (trained.parent / "checkpoints" / "train_state_final.pt").is_file()  # resumable state
     events = list((trained.parent.parent / "tensorboard").glob("events.out.tfevents.*"))
     assert events
     from custom_nets.utils.report import read_scalars
@@ -129,7 +130,7 @@ def test_check_bundles(upstream, trained, shared_dir, tmp_path, repo_root):
         "ckpt_dir": tmp_path / "ckpt", "output_dir": tmp_path / "out",
         # train.json alone builds the paper-scale generator; the demo sizes ("$" values are expressions,
         # so they arrive as numbers) keep the check quick and fit the demo MeDUET checkpoint
-        "hidden_size": "$48", "depth": "$2", "num_heads": "$4", "latent_crop": "$[16, 16, 8]",
+        "model_size": "demo", "latent_crop": "$[16, 16, 8]",
     }
     cmd = [sys.executable, str(shared_dir / "tools" / "check_bundles.py"), str(BUNDLE)]
     for k, v in sets.items():

@@ -65,7 +65,7 @@ def _train(cache: dict, out: Path, **overrides: object):
     return run_bundle(
         [CONFIGS / "train.json", CONFIGS / "demo.json"],
         {"bundle_root": BUNDLE, "latent_datalist": cache["latent_datalist"], "output_dir": out,
-         "model_path": out / "models" / "model.pt", "val_interval": 1, "save_interval": 1, **overrides},
+         "ckpt_dir": out / "checkpoints", "model_path": out / "models" / "model.pt", "val_interval": 1, "save_interval": 1, **overrides},
     )
 
 
@@ -169,7 +169,8 @@ def test_torchrun_with_the_multi_gpu_overlay_trains_on_cpu(cache, tmp_path):
     files = [str(CONFIGS / c) for c in ("train.json", "multi_gpu_train.json", "demo.json")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "monai.bundle",
            "run", "--config_file", str(files), "--bundle_root", str(BUNDLE), "--latent_datalist", str(cache["latent_datalist"]),
-           "--output_dir", str(out), "--model_path", str(out / "models" / "model.pt"), "--max_epochs", "2",
+           "--output_dir", str(out), "--ckpt_dir", str(out / "checkpoints"), "--model_path", str(out / "models" / "model.pt"),
+           "--max_epochs", "2",
            "--batch_size", "2", "--val_interval", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

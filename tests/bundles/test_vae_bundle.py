@@ -145,7 +145,7 @@ def test_decode_writes_nifti_on_both_grids(run: dict, repo_root: Path) -> None:
 def test_bundle_passes_the_ecosystem_checks(run: dict, repo_root: Path, shared_dir: Path) -> None:
     # --set passes strings: only path/name ids here (the train config's datasets are instantiated)
     cmd = [sys.executable, str(shared_dir / "tools" / "check_bundles.py"), BUNDLE,
-           "--set", f"dataset_dir={run['data']}", "--set", "vae_size=demo"]
+           "--set", f"dataset_dir={run['data']}", "--set", "model_size=demo"]
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 bundle(s) checked, 0 problem(s)" in proc.stdout

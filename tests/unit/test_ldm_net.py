@@ -8,6 +8,7 @@ import torch
 from custom_nets.nets.latent_dit import (
     LDM_MODELS,
     LatentDiT,
+    ldm_size_config,
     init_from_meduet,
     interpolate_pos_embed,
     ldm_config,
@@ -199,5 +200,10 @@ def test_size_factories():
     assert set(LDM_MODELS) == {f"{f}-{s}/4" for f in ("DiT", "SiT") for s in "SBL"}
     with pytest.raises(ValueError, match="unknown generator"):
         ldm_config("DiT-XL/2")
+    # the bundles' model_size id: "paper" is the B network, "demo" the tiny one of configs/demo.json
+    assert ldm_size_config("paper") == dict(hidden_size=768, depth=12, num_heads=12) == ldm_size_config("B")
+    assert ldm_size_config("demo") == dict(hidden_size=48, depth=2, num_heads=4)
+    with pytest.raises(ValueError, match="unknown generator size"):
+        ldm_size_config("XL")
     net = LDM_MODELS["SiT-S/4"](depth=1, input_size=(8, 8, 8), content_dim=8, style_dim=2)
     assert net.hidden_size == 384 and len(net.blocks) == 1 and net.network_args["hidden_size"] == 384

@@ -78,6 +78,22 @@ def test_geometry_spacing_min_size_and_divisor(tmp_path: Path) -> None:
     assert float(img[0, 0].max()) == 0.0 and float(img[0, 48].max()) > 0.0
 
 
+def test_then_appends_transforms_after_the_preprocessing(tmp_path: Path) -> None:
+    """``then=`` (a config's ``@train#augmentation``) runs on the preprocessed item, list or Compose alike."""
+    from monai.transforms import CenterSpatialCropd
+
+    image, _ = body()
+    data = {"image": write_nifti(tmp_path / "im.nii.gz", image)}
+    plain = preprocess_transforms()
+    crop = [CenterSpatialCropd(keys=["image"], roi_size=[32, 32, 32])]
+    for then in (crop, Compose(crop)):
+        chained = preprocess_transforms(then=then)
+        assert len(chained.transforms) == len(plain.transforms) + 1
+        out = chained(data)["image"]
+        assert tuple(out.shape[1:]) == (32, 32, 32)
+        torch.testing.assert_close(out, CenterSpatialCropd(keys=["image"], roi_size=[32, 32, 32])(plain(data))["image"])
+
+
 def test_crop_foreground_max_size_and_divisibility(tmp_path: Path) -> None:
     image = np.full((40, 30, 20), -1000.0, dtype=np.float32)
     image[5:26, 4:17, 3:12] = 100.0  # 21 x 13 x 9 voxels of 1.5 mm

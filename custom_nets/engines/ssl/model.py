@@ -45,11 +45,11 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def meduet_network_args(size: str = "B", n_domains: int = 10, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def meduet_network_args(size: str = "paper", n_domains: int = 10, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """MeDUET constructor arguments: a named size, the number of domains, then ``overrides``.
 
     Args:
-        size: ``"B"`` (paper) or ``"demo"`` (:func:`~custom_nets.nets.meduet.meduet_config`).
+        size: ``"paper"`` (ViT-B; ``"B"`` is the same) or ``"demo"`` (:func:`~custom_nets.nets.meduet.meduet_config`).
         n_domains: domains of the latent datalist (size of the domain classifiers).
         overrides: arguments to change, nested for the encoder (``{"encoder": {"depth": 6}}``).
 
@@ -67,7 +67,7 @@ def build_meduet(args: Mapping[str, Any]) -> MeDUET:
     return net
 
 
-def network_args_for_inference(ssl_ckpt: str | Path, size: str = "B") -> dict[str, Any]:
+def network_args_for_inference(ssl_ckpt: str | Path, size: str = "paper") -> dict[str, Any]:
     """The arguments recorded beside ``ssl_ckpt`` (so that inference builds exactly the trained
     network); when the checkpoint is not there yet, those of ``size`` (the weights are loaded, and
     a missing checkpoint reported, when the bundle runs)."""
