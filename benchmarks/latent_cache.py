@@ -2,7 +2,7 @@
 
 Writes ``--volumes`` synthetic latents of shape 4 x X x Y x Z (default 20 of 4 x 128 x 128 x 96, the
 latent of a 512 x 512 x 384 voxel CT at 1.5 mm) in both formats, then streams random crops through
-the training path (:class:`custom_nets.data.latent_cache.LatentCropDataset` with flips and rotations,
+the training path (:class:`custom_nets.data.latent_datasets.LatentCropDataset` with flips and rotations,
 a torch DataLoader with ``--workers`` worker processes) and, for NIfTI, the same crops read with
 nibabel's array proxy (which has to decompress the gzip stream up to the crop). Results go to the
 "## Latent cache" section of benchmarks/REPORT.md.
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from custom_nets.data.latent_cache import LatentCropDataset, augment_latent, write_latent
+from custom_nets.data.latent_cache import write_latent
+from custom_nets.data.latent_datasets import LatentCropDataset, augment_latent
 from report_tools import machine, write_report  # noqa: E402  (same folder)
 
 ROOT = Path(__file__).resolve().parents[1]

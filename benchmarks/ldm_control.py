@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from custom_nets.engines.ldm.train import load_factor_bank, scheduler_from_args
+    from custom_nets.engines.ldm.train import scheduler_from_args
+    from custom_nets.engines.ssl.factor_bank import FactorBank
     from custom_nets.engines.ldm.sample import FactorExtractor, default_rows, sample_latents
     from custom_nets.nets.latent_dit import LatentDiT
     from custom_nets.utils.checkpoint import load_stage_checkpoint, read_stage_meta
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     net = LatentDiT(**read_stage_meta(args.model, "meduet_ldm")["network"])
     meta = load_stage_checkpoint(net, args.model, "meduet_ldm")
     net.eval()
-    bank = load_factor_bank(args.factor_bank)
+    bank = FactorBank.load(args.factor_bank)
     extractor = FactorExtractor(args.ssl_ckpt, expect_ssl_sha256=meta.get("factor_ssl_sha256"),
                                 patch_size=bank.meta.get("patch_size", 24), overlap=bank.meta.get("overlap", 0.25))
     scheduler = scheduler_from_args(meta["scheduler"])

@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from custom_nets.data.transforms import preprocess_transforms
-    from custom_nets.engines.vae.encode import save_nifti, to_intensity
+    from custom_nets.engines.vae.encode import to_intensity
+    from custom_nets.utils.io import save_nifti
     from custom_nets.nets.vae import decode_latent, encode_volume, load_vae, maisi_vae, network_args, parameter_count
 
     mach = machine()

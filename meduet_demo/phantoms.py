@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from custom_nets.utils.io import atomic_path, write_json
+from custom_nets.utils.io import save_nifti, write_json
 
 __all__ = [
     "PHANTOM_LABELS",
@@ -553,17 +553,6 @@ def content_seed_for_subject(seed: int, subject: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(subject)]).generate_state(1)[0])
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-
-
 def _image_for_disk(image: np.ndarray, style: DomainStyle) -> np.ndarray:
     # CT is stored as integer HU like scanners write it; MR stays float.
     if style.modality == "CT":
@@ -626,13 +615,13 @@ def write_phantom_collection(
         label = make_anatomy(content_seed, shape)
         affine = phantom_affine(shape, spacing)
         label_rel = f"labels/{content_id}.nii.gz"
-        _save_nifti(label.astype(np.uint8), affine, out_dir / label_rel)
+        save_nifti(out_dir / label_rel, label.astype(np.uint8), affine, dtype=None)
         chosen = style_objs if all_styles else [style_objs[i % len(style_objs)]]
         split = "training" if i < n_train else ("validation" if i < n_train + n_val else "testing")
         for style in chosen:
             ph = make_phantom(content_seed, style.name, shape, spacing, label_map=label)
             image_rel = f"images/{content_id}_{style.name}.nii.gz"
-            _save_nifti(_image_for_disk(ph.image, style), affine, out_dir / image_rel)
+            save_nifti(out_dir / image_rel, _image_for_disk(ph.image, style), affine, dtype=None)
             datalist[split].append(
                 {
                     "image": image_rel,

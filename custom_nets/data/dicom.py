@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from custom_nets.utils.errors import InputError
-from custom_nets.utils.io import atomic_path, write_json
+from custom_nets.utils.io import save_nifti, write_json
 
 # Relative tolerance on slice spacing (positions are stored as decimal strings, often rounded).
 SPACING_RTOL = 0.01
@@ -242,8 +242,6 @@ def convert_series(series: DicomSeries, out_path: str | Path) -> Path:
     Returns:
         ``out_path``.
     """
-    import nibabel as nib
-
     out_path = Path(out_path)
     sidecar = out_path.with_name(out_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
     record = {
@@ -261,11 +259,6 @@ def convert_series(series: DicomSeries, out_path: str | Path) -> Path:
             pass  # unreadable sidecar: convert again
 
     volume = read_series_volume(series)
-    image = nib.Nifti1Image(volume, series.affine)
-    image.set_qform(series.affine, code=1)  # scanner coordinates
-    image.set_sform(series.affine, code=1)
-    image.header.set_xyzt_units("mm")
-    with atomic_path(out_path) as tmp:
-        nib.save(image, str(tmp))
+    save_nifti(out_path, volume, series.affine, dtype=None)  # scanner coordinates
     write_json(sidecar, record)
     return out_path

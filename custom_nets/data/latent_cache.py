@@ -12,13 +12,11 @@ the bytes it needs (a gzipped NIfTI would have to be decompressed whole). The la
             "affine": 4x4 of the preprocessed (1.5 mm) grid, "latent_affine": 4x4, "shape": [C, X, Y, Z]}
 
 Written by meduet_vae inference (:mod:`custom_nets.engines.vae.encode`); read by meduet_ssl and
-meduet_ldm through :func:`load_latent_datalist` and :class:`LatentCropDataset`.
+meduet_ldm through :func:`load_latent_datalist` and the datasets of :mod:`custom_nets.data.latent_datasets`.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,12 +71,6 @@ def open_latent(path: str | Path) -> np.ndarray:
     if arr.ndim != 4 or arr.dtype != LATENT_DTYPE:
         raise InputError(path, f"expected a (C, X, Y, Z) float16 array, got {arr.dtype} {arr.shape}")
     return arr
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_open(path: str) -> np.ndarray:
-    # per process (each DataLoader worker has its own); bounded so that open mappings stay few
-    return open_latent(path)
 
 
 def _check_item(item: Any, i: int, key: str, root: Path, domains: Sequence[str], src: Path) -> list[InputError]:
@@ -181,125 +173,3 @@ def check_cache_matches_vae(latent_datalist: str | Path, vae_ckpt: str | Path) -
 
     meta = read_stage_meta(vae_ckpt, "meduet_vae")
     return load_latent_datalist(latent_datalist, vae_sha256=meta["sha256"], latent_channels=meta.get("latent_channels"))
-
-
-def _randint(high: int, rng: np.random.Generator | torch.Generator | None) -> int:
-    """A random integer in [0, high) from a numpy or torch generator (torch's global one if None)."""
-    if isinstance(rng, np.random.Generator):
-        return int(rng.integers(0, high))
-    return int(torch.randint(0, high, (1,), generator=rng))
-
-
-def _crop_view(arr: np.ndarray, crop: int, rng: np.random.Generator | torch.Generator | None) -> np.ndarray:
-    """The window of a random crop: a view of ``arr`` (nothing read yet), or an edge-padded copy
-    when an axis is shorter than ``crop``."""
-    starts = [_randint(max(n - crop, 0) + 1, rng) for n in arr.shape[1:]]
-    window = arr[(slice(None), *[slice(s, s + crop) for s in starts])]
-    pad = [(0, 0)] + [(0, crop - n) for n in window.shape[1:]]
-    if any(p[1] for p in pad):
-        # replicate the border (usually background) rather than invent a value the VAE never produced
-        window = np.pad(np.array(window), pad, mode="edge")
-    return window
-
-
-def random_crop(arr: np.ndarray, crop: int, generator: np.random.Generator | torch.Generator | None = None
-                ) -> np.ndarray:
-    """A random ``crop``^3 window of a ``(C, X, Y, Z)`` array as float32; axes shorter than ``crop`` are edge-padded.
-
-    Only the window is read from a memory-mapped array.
-
-    Args:
-        arr: e.g. :func:`open_latent`.
-        crop: window edge.
-        generator: numpy or torch generator for the position (torch's global generator if None).
-    """
-    window = np.array(_crop_view(arr, crop, generator))  # float16 copy; torch converts faster than numpy
-    return torch.from_numpy(window).float().numpy()
-
-
-def _augmentation(flip_prob: float, rot90_prob: float, rng: np.random.Generator) -> tuple[list[int], tuple | None]:
-    """Draw the flips (spatial axes 1-3) and the rotation ``(k, plane)`` of one sample."""
-    draws = rng.random(4)
-    flips = [ax for ax, u in zip((1, 2, 3), draws[:3]) if u < flip_prob]
-    rot = None
-    if draws[3] < rot90_prob:
-        rot = (int(rng.integers(1, 4)), ((1, 2), (1, 3), (2, 3))[int(rng.integers(0, 3))])
-    return flips, rot
-
-
-def augment_latent(x: torch.Tensor, flip_prob: float, rot90_prob: float, rng: np.random.Generator | None = None
-                   ) -> torch.Tensor:
-    """Random flips (each spatial axis with ``flip_prob``) and a 90-degree rotation (``rot90_prob``,
-    in a random plane, 1-3 quarter turns) of a cubic ``(C, X, Y, Z)`` latent crop."""
-    flips, rot = _augmentation(flip_prob, rot90_prob, rng if rng is not None else np.random.default_rng())
-    if flips:
-        x = torch.flip(x, flips)
-    if rot is not None:
-        x = torch.rot90(x, rot[0], rot[1])
-    return x.contiguous()
-
-
-def augment_view(a: np.ndarray, flip_prob: float, rot90_prob: float, rng: np.random.Generator) -> np.ndarray:
-    """:func:`augment_latent` on a numpy array as views only (no copy; the caller copies once)."""
-    flips, rot = _augmentation(flip_prob, rot90_prob, rng)
-    if flips:
-        a = np.flip(a, flips)
-    if rot is not None:
-        a = np.rot90(a, rot[0], rot[1])
-    return a
-
-
-class LatentCropDataset(torch.utils.data.Dataset):
-    """Random latent crops (24^3 = 96^3 voxels at 1.5 mm) with flips and 90-degree rotations.
-
-    Each ``__getitem__`` memory-maps the item's ``.npy`` (cached per process) and reads one crop.
-
-    Args:
-        items: latent datalist items with absolute ``latent`` paths (from :func:`load_latent_datalist`).
-        crop: crop edge in latent voxels.
-        flip_prob: probability of flipping each spatial axis.
-        rot90_prob: probability of a 90-degree rotation in a random plane.
-        samples_per_epoch: dataset length (defaults to the number of items; crops are random anyway).
-
-    Returns (per item):
-        ``{"latent": float32 tensor (C, crop, crop, crop), "domain_index": int}``.
-    """
-
-    def __init__(
-        self,
-        items: Sequence[Mapping[str, Any]],
-        crop: int = 24,
-        flip_prob: float = 0.2,
-        rot90_prob: float = 0.2,
-        samples_per_epoch: int | None = None,
-    ) -> None:
-        if not items:
-            raise ValueError("LatentCropDataset needs at least one latent item")
-        if crop < 1:
-            raise ValueError(f"crop must be positive, got {crop}")
-        self.items = [dict(it) for it in items]
-        self.crop, self.flip_prob, self.rot90_prob = int(crop), float(flip_prob), float(rot90_prob)
-        self.length = int(samples_per_epoch or len(self.items))
-        self._rng: np.random.Generator | None = None
-        self._rng_key: tuple[int, int] | None = None
-
-    def __len__(self) -> int:
-        return self.length
-
-    def _generator(self) -> np.random.Generator:
-        # torch seeds every DataLoader worker differently (and reproducibly, from the main process'
-        # seed); a numpy generator derived from that seed is much cheaper per draw than torch's
-        key = (os.getpid(), torch.initial_seed())
-        if self._rng_key != key:
-            self._rng, self._rng_key = np.random.default_rng(key[1]), key
-        return self._rng
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index % len(self.items)]
-        rng = self._generator()
-        # crop and augmentation are views of the memory map: one strided float16 copy reads the
-        # crop, torch converts it to float32
-        view = augment_view(_crop_view(_cached_open(str(item["latent"])), self.crop, rng), self.flip_prob,
-                            self.rot90_prob, rng)
-        x = torch.from_numpy(np.ascontiguousarray(view)).float()
-        return {"latent": x, "domain_index": int(item["domain_index"])}

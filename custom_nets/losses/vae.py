@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from custom_nets.utils.errors import InputError
+from custom_nets.utils.values import as_path
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,7 @@ def build_perceptual_loss(
     Raises:
         InputError: ``weights_dir`` does not exist or the network cannot be built from it.
     """
-    if weights_dir is None or str(weights_dir).strip().lower() in ("", "none", "null"):
+    if as_path(weights_dir) is None:
         return None
     path = Path(weights_dir)
     if not path.is_dir():

@@ -47,6 +47,9 @@ from custom_nets.utils.checkpoint import (
     read_stage_meta,
 )
 from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.io import jsonable
+from custom_nets.utils.parallel import unwrap
+from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +74,6 @@ def _vae_downsampling(vae: nn.Module) -> int:
 
     n_down = sum(isinstance(m, MaisiDownsample) for m in vae.encoder.modules())
     return 2**n_down
-
-
-def _jsonable(x: Any) -> Any:
-    """Tuples -> lists, recursively (constructor arguments as JSON records them)."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def _as_triple(size: int | Sequence[int], name: str) -> tuple[int, int, int]:
@@ -246,9 +240,9 @@ class LatentSegmenter(LatentViTBackbone):
         self.skip_layers = skip_layers
         # what model.json records, so that a trained checkpoint rebuilds its own network
         self.network_args: dict[str, Any] = {
-            "vae": _jsonable(vae), "encoder": _jsonable({k: v for k, v in encoder.items() if k != "grid"}),
+            "vae": jsonable(vae), "encoder": jsonable({k: v for k, v in encoder.items() if k != "grid"}),
             "num_classes": self.num_classes, "roi_size": list(self.roi_size), "feature_size": int(feature_size),
-            "skip_layers": list(skip_layers), "norm_name": _jsonable(norm_name),
+            "skip_layers": list(skip_layers), "norm_name": jsonable(norm_name),
             "refine_channels": int(refine_channels), "freeze_vae": bool(freeze_vae), "latent_scale": float(latent_scale),
         }
         self.refine_channels = int(refine_channels)
@@ -406,10 +400,6 @@ def segmenter_config(size: str = "paper", num_classes: int = 14) -> dict[str, An
     raise ValueError(f"unknown segmenter size {size!r}; expected 'paper' or 'demo'")
 
 
-def _is_none(path: str | Path | None) -> bool:
-    return path is None or str(path).strip().lower() in ("", "none", "null")
-
-
 def network_args_from_upstream(
     defaults: Mapping[str, Any],
     vae_ckpt: str | Path | None = None,
@@ -434,20 +424,20 @@ def network_args_from_upstream(
         Constructor arguments of :class:`LatentSegmenter`.
     """
     args = dict(defaults)
-    if not _is_none(model_ckpt) and meta_path(model_ckpt).is_file():
+    if as_path(model_ckpt) is not None and meta_path(model_ckpt).is_file():
         net = read_stage_meta(model_ckpt, "meduet_seg").get("network")
         if not isinstance(net, Mapping):
             raise CheckpointError(f"{meta_path(model_ckpt)}: no 'network' arguments recorded")
         logger.info("segmenter arguments from %s", meta_path(model_ckpt))
         return dict(net)
-    if not _is_none(vae_ckpt) and meta_path(vae_ckpt).is_file():
+    if as_path(vae_ckpt) is not None and meta_path(vae_ckpt).is_file():
         meta = read_stage_meta(vae_ckpt, "meduet_vae")
         if isinstance(meta.get("network"), Mapping):
             args["vae"] = dict(meta["network"])
             logger.info("VAE arguments from %s", meta_path(vae_ckpt))
         if meta.get("scale_factor") is not None:
             args["latent_scale"] = float(meta["scale_factor"])
-    if not _is_none(ssl_ckpt) and meta_path(ssl_ckpt).is_file():
+    if as_path(ssl_ckpt) is not None and meta_path(ssl_ckpt).is_file():
         net = read_stage_meta(ssl_ckpt, "meduet_ssl").get("network", {})
         if isinstance(net, Mapping) and isinstance(net.get("encoder"), Mapping):
             enc = {k: v for k, v in net["encoder"].items() if k != "grid"}
@@ -472,13 +462,9 @@ def build_segmenter(
 # --------------------------------------------------------------------------------------------
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
-
-
 def load_vae_weights(network: nn.Module, vae_ckpt: str | Path) -> dict[str, Any]:
     """Load a ``meduet_vae`` checkpoint strictly into ``network.vae``. Returns its metadata."""
-    net = _unwrap(network)
+    net = unwrap(network)
     info = load_stage_checkpoint(net.vae, vae_ckpt, "meduet_vae")
     scale = info.get("scale_factor")
     if scale is not None and not math.isclose(float(scale), net.latent_scale, rel_tol=1e-6):
@@ -503,7 +489,7 @@ def load_ssl_encoder(network: nn.Module, ssl_ckpt: str | Path) -> dict[str, Any]
         CheckpointError: missing file, wrong stage, no ``encoder.*`` keys, or any key/shape mismatch
             (named in the message).
     """
-    net = _unwrap(network)
+    net = unwrap(network)
     info = read_stage_meta(ssl_ckpt, "meduet_ssl")
     sd = load_state_dict(ssl_ckpt)
     enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
@@ -534,7 +520,7 @@ def require_checkpoint(model_ckpt: str | Path) -> Path:
 def load_segmenter_weights(network: nn.Module, model_ckpt: str | Path) -> dict[str, Any]:
     """Load a trained ``meduet_seg`` checkpoint strictly; a missing one names the bundle to train."""
     path = require_checkpoint(model_ckpt)
-    info = load_stage_checkpoint(_unwrap(network), path, "meduet_seg")
+    info = load_stage_checkpoint(unwrap(network), path, "meduet_seg")
     logger.info("segmenter weights loaded from %s (epoch %s, key metric %s)", path, info.get("epoch"), info.get("key_metric"))
     return info
 
@@ -550,7 +536,7 @@ def init_from_upstream(
     vae_info = load_vae_weights(network, vae_ckpt)
     out: dict[str, Any] = {"vae_ckpt": str(vae_ckpt), "vae_sha256": vae_info.get("sha256"), "ssl_ckpt": None,
                            "ssl_sha256": None, "ssl_init": False}
-    if _is_none(ssl_ckpt):
+    if as_path(ssl_ckpt) is None:
         logger.info("ViT randomly initialised (ssl_ckpt is none)")
         return out
     ssl_info = load_ssl_encoder(network, ssl_ckpt)  # type: ignore[arg-type]

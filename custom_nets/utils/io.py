@@ -10,9 +10,14 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from custom_nets.utils.errors import InputError
 
 
 @contextlib.contextmanager
@@ -50,6 +55,15 @@ def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> Path:
     return Path(path)
 
 
+def jsonable(obj: Any) -> Any:
+    """Tuples -> lists and keys -> strings, recursively (constructor arguments as JSON records them)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
 
@@ -61,8 +75,6 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def read_json(path: str | Path) -> Any:
     """Read a JSON file; a missing or malformed file raises :class:`InputError` naming it."""
-    from custom_nets.utils.errors import InputError
-
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
@@ -79,3 +91,32 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def save_nifti(path: str | Path, image: Any, affine: Any, dtype: Any = np.float32) -> Path:
+    """Write a 3-D image as NIfTI, atomically; qform and sform both set to ``affine`` (world mm).
+
+    Args:
+        path: destination (``.nii`` or ``.nii.gz``).
+        image: (X, Y, Z) or (1, X, Y, Z) array or tensor.
+        affine: 4x4 voxel-to-world matrix (RAS, as MONAI's MetaTensor affines).
+        dtype: stored data type; None keeps the array's own (e.g. integer labels, HU as int16).
+
+    Returns:
+        ``path``.
+    """
+    if hasattr(image, "detach"):  # a torch tensor
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image) if dtype is None else np.asarray(image, dtype=dtype)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: expected a 3-D image, got shape {arr.shape}")
+    aff = np.asarray(affine, dtype=np.float64).reshape(4, 4)
+    img = nib.Nifti1Image(arr, aff)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=1)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)

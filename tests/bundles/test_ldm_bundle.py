@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from custom_nets.engines.ssl.factor_bank import save_factor_bank
+from custom_nets.engines.ssl.factor_bank import FactorBank
 from custom_nets.nets.meduet import MeDUET, meduet_config
 from custom_nets.nets.vae import maisi_vae, network_args
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
@@ -63,8 +63,9 @@ def upstream(tmp_path_factory) -> dict[str, Path]:
     }))
     bank_items = [{"latent": str(latents / it["latent"]), "image": it["image"], "domain": it["domain"]} for it in items]
     g = torch.Generator().manual_seed(1)
-    save_factor_bank(root / "factors", torch.randn(5, ssl.content_dim, generator=g), torch.randn(5, ssl.style_dim, generator=g),
-                     torch.tensor([i % 2 for i in range(5)]), bank_items, DOMAINS, info["sha256"], patch_size=8, overlap=0.25)
+    FactorBank(torch.randn(5, ssl.content_dim, generator=g), torch.randn(5, ssl.style_dim, generator=g),
+               torch.tensor([i % 2 for i in range(5)]), bank_items, DOMAINS,
+               {"ssl_sha256": info["sha256"], "patch_size": 8, "overlap": 0.25}).save(root / "factors")
     return {"root": root, "vae_ckpt": vae_ckpt, "ssl_ckpt": ssl_ckpt, "latent_datalist": datalist,
             "factor_bank": root / "factors" / "factor_bank.pt", "latents": latents}
 

@@ -141,7 +141,7 @@ def test_ldm_sampling_skips_redoes_and_refuses(world: Mapping[str, Path], tmp_pa
 
 
 def test_factor_bank_skips_redoes_and_refuses(world: Mapping[str, Path], tmp_path: Path) -> None:
-    from custom_nets.engines.ssl.factor_bank import load_factor_bank
+    from custom_nets.engines.ssl.factor_bank import FactorBank
 
     out = tmp_path / "factors"
     args = dict(latent_datalist=world["latent_datalist"], ssl_ckpt=world["ssl_ckpt"], output_dir=out)
@@ -151,15 +151,15 @@ def test_factor_bank_skips_redoes_and_refuses(world: Mapping[str, Path], tmp_pat
         return stamps(out, "factor_bank.*")
 
     first = bank()
-    tensors, meta = load_factor_bank(out)
+    first_bank = FactorBank.load(out)
     maps = sorted((out / "token_maps").rglob("*.npy"))
-    assert len(maps) == 2 * len(meta["items"]) and all(p.parent.name == meta["settings_key"] for p in maps)
+    assert len(maps) == 2 * len(first_bank) and all(p.parent.name == first_bank.meta["settings_key"] for p in maps)
     assert bank() == first  # complete with this checkpoint and settings
     replaced = bank(overwrite=True)
     assert all(replaced[k] > first[k] for k in first)
-    torch.testing.assert_close(load_factor_bank(out)[0]["content"], tensors["content"])
+    torch.testing.assert_close(FactorBank.load(out).content, first_bank.content)
     bank(save_token_maps=False)  # other settings: recomputed whole, the old token maps removed
-    assert not list((out / "token_maps").rglob("*.npy")) and "content_map" not in load_factor_bank(out)[1]["items"][0]
+    assert not list((out / "token_maps").rglob("*.npy")) and "content_map" not in FactorBank.load(out).items[0]
     latents = world["latent_datalist"].parent
     assert_refused(lambda: bank(output_dir=latents), latents)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from custom_nets.data.latent_cache import write_latent
-from custom_nets.engines.ssl.factor_bank import load_factor_bank, meduet_factor_fn, volume_factors
+from custom_nets.engines.ssl.factor_bank import FactorBank, meduet_factor_fn, volume_factors
 from custom_nets.engines.ssl.model import build_meduet, load_meduet, meduet_network_args
 from custom_nets.nets.vae import maisi_vae, network_args
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
@@ -124,7 +124,9 @@ def test_inference_writes_the_factor_bank(cache, trained):
     model = trained / "models" / "model.pt"
     run_bundle([CONFIGS / "inference.json", CONFIGS / "demo.json"],
                {"bundle_root": BUNDLE, "latent_datalist": cache["latent_datalist"], "ssl_ckpt": model, "output_dir": out})
-    tensors, meta = load_factor_bank(out)
+    bank = FactorBank.load(out)
+    tensors = {"content": bank.content, "style": bank.style, "domain_index": bank.domain_index}
+    meta = {**bank.meta, "items": bank.items, "domains": bank.domains}
     assert tensors["content"].shape == (8, 48) and tensors["style"].shape == (8, 12)
     assert tensors["domain_index"].tolist() == [i % 3 for i in range(8)]
     assert meta["ssl_sha256"] == file_sha256(model) and meta["domains"] == DOMAINS

@@ -81,7 +81,7 @@ def _latents(root: Path, vae_ckpt: Path) -> Path:
 
 
 def _factor_bank(root: Path, latent_datalist: Path, ssl_ckpt: Path, ssl_net: Any) -> Path:
-    from custom_nets.engines.ssl.factor_bank import save_factor_bank
+    from custom_nets.engines.ssl.factor_bank import FactorBank
     from custom_nets.utils.checkpoint import file_sha256
 
     items = json.loads(latent_datalist.read_text())
@@ -90,9 +90,9 @@ def _factor_bank(root: Path, latent_datalist: Path, ssl_ckpt: Path, ssl_net: Any
     n = len(items)
     bank_items = [{"latent": str(latent_datalist.parent / it["latent"]), "image": it["image"], "domain": it["domain"]}
                   for it in items]
-    save_factor_bank(root / "factors", torch.randn(n, ssl_net.content_dim, generator=g),
-                     torch.randn(n, ssl_net.style_dim, generator=g), torch.tensor([it["domain_index"] for it in items]),
-                     bank_items, DOMAINS, file_sha256(ssl_ckpt), patch_size=8, overlap=0.25)
+    FactorBank(torch.randn(n, ssl_net.content_dim, generator=g), torch.randn(n, ssl_net.style_dim, generator=g),
+               torch.tensor([it["domain_index"] for it in items]), bank_items, DOMAINS,
+               {"ssl_sha256": file_sha256(ssl_ckpt), "patch_size": 8, "overlap": 0.25}).save(root / "factors")
     return root / "factors" / "factor_bank.pt"
 
 

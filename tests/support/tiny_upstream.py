@@ -72,17 +72,17 @@ def write_latent_cache(root: Path, vae_ckpt: Path, n: int = 6, n_val: int = 2) -
 
 def write_factor_bank(root: Path, latent_datalist: Path, ssl_meta: dict[str, Any]) -> Path:
     """A random factor bank with one row per cached latent (as meduet_ssl inference writes it)."""
-    from custom_nets.engines.ssl.factor_bank import save_factor_bank
+    from custom_nets.engines.ssl.factor_bank import FactorBank
 
     lists = json.loads(latent_datalist.read_text())
     items = lists["training"] + lists["validation"]
     rows = [{"latent": str(latent_datalist.parent / it["latent"]), "image": it["image"], "domain": it["domain"]}
             for it in items]
     g = torch.Generator().manual_seed(1)
-    save_factor_bank(root, torch.randn(len(items), ssl_meta["content_dim"], generator=g),
-                     torch.randn(len(items), ssl_meta["style_dim"], generator=g),
-                     torch.tensor([it["domain_index"] for it in items]), rows, DOMAINS, ssl_meta["sha256"],
-                     patch_size=8, overlap=0.25)
+    FactorBank(torch.randn(len(items), ssl_meta["content_dim"], generator=g),
+               torch.randn(len(items), ssl_meta["style_dim"], generator=g),
+               torch.tensor([it["domain_index"] for it in items]), rows, DOMAINS,
+               {"ssl_sha256": ssl_meta["sha256"], "patch_size": 8, "overlap": 0.25}).save(root)
     return root / "factor_bank.pt"
 
 

@@ -20,12 +20,10 @@ import torch
 from tests.support.ddp_utils import WORLD, GradientRecorder, assert_same_gradients, mean_gradients, rank_slice, run_ranks
 from monai.engines import SupervisedTrainer
 
+from custom_nets.utils.parallel import unwrap
+
 GLOBAL_BATCH = 4
 LDM_CLIP = 0.05  # small enough that clipping is active, so the test covers "clip the averaged gradient"
-
-
-def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    return getattr(net, "module", net)
 
 
 def _ddp(net: torch.nn.Module, ddp: bool) -> torch.nn.Module:
@@ -34,7 +32,7 @@ def _ddp(net: torch.nn.Module, ddp: bool) -> torch.nn.Module:
 
 def _one_iteration(network: torch.nn.Module, batch: Mapping[str, torch.Tensor], seed: int, **trainer_args: Any) -> GradientRecorder:
     """Run one iteration of a SupervisedTrainer; returns the (recording) optimizer."""
-    optimizer = GradientRecorder(_unwrap(network))
+    optimizer = GradientRecorder(unwrap(network))
     trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=1, train_data_loader=[batch],
                                 network=network, optimizer=optimizer, **trainer_args)
     torch.manual_seed(seed)
@@ -58,7 +56,7 @@ def vae_grads(rank: int, ddp: bool) -> dict[str, dict[str, torch.Tensor]]:
 
     vae, disc = vae_nets()
     vae, disc = _ddp(vae, ddp), _ddp(disc, ddp)
-    disc_opt = GradientRecorder(_unwrap(disc))
+    disc_opt = GradientRecorder(unwrap(disc))
     images = rank_slice(torch.rand(GLOBAL_BATCH, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1)), rank)
     loss = VAELoss(kl_weight=1e-3)
     step = VAETrainStep(loss, discriminator=disc, disc_optimizer=disc_opt, adv_weight=0.1, adv_start_epoch=1)

@@ -9,11 +9,10 @@ import torch
 
 from custom_nets.engines.ssl.factor_bank import (
     FACTOR_BANK_JSON,
+    FactorBank,
     cube_starts,
-    load_factor_bank,
     pad_latent,
     padded_shape,
-    save_factor_bank,
     volume_factors,
 )
 from custom_nets.nets.vit import patchify
@@ -79,16 +78,28 @@ def test_token_maps_stitch_overlapping_cubes_onto_the_volume_grid():
 
 def test_bank_files_load_weights_only_and_disagreements_are_refused(tmp_path):
     items = [{"latent": f"v{i}.npy", "image": f"v{i}.nii.gz", "domain": "a" if i % 2 else "b"} for i in range(3)]
-    save_factor_bank(tmp_path, torch.randn(3, 12), torch.randn(3, 6), torch.tensor([1, 0, 1]), items, ["b", "a"], "abc", patch_size=24)
+    content = torch.randn(3, 12)
+    written = FactorBank(content, torch.randn(3, 6), torch.tensor([1, 0, 1]), items, ["b", "a"],
+                         {"ssl_sha256": "abc", "patch_size": 24})
+    assert written.save(tmp_path) == tmp_path / "factor_bank.pt" == written.path
     tensors = torch.load(tmp_path / "factor_bank.pt", weights_only=True)
     assert tensors["content"].dtype == torch.float32 and tensors["domain_index"].dtype == torch.int64
-    tensors, meta = load_factor_bank(tmp_path)
-    assert meta["content_dim"] == 12 and meta["style_dim"] == 6 and meta["ssl_sha256"] == "abc"
-    assert meta["items"][1]["domain"] == "a"
+    bank = FactorBank.load(tmp_path)
+    assert (bank.content_dim, bank.style_dim, len(bank)) == (12, 6, 3) and bank.meta["ssl_sha256"] == "abc"
+    assert bank.items[1]["domain"] == "a" and bank.domains == ["b", "a"] and bank.meta["patch_size"] == 24
+    torch.testing.assert_close(bank.content, content)
+    # a loaded bank saves back to the same files
+    bank.save(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / FACTOR_BANK_JSON).read_text()) == json.loads((tmp_path / FACTOR_BANK_JSON).read_text())
+    meta = json.loads((tmp_path / FACTOR_BANK_JSON).read_text())
     meta["content_dim"] = 13
     (tmp_path / FACTOR_BANK_JSON).write_text(json.dumps(meta))
     with pytest.raises(InputError, match="do not match"):
-        load_factor_bank(tmp_path)
+        FactorBank.load(tmp_path)
+    meta["content_dim"], meta["items"][2] = 12, {"image": "v2.nii.gz"}
+    (tmp_path / FACTOR_BANK_JSON).write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="no 'latent' path"):
+        FactorBank.load(tmp_path)
     with pytest.raises(ValueError, match="disagree"):
-        save_factor_bank(tmp_path / "x", torch.randn(2, 4), torch.randn(3, 2), torch.zeros(3), items, ["a"], "s")
+        FactorBank(torch.randn(2, 4), torch.randn(3, 2), torch.zeros(3), items, ["a"], {"ssl_sha256": "s"}).save(tmp_path / "x")
     assert not (tmp_path / "x" / "factor_bank.pt").exists()

@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from custom_nets.data.latent_cache import (
-    LatentCropDataset,
-    augment_latent,
-    augment_view,
-    check_cache_matches_vae,
-    load_latent_datalist,
-    open_latent,
-    random_crop,
-    write_latent,
-)
+from custom_nets.data.latent_cache import check_cache_matches_vae, load_latent_datalist, open_latent, write_latent
+from custom_nets.data.latent_datasets import LatentCropDataset, augment_latent, augment_view, random_crop
 from custom_nets.utils.checkpoint import save_stage_checkpoint
 from custom_nets.utils.errors import InputError, InputErrors
 

@@ -13,20 +13,16 @@ from monai.inferers import SimpleInferer
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from torch.utils.data import DataLoader
 
-from custom_nets.engines.ssl.factor_bank import save_factor_bank
+from custom_nets.data.latent_datasets import ConditionedLatentDataset, conditioned_dataset, random_crop
+from custom_nets.engines.common.export import lower_is_better
+from custom_nets.engines.ssl.factor_bank import FactorBank
 from custom_nets.engines.ldm.train import (
-    ConditionedLatentDataset,
-    conditioned_dataset,
-    random_window,
     EMAModel,
-    FactorBank,
     FlowMatchingStep,
     FlowMatchingValidationStep,
     GeneratorExporter,
     diffusion_loss,
     latent_scale_factor,
-    load_factor_bank,
-    lower_is_better,
     make_scheduler,
     scheduler_args,
     scheduler_from_args,
@@ -63,13 +59,13 @@ def conditioned(folder, n=8, seed=0) -> ConditionedLatentDataset:
     return ConditionedLatentDataset(items, content, style, crop=(8, 8, 8))
 
 
-def test_random_window_and_conditioned_dataset(tmp_path):
+def test_random_crop_windows_and_conditioned_dataset(tmp_path):
     arr = np.arange(2 * 6 * 5 * 4, dtype=np.float16).reshape(2, 6, 5, 4)
-    w = random_window(arr, (4, 5, 2), torch.Generator().manual_seed(0))
+    w = random_crop(arr, (4, 5, 2), torch.Generator().manual_seed(0))
     assert w.shape == (2, 4, 5, 2) and w.dtype == np.float32
     starts = [int(np.argwhere(arr[0] == w[0, 0, 0, 0])[0][k]) for k in range(3)]
     assert np.array_equal(w, arr[:, starts[0]:starts[0] + 4, :, starts[2]:starts[2] + 2])
-    padded = random_window(arr, (8, 5, 4))  # axis shorter than the window: edge padding at the far end
+    padded = random_crop(arr, (8, 5, 4))  # axis shorter than the window: edge padding at the far end
     assert padded.shape == (2, 8, 5, 4) and np.array_equal(padded[:, 6], padded[:, 5])
     items, content, style = synthetic_volumes(tmp_path, 3)
     bank = FactorBank(torch.arange(3.0)[:, None].repeat(1, 12), torch.zeros(3, 6), torch.zeros(3, dtype=torch.long),
@@ -234,15 +230,15 @@ def test_guided_sampling_with_a_generator_runs():
 
 def test_factor_bank_rows_sources_and_jobs(tmp_path):
     items = [{"latent": str(tmp_path / f"v{i}.npy"), "image": f"v{i}.nii.gz", "domain": "ab"[i % 2]} for i in range(5)]
-    save_factor_bank(tmp_path / "bank", torch.randn(5, 12), torch.randn(5, 6), torch.tensor([0, 1, 0, 1, 0]), items,
-                     ["a", "b"], "sha")
-    bank = load_factor_bank(tmp_path / "bank" / "factor_bank.pt")
+    FactorBank(torch.randn(5, 12), torch.randn(5, 6), torch.tensor([0, 1, 0, 1, 0]), items, ["a", "b"],
+               {"ssl_sha256": "sha"}).save(tmp_path / "bank")
+    bank = FactorBank.load(tmp_path / "bank" / "factor_bank.pt")
     assert (bank.content_dim, bank.style_dim, len(bank)) == (12, 6, 5)
     assert bank.rows_for([tmp_path / "v3.npy", tmp_path / "v0.npy"]) == [3, 0]
     with pytest.raises(InputErrors, match="v9.npy"):
         bank.rows_for([tmp_path / "v9.npy"])
     with pytest.raises(InputError, match="factor bank not found"):
-        load_factor_bank(tmp_path / "missing" / "factor_bank.pt")
+        FactorBank.load(tmp_path / "missing" / "factor_bank.pt")
     assert default_rows(bank, 3) == [0, 1, 2]
     sources = resolve_sources([4, "#1"], bank)
     assert [s.name for s in sources] == ["bank4", "bank1"] and sources[1].domain == "b"

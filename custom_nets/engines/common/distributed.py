@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+from custom_nets.utils.parallel import rank as process_rank
 
 __all__ = ["EVERY_RANK", "runs_on_every_rank", "handlers_for_rank"]
 
@@ -49,15 +49,9 @@ def handlers_for_rank(handlers: Sequence[Any] | None, rank: int | None = None) -
         The handlers to attach on this rank, in their original order.
     """
     if rank is None:
-        initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = torch.distributed.get_rank() if initialized else 0
+        rank = process_rank()
     handlers = list(handlers or [])
     return handlers if rank == 0 else [h for h in handlers if runs_on_every_rank(h)]
-
-
-def _rank() -> int:
-    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if initialized else 0
 
 
 class RankZeroTensorBoardStatsHandler:
@@ -73,7 +67,7 @@ class RankZeroTensorBoardStatsHandler:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         from monai.handlers import TensorBoardStatsHandler
 
-        self.handler = TensorBoardStatsHandler(*args, **kwargs) if _rank() == 0 else None
+        self.handler = TensorBoardStatsHandler(*args, **kwargs) if process_rank() == 0 else None
 
     def attach(self, engine: Any) -> None:
         if self.handler is not None:

@@ -8,12 +8,9 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["unwrap", "make_teacher", "cosine_momentum", "ema_update"]
+from custom_nets.utils.parallel import unwrap
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper (or ``model`` itself)."""
-    return getattr(model, "module", model)
+__all__ = ["make_teacher", "cosine_momentum", "ema_update"]
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

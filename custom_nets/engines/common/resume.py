@@ -39,10 +39,12 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 
 from custom_nets.utils.checkpoint import save_torch
 from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.parallel import rank as _rank
+from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["as_bool", "as_path", "epoch_seed", "reseed", "latest_checkpoint", "AtomicDiskSaver", "EvaluatorBest",
+__all__ = ["as_bool", "epoch_seed", "reseed", "latest_checkpoint", "AtomicDiskSaver", "EvaluatorBest",
            "ResumableCheckpoint"]
 
 
@@ -56,17 +58,6 @@ def as_bool(value: bool | str | int | None) -> bool:
             raise ValueError(f"expected a boolean, got {value!r}")
         return v in ("1", "true", "yes", "on")
     return bool(value)
-
-
-def as_path(value: str | Path | None) -> Path | None:
-    """A path from a config or the command line; None, "", "none" and "null" mean no path."""
-    if value is None or str(value).strip().lower() in ("", "none", "null"):
-        return None
-    return Path(value)
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:

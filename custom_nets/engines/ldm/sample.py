@@ -31,11 +31,12 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from monai.networks.schedulers.scheduler import Scheduler
 from torch.utils.data import Dataset
 
-from custom_nets.engines.ldm.train import FactorBank, is_flow, scheduler_from_args
+from custom_nets.engines.ldm.train import is_flow, scheduler_from_args
+from custom_nets.engines.ssl.factor_bank import FactorBank
 from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta
 from custom_nets.utils.errors import CheckpointError, InputError
-from custom_nets.utils.io import atomic_path
+from custom_nets.utils.io import atomic_path, save_nifti
 from custom_nets.utils.visualize import central_slices
 
 logger = logging.getLogger(__name__)
@@ -536,8 +537,6 @@ class SaveSampled:
         self.output_dir, self.spacing, self.key, self.ledger = Path(output_dir), list(spacing), key, ledger
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        from custom_nets.engines.vae.encode import save_nifti
-
         d = dict(data)
         img = torch.as_tensor(d[self.key]).detach().cpu().float().numpy()[0]
         image_name, latent_name = sample_files(d["name"])

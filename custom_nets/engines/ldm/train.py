@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,12 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.scheduler import Scheduler
-from torch.utils.data import Dataset
 
+from custom_nets.data.latent_cache import open_latent
 from custom_nets.engines.common.ema import ema_update, make_teacher
+from custom_nets.engines.ssl.factor_bank import FactorBank
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
-from custom_nets.utils.errors import InputError, InputErrors
+from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import read_json
 
 logger = logging.getLogger(__name__)
@@ -168,8 +168,6 @@ def latent_scale_factor(items: Sequence[Mapping[str, Any]], max_volumes: int = 1
         items: latent datalist items (absolute ``latent`` paths, as ``load_latent_datalist`` gives).
         max_volumes: how many volumes to read.
     """
-    from custom_nets.data.latent_cache import open_latent
-
     if not items:
         raise ValueError("no training latents to compute the scale factor from")
     total, total_sq, count = 0.0, 0.0, 0
@@ -185,173 +183,6 @@ def latent_scale_factor(items: Sequence[Mapping[str, Any]], max_volumes: int = 1
     factor = 1.0 / std
     logger.info("latent scale factor 1/std = %.6f (from %d volumes)", factor, min(len(items), max_volumes))
     return factor
-
-
-# --------------------------------------------------------------------------------------------
-# Conditions: the factor bank
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FactorBank:
-    """Per-volume content and style vectors written by meduet_ssl inference.
-
-    Attributes:
-        content: (N, content_dim) float32.
-        style: (N, style_dim) float32.
-        domain_index: (N,) int64.
-        items: one dict per row ({"latent", "image", "domain"}), as in factor_bank.json.
-        domains: domain names.
-        meta: the rest of factor_bank.json (``ssl_sha256``, dims).
-        path: the factor_bank.pt file.
-    """
-
-    content: torch.Tensor
-    style: torch.Tensor
-    domain_index: torch.Tensor
-    items: list[dict]
-    domains: list[str]
-    meta: dict = field(default_factory=dict)
-    path: Path = Path()
-
-    @property
-    def content_dim(self) -> int:
-        return int(self.content.shape[1])
-
-    @property
-    def style_dim(self) -> int:
-        return int(self.style.shape[1])
-
-    def __len__(self) -> int:
-        return int(self.content.shape[0])
-
-    def rows_for(self, latents: Sequence[str | Path]) -> list[int]:
-        """Bank rows of the given latent files; InputErrors names every file without a row.
-
-        Paths are compared resolved; a relative latent path in factor_bank.json is taken from the
-        bank's folder (meduet_ssl writes absolute ones).
-        """
-        index: dict[str, int] = {}
-        for i, item in enumerate(self.items):
-            index.setdefault(str((self.path.parent / item["latent"]).resolve()), i)
-        rows, errors = [], []
-        for lat in latents:
-            key = str(Path(lat).resolve())
-            if key in index:
-                rows.append(index[key])
-            else:
-                errors.append(InputError(lat, f"latent has no entry in the factor bank {self.path}; rerun meduet_ssl inference on this latent datalist"))
-        if errors:
-            raise InputErrors(errors)
-        return rows
-
-
-def load_factor_bank(path: str | Path) -> FactorBank:
-    """Read a meduet_ssl factor bank (its folder or ``factor_bank.pt``) into a :class:`FactorBank`.
-
-    Reading and checking is :func:`custom_nets.engines.ssl.factor_bank.load_factor_bank`'s job; this
-    adds the per-row lookup the generator needs.
-    """
-    from custom_nets.engines.ssl import factor_bank
-
-    tensors, meta = factor_bank.load_factor_bank(path)
-    path = Path(path)
-    pt = path / factor_bank.FACTOR_BANK_PT if path.is_dir() else path
-    items = meta.get("items", [])
-    bad = [i for i, it in enumerate(items) if not isinstance(it, dict) or "latent" not in it]
-    if bad:
-        raise InputError(pt.with_name(factor_bank.FACTOR_BANK_JSON), f"items {bad[:10]} have no 'latent' path")
-    extra = {k: v for k, v in meta.items() if k not in ("items", "domains")}
-    return FactorBank(
-        tensors["content"].float(), tensors["style"].float(), tensors["domain_index"].long(), list(items),
-        list(meta.get("domains", [])), extra, pt,
-    )
-
-
-def random_window(arr: np.ndarray, size: Sequence[int], generator: torch.Generator | None = None) -> np.ndarray:
-    """A random window of spatial ``size`` (X, Y, Z) from a ``(C, X, Y, Z)`` array.
-
-    The per-axis form of :func:`custom_nets.data.latent_cache.random_crop` (which cuts cubes): the
-    generator trains on 64 x 64 x 32 crops. Only the window is read from a memory-mapped array;
-    axes shorter than the window are edge-padded at the far end, as there.
-    """
-    size = [int(s) for s in size]
-    starts = [int(torch.randint(0, max(n - s, 0) + 1, (1,), generator=generator)) for n, s in zip(arr.shape[1:], size)]
-    window = np.asarray(arr[(slice(None), *[slice(a, a + s) for a, s in zip(starts, size)])], dtype=np.float32)
-    pad = [(0, 0)] + [(0, s - n) for n, s in zip(window.shape[1:], size)]
-    if any(p[1] for p in pad):
-        window = np.pad(window, pad, mode="edge")
-    return window
-
-
-class ConditionedLatentDataset(Dataset):
-    """Random latent windows of each volume paired with the volume's content and style vectors.
-
-    No flips or rotations: a generator should not learn mirrored or rotated anatomy.
-
-    Args:
-        items: latent datalist items with absolute ``latent`` paths (``load_latent_datalist``).
-        content: (N, Dc) one row per item, in the same order.
-        style: (N, Ds).
-        crop: window (X, Y, Z) in latent voxels.
-        seed: None draws a new random window at every access (training); an integer fixes the
-            window of item i (drawn with seed + i), so that successive validations score the same
-            crops.
-
-    Returns (per item):
-        {"latent": float32 (C, X, Y, Z), "content": (Dc,), "style": (Ds,), "domain_index": int}.
-    """
-
-    def __init__(self, items: Sequence[Mapping[str, Any]], content: torch.Tensor, style: torch.Tensor,
-                 crop: Sequence[int], seed: int | None = None) -> None:
-        if not items:
-            raise ValueError("no latent volumes in this split of the latent datalist")
-        if len(items) != content.shape[0] or len(items) != style.shape[0]:
-            raise ValueError(f"{len(items)} volumes but {content.shape[0]} content / {style.shape[0]} style rows")
-        if len(crop) != 3 or min(int(c) for c in crop) < 1:
-            raise ValueError(f"crop must be 3 positive sizes, got {crop}")
-        self.items, self.content, self.style = [dict(it) for it in items], content, style
-        self.crop = [int(c) for c in crop]
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from custom_nets.data.latent_cache import open_latent
-
-        item = self.items[i]
-        gen = None if self.seed is None else torch.Generator().manual_seed(int(self.seed) + i)
-        window = random_window(open_latent(item["latent"]), self.crop, gen)
-        return {
-            "latent": torch.from_numpy(window), "content": self.content[i], "style": self.style[i],
-            "domain_index": int(item.get("domain_index", -1)),
-        }
-
-
-def conditioned_dataset(
-    items: Sequence[Mapping[str, Any]], bank: FactorBank, crop: Sequence[int], seed: int | None = None
-) -> ConditionedLatentDataset:
-    """Latent windows of ``items`` with the factor bank's vectors of each volume (InputErrors names
-    every latent without a bank row); ``seed`` fixes the windows (validation)."""
-    rows = bank.rows_for([it["latent"] for it in items])
-    return ConditionedLatentDataset(items, bank.content[rows], bank.style[rows], crop, seed)
-
-
-def split_items(latents: Mapping[str, Any], split: str = "validation", fallback: str = "training") -> list[dict]:
-    """Items of one split of a loaded latent datalist; the ``fallback`` split (with a warning) when
-    it is empty, so that a cache with a single split still trains (its validation loss is then
-    measured on training volumes)."""
-    items = list(latents.get(split) or [])
-    if items:
-        return items
-    logger.warning("latent datalist has no %r items; validating on the %r items", split, fallback)
-    return list(latents.get(fallback) or [])
-
-
-def lower_is_better(current: float, best: float) -> bool:
-    """``metric_cmp_fn`` for a loss: MONAI starts ``best_metric`` at -1, which any loss would never beat."""
-    return best == -1 or current < best
 
 
 # --------------------------------------------------------------------------------------------

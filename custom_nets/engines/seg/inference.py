@@ -32,6 +32,9 @@ from monai.networks.utils import pixelshuffle, pixelunshuffle
 from monai.utils import convert_to_dst_type
 from torch import nn
 
+from custom_nets.utils.parallel import unwrap
+from custom_nets.utils.values import as_path
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LatentSlidingWindowInferer", "SPACES", "inference_items"]
@@ -58,17 +61,12 @@ def inference_items(
     """
     from custom_nets.data.datalist import folder_items, load_datalist
 
-    if datalist not in (None, "", "none", "None"):
+    if as_path(datalist) is not None:
         data = load_datalist(datalist, keys=tuple(keys))
         return [dict(it) for k in keys for it in data[k]]
     if dataset_dir in (None, ""):
         raise ValueError("set dataset_dir (a folder of images) or datalist (a datalist JSON)")
     return folder_items(dataset_dir, domain="inference")
-
-
-def _unwrap(network: Any) -> Any:
-    """The module inside DDP/DataParallel wrappers."""
-    return network.module if isinstance(getattr(network, "module", None), nn.Module) else network
 
 
 def _pad_to(x: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
@@ -145,7 +143,7 @@ class LatentSlidingWindowInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """(B, Ci, X, Y, Z) image -> (B, K, X, Y, Z) logits."""
-        net = _unwrap(network)
+        net = unwrap(network)
         if self.space == "image":
             return self._image_inferer(inputs, network, *args, **kwargs)
         if not (hasattr(net, "forward_latent") and hasattr(net, "encode_volume")):

@@ -22,6 +22,7 @@ from torch import nn
 
 from custom_nets.utils.checkpoint import check_state_dict, load_state_dict, read_stage_meta
 from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def style_step_or_none(enabled: bool, ssl_ckpt: str | Path | None, device: Any, 
     """Config helper: a :class:`StyleAugmentedStep` with the SSL checkpoint's MeDUET when ``enabled``, else None."""
     if not enabled:
         return None
-    if ssl_ckpt is None or str(ssl_ckpt).strip().lower() in ("", "none", "null"):
+    if as_path(ssl_ckpt) is None:
         raise ValueError("style augmentation needs the MeDUET model: set ssl_ckpt to a meduet_ssl checkpoint")
     logger.info("style augmentation on (MeDUET from %s)", ssl_ckpt)
     return StyleAugmentedStep(load_meduet(ssl_ckpt, device), **kwargs)

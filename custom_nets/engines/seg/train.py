@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from custom_nets.utils.checkpoint import read_stage_meta, save_stage_checkpoint
+from custom_nets.utils.parallel import unwrap
+from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +74,8 @@ def channel_def(labels: Mapping[Any, str]) -> dict[str, str]:
     return {str(int(k)): str(v) for k, v in sorted(labels.items(), key=lambda kv: int(kv[0]))}
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if isinstance(getattr(network, "module", None), nn.Module) else network
-
-
 def _upstream_sha(path: str | Path | None, stage: str) -> str | None:
-    if path is None or str(path).strip().lower() in ("", "none", "null"):
+    if as_path(path) is None:
         return None
     return read_stage_meta(path, stage).get("sha256")
 
@@ -140,7 +138,7 @@ class SegModelExporter:
 
     def export(self, engine: Any, reason: str, metric: float | None) -> dict[str, Any]:
         """Save the network's state_dict with its constructor arguments and provenance."""
-        net = _unwrap(self.network)
+        net = unwrap(self.network)
         args = getattr(net, "network_args", None)
         if args is None:
             raise ValueError(f"{type(net).__name__} does not record its constructor arguments (network_args)")

@@ -15,6 +15,8 @@ padded at the far end by repeating the border (``replicate``: a latent has no "z
 
 Files (contract with meduet_ldm)::
 
+    (:class:`FactorBank`: ``FactorBank.load`` / ``bank.save``)
+
     factor_bank.pt    {"content": (N, Dc) float32, "style": (N, Ds) float32, "domain_index": (N,) int64}
                       (plain tensors; loads with torch.load(weights_only=True))
     factor_bank.json  {"items": [{"latent", "image", "domain", "split", ["content_map", "style_map"]}],
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +39,10 @@ import torch
 import torch.nn.functional as F
 from monai.engines import Evaluator
 from monai.inferers import Inferer
-from torch.utils.data import Dataset
 
 from custom_nets.engines.common.outputs import check_output_dir, settings_key
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_torch
-from custom_nets.utils.errors import InputError
+from custom_nets.utils.errors import InputError, InputErrors
 from custom_nets.utils.io import atomic_path, read_json, write_json
 from custom_nets.utils.visualize import save_factor_scatter
 
@@ -190,86 +192,132 @@ def meduet_factor_fn(network: torch.nn.Module) -> FactorFn:
 # --------------------------------------------------------------------------------------------
 
 
-def save_factor_bank(
-    out_dir: str | Path,
-    content: torch.Tensor,
-    style: torch.Tensor,
-    domain_index: torch.Tensor,
-    items: Sequence[Mapping[str, Any]],
-    domains: Sequence[str],
-    ssl_sha256: str,
-    **meta: Any,
-) -> Path:
-    """Write ``factor_bank.pt`` and ``factor_bank.json`` atomically (the JSON last, as the commit mark).
+@dataclass
+class FactorBank:
+    """Per-volume content and style vectors: what meduet_ssl inference writes and meduet_ldm reads.
 
-    Args:
-        out_dir: destination folder.
-        content: (N, Dc) global content vectors.
-        style: (N, Ds) global style vectors.
-        domain_index: (N,) domain index of each volume.
-        items: N item records (``latent``, ``image``, ``domain`` ...), in the same order.
+    Attributes:
+        content: (N, content_dim) float32 global content vectors.
+        style: (N, style_dim) float32 global style vectors.
+        domain_index: (N,) int64 domain index of each volume.
+        items: one record per row ({"latent", "image", "domain", ...}), as in factor_bank.json.
         domains: domain names (index -> name).
-        ssl_sha256: sha256 of the SSL checkpoint that produced the vectors.
-        meta: more JSON facts (patch size, overlap, ...).
-
-    Returns:
-        Path of ``factor_bank.pt``.
+        meta: the rest of factor_bank.json (``ssl_sha256`` of the SSL checkpoint that produced the
+            vectors, cube size, overlap, settings key ...).
+        path: the ``factor_bank.pt`` file it was loaded from or saved to.
     """
-    n = len(items)
-    if content.ndim != 2 or style.ndim != 2 or content.shape[0] != n or style.shape[0] != n or domain_index.shape != (n,):
-        raise ValueError(
-            f"factor bank shapes disagree: content {tuple(content.shape)}, style {tuple(style.shape)}, "
-            f"domain_index {tuple(domain_index.shape)}, {n} items"
+
+    content: torch.Tensor
+    style: torch.Tensor
+    domain_index: torch.Tensor
+    items: list[dict]
+    domains: list[str]
+    meta: dict = field(default_factory=dict)
+    path: Path = Path()
+
+    @property
+    def content_dim(self) -> int:
+        return int(self.content.shape[1])
+
+    @property
+    def style_dim(self) -> int:
+        return int(self.style.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.content.shape[0])
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``factor_bank.pt`` and ``factor_bank.json`` atomically (the JSON last, as the commit mark).
+
+        Args:
+            out_dir: destination folder.
+
+        Returns:
+            Path of ``factor_bank.pt`` (also stored in :attr:`path`).
+
+        Raises:
+            ValueError: the tensors and the items disagree in number or rank (nothing is written).
+        """
+        n = len(self.items)
+        c, s, d = self.content, self.style, self.domain_index
+        if c.ndim != 2 or s.ndim != 2 or c.shape[0] != n or s.shape[0] != n or d.shape != (n,):
+            raise ValueError(
+                f"factor bank shapes disagree: content {tuple(c.shape)}, style {tuple(s.shape)}, "
+                f"domain_index {tuple(d.shape)}, {n} items"
+            )
+        out_dir = Path(out_dir)
+        pt = out_dir / FACTOR_BANK_PT
+        tensors = {
+            "content": c.detach().float().cpu().contiguous(),
+            "style": s.detach().float().cpu().contiguous(),
+            "domain_index": d.detach().long().cpu().contiguous(),
+        }
+        save_torch(tensors, pt)
+        meta = {k: v for k, v in self.meta.items() if k not in ("content_dim", "style_dim")}
+        write_json(
+            out_dir / FACTOR_BANK_JSON,
+            {"items": [dict(it) for it in self.items], "domains": list(self.domains),
+             "ssl_sha256": meta.pop("ssl_sha256", None), "content_dim": int(c.shape[1]), "style_dim": int(s.shape[1]),
+             **meta},
         )
-    out_dir = Path(out_dir)
-    pt = out_dir / FACTOR_BANK_PT
-    tensors = {
-        "content": content.detach().float().cpu().contiguous(),
-        "style": style.detach().float().cpu().contiguous(),
-        "domain_index": domain_index.detach().long().cpu().contiguous(),
-    }
-    save_torch(tensors, pt)
-    write_json(
-        out_dir / FACTOR_BANK_JSON,
-        {
-            "items": [dict(it) for it in items],
-            "domains": list(domains),
-            "ssl_sha256": ssl_sha256,
-            "content_dim": int(content.shape[1]),
-            "style_dim": int(style.shape[1]),
-            **meta,
-        },
-    )
-    return pt
+        self.path = pt
+        return pt
 
+    @classmethod
+    def load(cls, path: str | Path) -> FactorBank:
+        """Read a factor bank (its folder or ``factor_bank.pt``) and check that both files agree.
 
-def load_factor_bank(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a factor bank (its folder or ``factor_bank.pt``) and check that both files agree.
+        Raises:
+            InputError: a missing or unreadable file, missing tensors, shapes that disagree with
+                ``factor_bank.json``, or items without a ``latent`` path (each naming the file).
+        """
+        path = Path(path)
+        pt = path / FACTOR_BANK_PT if path.is_dir() else path
+        js = pt.with_name(FACTOR_BANK_JSON)
+        if not pt.is_file():
+            raise InputError(pt, "factor bank not found; run the meduet_ssl inference config first")
+        meta = read_json(js)
+        try:
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign file
+            raise InputError(pt, f"cannot be loaded as a factor bank ({e})") from e
+        problems = [k for k in ("content", "style", "domain_index") if not isinstance(tensors.get(k), torch.Tensor)]
+        if problems:
+            raise InputError(pt, f"missing tensors {problems}")
+        items = meta.get("items", [])
+        n = len(items)
+        c, s, d = tensors["content"], tensors["style"], tensors["domain_index"]
+        if c.shape != (n, meta.get("content_dim")) or s.shape != (n, meta.get("style_dim")) or d.shape != (n,):
+            raise InputError(
+                pt, f"shapes content {tuple(c.shape)}, style {tuple(s.shape)}, domain_index {tuple(d.shape)} do not "
+                f"match {js.name} ({n} items, content_dim {meta.get('content_dim')}, style_dim {meta.get('style_dim')})"
+            )
+        bad = [i for i, it in enumerate(items) if not isinstance(it, dict) or "latent" not in it]
+        if bad:
+            raise InputError(js, f"items {bad[:10]} have no 'latent' path")
+        rest = {k: v for k, v in meta.items() if k not in ("items", "domains")}
+        return cls(c.float(), s.float(), d.long(), list(items), list(meta.get("domains", [])), rest, pt)
 
-    Returns:
-        ``(tensors, meta)``: the ``.pt`` dict and the ``.json`` contents.
-    """
-    path = Path(path)
-    pt = path / FACTOR_BANK_PT if path.is_dir() else path
-    js = pt.with_name(FACTOR_BANK_JSON)
-    if not pt.is_file():
-        raise InputError(pt, "factor bank not found; run the meduet_ssl inference config first")
-    meta = read_json(js)
-    try:
-        tensors = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise InputError(pt, f"cannot be loaded as a factor bank ({e})") from e
-    problems = [k for k in ("content", "style", "domain_index") if not isinstance(tensors.get(k), torch.Tensor)]
-    if problems:
-        raise InputError(pt, f"missing tensors {problems}")
-    n = len(meta.get("items", []))
-    c, s, d = tensors["content"], tensors["style"], tensors["domain_index"]
-    if c.shape != (n, meta.get("content_dim")) or s.shape != (n, meta.get("style_dim")) or d.shape != (n,):
-        raise InputError(
-            pt, f"shapes content {tuple(c.shape)}, style {tuple(s.shape)}, domain_index {tuple(d.shape)} do not match "
-            f"{js.name} ({n} items, content_dim {meta.get('content_dim')}, style_dim {meta.get('style_dim')})"
-        )
-    return tensors, meta
+    def rows_for(self, latents: Sequence[str | Path]) -> list[int]:
+        """Bank rows of the given latent files; InputErrors names every file without a row.
+
+        Paths are compared resolved; a relative latent path in factor_bank.json is taken from the
+        bank's folder (meduet_ssl writes absolute ones).
+        """
+        index: dict[str, int] = {}
+        for i, item in enumerate(self.items):
+            index.setdefault(str((self.path.parent / item["latent"]).resolve()), i)
+        rows, errors = [], []
+        for lat in latents:
+            key = str(Path(lat).resolve())
+            if key in index:
+                rows.append(index[key])
+            else:
+                errors.append(InputError(lat, f"latent has no entry in the factor bank {self.path}; rerun meduet_ssl "
+                                              "inference on this latent datalist"))
+        if errors:
+            raise InputErrors(errors)
+        return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,48 +349,6 @@ def check_latents_match_ssl(ssl_ckpt: str | Path, latents: Mapping[str, Any], la
             f"but ssl_ckpt {ssl_ckpt} was trained on latents of the VAE with sha256 {want[:12]}...; encode the cache "
             f"with that VAE (meduet_vae inference) or use the meduet_ssl checkpoint trained on this cache",
         )
-
-
-def bank_items(
-    datalist: Mapping[str, Any], splits: Sequence[str] = ("training", "validation"), source: str | Path = "latent datalist"
-) -> list[dict[str, Any]]:
-    """Items of the given splits of a loaded latent datalist, each tagged with its ``split``.
-
-    Args:
-        datalist: output of :func:`custom_nets.data.latent_cache.load_latent_datalist`.
-        splits: lists to take, in order.
-        source: the datalist's path, for the error message.
-    """
-    items = []
-    for split in splits:
-        for it in datalist.get(split, []) or []:
-            items.append({**it, "split": split})
-    if not items:
-        raise InputError(source, f"no items in splits {list(splits)}")
-    return items
-
-
-class LatentVolumeDataset(Dataset):
-    """Whole latent volumes of a latent datalist: ``{"image": float32 (C, X, Y, Z), "index": i}``.
-
-    Args:
-        data: latent items (``latent`` absolute path); named ``data`` as bundles' datasets are.
-
-    The key is ``image`` because a bundle's network input is called so (network_data_format).
-    """
-
-    def __init__(self, data: Sequence[Mapping[str, Any]]) -> None:
-        self.items = list(data)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from custom_nets.data.latent_cache import open_latent
-
-        arr = open_latent(self.items[i]["latent"])
-        # "bank_index": the item's row in the whole bank when only some volumes are computed
-        return {"image": torch.from_numpy(np.asarray(arr, dtype=np.float32)), "index": int(self.items[i].get("bank_index", i))}
 
 
 class FactorInferer(Inferer):
@@ -438,22 +444,22 @@ class FactorBankWriter:
         if not (self.output_dir / FACTOR_BANK_JSON).is_file():
             return {}
         try:
-            tensors, meta = load_factor_bank(self.output_dir)
+            bank = FactorBank.load(self.output_dir)
         except InputError:
             return {}  # unreadable or half-replaced by hand: recompute
-        if meta.get("settings_key") != self.key:
+        if bank.meta.get("settings_key") != self.key:
             return {}
-        old = {str(rec.get("latent")): j for j, rec in enumerate(meta["items"])}
+        old = {str(rec.get("latent")): j for j, rec in enumerate(bank.items)}
         rows: dict[int, dict[str, Any]] = {}
         for i, it in enumerate(self.items):
             j = old.get(str(it["latent"]))
             if j is None:
                 continue
-            rec = meta["items"][j]
+            rec = bank.items[j]
             maps = {k: rec[k] for k in ("content_map", "style_map") if k in rec}
             if self.token_maps and (len(maps) < 2 or not all((self.output_dir / m).is_file() for m in maps.values())):
                 continue
-            rows[i] = {"content": tensors["content"][j], "style": tensors["style"][j],
+            rows[i] = {"content": bank.content[j], "style": bank.style[j],
                        "n_cubes": int(rec.get("n_cubes", 0)), **maps}
         return rows
 
@@ -514,19 +520,9 @@ class FactorBankWriter:
         domain_index = torch.tensor([self._domain_index(self.items[i]) for i in order], dtype=torch.long)
         content = torch.stack([self.results[i]["content"] for i in order])
         style = torch.stack([self.results[i]["style"] for i in order])
-        pt = save_factor_bank(
-            self.output_dir,
-            content,
-            style,
-            domain_index,
-            records,
-            self.domains,
-            file_sha256(self.ssl_ckpt),
-            patch_size=self.patch_size,
-            overlap=self.overlap,
-            stride=cube_stride(self.patch_size, self.overlap, self.token_size),
-            settings_key=self.key,
-        )
+        meta = dict(ssl_sha256=file_sha256(self.ssl_ckpt), patch_size=self.patch_size, overlap=self.overlap,
+                    stride=cube_stride(self.patch_size, self.overlap, self.token_size), settings_key=self.key)
+        pt = FactorBank(content, style, domain_index, records, self.domains, meta).save(self.output_dir)
         self._remove_stale_token_maps(records)
         # a picture of the bank for a person: style should cluster by domain, content should not
         save_factor_scatter(self.output_dir / "factor_bank.png", {"content": content, "style": style},

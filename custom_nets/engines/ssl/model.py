@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from custom_nets.engines.common.ema import unwrap
 from custom_nets.nets.meduet import MeDUET, meduet_config
 from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path, read_stage_meta, save_stage_checkpoint
 from custom_nets.utils.errors import CheckpointError, InputError
-from custom_nets.utils.io import read_json
+from custom_nets.utils.io import jsonable, read_json
+from custom_nets.utils.parallel import unwrap
 
 STAGE = "meduet_ssl"
 logger = logging.getLogger(__name__)
@@ -35,14 +35,6 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     for k, v in overrides.items():
         out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
     return out
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def meduet_network_args(size: str = "paper", n_domains: int = 10, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -57,13 +49,13 @@ def meduet_network_args(size: str = "paper", n_domains: int = 10, overrides: Map
         JSON-friendly arguments (what model.json records as ``network``).
     """
     args = _merge(meduet_config(size), {"n_domains": int(n_domains), **dict(overrides or {})})
-    return _jsonable(args)
+    return jsonable(args)
 
 
 def build_meduet(args: Mapping[str, Any]) -> MeDUET:
     """``MeDUET(**args)``, keeping ``args`` on the network for :func:`export_meduet`."""
     net = MeDUET(**copy.deepcopy(dict(args)))
-    net.meduet_network_args = _jsonable(dict(args))
+    net.meduet_network_args = jsonable(dict(args))
     return net
 
 
@@ -125,7 +117,7 @@ def export_meduet(
     """
     net = unwrap(network)
     return save_stage_checkpoint(
-        net.state_dict(), path, STAGE, network=_jsonable(dict(network_args)), content_dim=int(net.content_dim),
+        net.state_dict(), path, STAGE, network=jsonable(dict(network_args)), content_dim=int(net.content_dim),
         style_dim=int(net.style_dim), domains=list(domains), vae_sha256=vae_sha256,
         latent_channels=int(latent_channels), **extra,
     )

@@ -36,12 +36,13 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from custom_nets.engines.common.ema import cosine_momentum, ema_update, make_teacher, unwrap
+from custom_nets.engines.common.ema import cosine_momentum, ema_update, make_teacher
 from custom_nets.engines.common.schedule import warmup_cosine_scheduler
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.losses.domain import domain_loss
 from custom_nets.losses.mftd import mftd_row_targets, mftd_terms
 from custom_nets.losses.siqc import pool_groups, pool_tokens, quadruplet_ids, supcon_row_losses
+from custom_nets.utils.parallel import unwrap
 
 __all__ = [
     "MeDUETStepConfig",

@@ -31,7 +31,7 @@ from custom_nets.engines.ssl.factor_bank import cube_starts, pad_latent, padded_
 from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
 from custom_nets.nets.vae import decode_latent
 from custom_nets.utils.errors import InputError
-from custom_nets.utils.io import atomic_path, write_json
+from custom_nets.utils.io import save_nifti, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -205,23 +205,6 @@ def swap_latents(
     return {name: out[i * c : (i + 1) * c].contiguous() for i, name in enumerate(names)}
 
 
-def save_nifti(image: np.ndarray | torch.Tensor, affine: Any, path: str | Path) -> Path:
-    """Write a 3-D image (or (1, X, Y, Z)) as NIfTI with ``affine`` (RAS mm), atomically."""
-    import nibabel as nib
-
-    arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 3:
-        raise ValueError(f"expected a 3-D image, got shape {arr.shape}")
-    aff = np.asarray(affine, dtype=np.float64).reshape(4, 4)
-    img = nib.Nifti1Image(arr, aff)
-    img.set_qform(aff, code=1)
-    img.set_sform(aff, code=1)
-    img.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
 
 
 def auto_pairs(items: Sequence[Mapping[str, Any]], count: int = 1) -> list[tuple[int, int]]:
@@ -349,8 +332,8 @@ class SwapRunner:
                 "A content / B style": self._decode(swapped[A_CONTENT_B_STYLE]),
                 "B content / A style": self._decode(swapped[B_CONTENT_A_STYLE]),
             }
-            save_nifti(images["A content / B style"], a["affine"], self.output_dir / names[0])
-            save_nifti(images["B content / A style"], a["affine"], self.output_dir / names[1])
+            save_nifti(self.output_dir / names[0], images["A content / B style"], a["affine"])
+            save_nifti(self.output_dir / names[1], images["B content / A style"], a["affine"])
             save_slice_montage(self.output_dir / names[2], [v[0] for v in images.values()], titles=list(images),
                                vrange=(0.0, 1.0))
             if self.ledger is not None:

@@ -4,7 +4,7 @@ The trainer is a MONAI ``SupervisedTrainer`` whose ``iteration_update`` is
 :meth:`custom_nets.engines.ssl.step.MeDUETTrainStep.iteration_update` (optimizer, EMA teacher,
 schedules and mixed precision live in the step). This module adds what the config wires around it:
 
-- :func:`latent_crop_dataset` (training crops) and :class:`FixedCropDataset` (validation crops);
+- (training and validation crops: :mod:`custom_nets.data.latent_datasets`);
 - :class:`SamplerEpoch`: new mixing pairs every epoch (MONAI only does this for ``DistributedSampler``);
 - (resumable checkpoints: :class:`custom_nets.engines.common.resume.ResumableCheckpoint`, shared by
   every bundle);
@@ -38,47 +38,6 @@ def domain_indices(items: Sequence[Mapping[str, Any]], source: str | Path = "lat
     if not items:
         raise InputError(source, "no items to train or validate on (check the 'training' / 'validation' lists)")
     return [int(it["domain_index"]) for it in items]
-
-
-def latent_crop_dataset(data: Sequence[Mapping[str, Any]], crop: int = 24, flip_prob: float = 0.2, rot90_prob: float = 0.2) -> Any:
-    """The latent cache's crop dataset over ``data`` (a config's ``train#dataset#data``, the id
-    MONAI Label and the bundle property checks look for)."""
-    from custom_nets.data.latent_cache import LatentCropDataset
-
-    return LatentCropDataset(list(data), crop=crop, flip_prob=flip_prob, rot90_prob=rot90_prob)
-
-
-class FixedCropDataset(torch.utils.data.Dataset):
-    """Validation crops: the same window of each volume at every evaluation (seeded per item), no
-    augmentation, so that the validation loss moves only with the weights.
-
-    Args:
-        data: latent items (absolute ``latent`` paths).
-        crop: crop edge in latent voxels (shorter axes are edge-padded, as in training).
-        seed: base seed of the window positions.
-
-    Returns (per item):
-        ``{"latent": float32 tensor (C, crop, crop, crop), "domain_index": int}``.
-    """
-
-    def __init__(self, data: Sequence[Mapping[str, Any]], crop: int = 24, seed: int = 0) -> None:
-        self.items, self.crop, self.seed = list(data), int(crop), int(seed)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from custom_nets.data.latent_cache import open_latent, random_crop
-
-        item = self.items[index]
-        gen = torch.Generator().manual_seed(self.seed + index)
-        window = random_crop(open_latent(item["latent"]), self.crop, generator=gen)
-        return {"latent": torch.from_numpy(window), "domain_index": int(item["domain_index"])}
-
-
-def lower_is_better(current: float, prev: float) -> bool:
-    """Key-metric comparison for a loss (MONAI's default treats higher as better)."""
-    return current < prev
 
 
 def tensorboard_scalars(output: Any) -> dict[str, float]:

@@ -27,7 +27,7 @@ from custom_nets.nets.vae import DOWNSAMPLE, decode_latent, encode_volume, laten
 from custom_nets.utils.checkpoint import read_stage_meta
 from custom_nets.utils.visualize import save_slice_montage
 from custom_nets.utils.errors import InputError
-from custom_nets.utils.io import atomic_path, read_json, write_json
+from custom_nets.utils.io import read_json, save_nifti, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -284,18 +284,6 @@ def to_intensity(x: np.ndarray, modality: str) -> np.ndarray:
         lo, hi = CT_WINDOW
         return x * (hi - lo) + lo
     return x
-
-
-def save_nifti(path: str | Path, array: np.ndarray, affine: Any) -> Path:
-    """Write a 3-D float32 NIfTI with ``affine`` (RAS world, as MONAI's MetaTensor affines), atomically."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
 
 
 def resample_to_grid(image: np.ndarray, affine: Any, dst_affine: Any, dst_shape: Sequence[int]) -> np.ndarray:

@@ -22,14 +22,11 @@ from custom_nets.engines.common.step import scalars
 from custom_nets.losses.vae import VAELoss
 from custom_nets.nets.vae import STAGE, decode_latent, encode_volume, load_maisi_weights, network_args
 from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path, save_stage_checkpoint
+from custom_nets.utils.parallel import unwrap
+from custom_nets.utils.values import as_path
 from custom_nets.utils.visualize import save_slice_montage
 
 logger = logging.getLogger(__name__)
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper (or the module itself)."""
-    return getattr(module, "module", module)
 
 
 def patch_discriminator(channels: int = 64, num_layers_d: int = 3, in_channels: int = 1) -> torch.nn.Module:
@@ -64,7 +61,7 @@ def initialize_weights(network: torch.nn.Module, init_weights: str | Path | None
     Returns:
         What was done, in words (also logged).
     """
-    if init_weights is None or str(init_weights).strip().lower() in ("", "none", "null"):
+    if as_path(init_weights) is None:
         return "random initialisation"
     net = unwrap(network)
     if meta_path(init_weights).is_file():
