@@ -38,14 +38,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from torch import nn
 
 from custom_nets.nets.vit import LatentViTEncoder, vit_encoder_config
-from custom_nets.utils.checkpoint import (
-    check_state_dict,
-    file_sha256,
-    load_stage_checkpoint,
-    load_state_dict,
-    meta_path,
-    read_stage_meta,
-)
+from custom_nets.utils.checkpoint import check_upstream, file_sha256, load_stage_checkpoint, meta_path, read_stage_meta
 from custom_nets.utils.errors import CheckpointError
 from custom_nets.utils.io import jsonable
 from custom_nets.utils.parallel import unwrap
@@ -490,17 +483,11 @@ def load_ssl_encoder(network: nn.Module, ssl_ckpt: str | Path) -> dict[str, Any]
             (named in the message).
     """
     net = unwrap(network)
-    info = read_stage_meta(ssl_ckpt, "meduet_ssl")
-    sd = load_state_dict(ssl_ckpt)
-    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    if not enc:
-        raise CheckpointError(f"{ssl_ckpt}: no 'encoder.*' tensors; is this a MeDUET state_dict?")
-    check_state_dict(enc, net.encoder, ssl_ckpt, "meduet_ssl")
-    net.encoder.load_state_dict(enc, strict=True)
+    info = load_stage_checkpoint(net.encoder, ssl_ckpt, "meduet_ssl", prefix="encoder.")
     logger.info(
         "ViT initialised from %s: %d tensors (patch embedding, cls token, %d blocks, final norm); "
         "position embedding: fixed sin-cos, recomputed for grid %s",
-        ssl_ckpt, len(enc), len(net.encoder.blocks), net.encoder.grid,
+        ssl_ckpt, len(net.encoder.state_dict()), len(net.encoder.blocks), net.encoder.grid,
     )
     return info
 
@@ -540,10 +527,9 @@ def init_from_upstream(
         logger.info("ViT randomly initialised (ssl_ckpt is none)")
         return out
     ssl_info = load_ssl_encoder(network, ssl_ckpt)  # type: ignore[arg-type]
-    if ssl_info.get("vae_sha256") and vae_info.get("sha256") and ssl_info["vae_sha256"] != vae_info["sha256"]:
-        logger.warning(
-            "%s was pretrained on latents of another VAE (sha256 %s...) than %s (%s...): its features may not fit",
-            ssl_ckpt, str(ssl_info["vae_sha256"])[:12], vae_ckpt, str(vae_info["sha256"])[:12],
-        )
+    check_upstream(
+        ssl_ckpt, "the MeDUET encoder", "meduet_vae", ssl_info.get("vae_sha256"), vae_info.get("sha256"),
+        f"vae_ckpt {vae_ckpt}", "its features may not fit; pretrain meduet_ssl on latents of this VAE", warn=True,
+    )
     out.update(ssl_ckpt=str(ssl_ckpt), ssl_sha256=ssl_info.get("sha256") or file_sha256(ssl_ckpt), ssl_init=True)
     return out

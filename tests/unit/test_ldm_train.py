@@ -141,7 +141,7 @@ def test_tiny_training_run_lowers_the_validation_loss(tmp_path):
     ValidationHandler(validator=evaluator, interval=40).attach(trainer)
     bank = FactorBank(torch.zeros(8, 12), torch.zeros(8, 6), torch.zeros(8, dtype=torch.long), [{"latent": "x"}] * 8,
                       ["a"], {"ssl_sha256": "abc"}, tmp_path / "factor_bank.pt")
-    exporter = GeneratorExporter(ema, tmp_path / "models" / "model.pt", step, sched, bank, tmp_path / "none.json", every=0)
+    exporter = GeneratorExporter(ema, tmp_path / "models" / "model.pt", step, sched, bank, tmp_path / "none.json", policy="every 0")
     exporter.attach(trainer)
     trainer.run()
     after = evaluator.state.metrics["val_loss"]
@@ -285,7 +285,8 @@ def test_decoding_refuses_another_vae(tmp_path):
         save_stage_checkpoint(vae.state_dict(), paths[-1], "meduet_vae", network=network_args(vae), latent_channels=4)
     meta = {"vae_sha256": file_sha256(paths[0]), "vae_ckpt": str(paths[0])}
     assert load_matching_vae(paths[0], meta) is not None
-    with pytest.raises(CheckpointError, match="not the VAE whose latents trained this generator"):
+    with pytest.raises(CheckpointError, match=f"{paths[1]}: the generator was made with the meduet_vae checkpoint of "
+                                              f"sha256 {meta['vae_sha256'][:12]}.*{paths[0]}.*point vae_ckpt at"):
         load_matching_vae(paths[1], meta)
 
 

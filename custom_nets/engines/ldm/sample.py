@@ -34,8 +34,10 @@ from torch.utils.data import Dataset
 from custom_nets.engines.ldm.train import is_flow, scheduler_from_args
 from custom_nets.engines.ssl.factor_bank import FactorBank
 from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
-from custom_nets.utils.checkpoint import file_sha256, read_stage_meta
-from custom_nets.utils.errors import CheckpointError, InputError
+from custom_nets.nets.meduet import load_meduet
+from custom_nets.nets.vae import load_vae
+from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta
+from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import atomic_path, save_nifti
 from custom_nets.utils.visualize import central_slices
 
@@ -260,18 +262,12 @@ class FactorExtractor:
     def ssl_model(self) -> torch.nn.Module:
         """The MeDUET network of ``ssl_ckpt`` (built from its model.json, loaded strictly)."""
         if self._ssl is None:
-            from custom_nets.nets.meduet import MeDUET
-            from custom_nets.utils.checkpoint import load_stage_checkpoint
-
             meta = read_stage_meta(self.ssl_ckpt, "meduet_ssl")
-            if self.expect_ssl_sha256 and meta.get("sha256") != self.expect_ssl_sha256:
-                raise CheckpointError(
-                    f"{self.ssl_ckpt}: not the MeDUET checkpoint whose factors trained this generator "
-                    f"(sha256 {self.expect_ssl_sha256[:12]}... expected); point ssl_ckpt at that one"
-                )
-            net = MeDUET(**meta["network"])
-            load_stage_checkpoint(net, self.ssl_ckpt, "meduet_ssl")
-            self._ssl = net.to(self.device).eval()
+            check_upstream(
+                self.ssl_ckpt, "the generator's factor bank", "meduet_ssl", self.expect_ssl_sha256, meta.get("sha256"),
+                f"ssl_ckpt {self.ssl_ckpt}", "point ssl_ckpt at the MeDUET checkpoint whose factors trained this generator",
+            )
+            self._ssl = load_meduet(self.ssl_ckpt, self.device)[0]
         return self._ssl
 
     def latent_of(self, path: Path) -> torch.Tensor:
@@ -464,15 +460,12 @@ def prepare_sampling_batch(
 def load_matching_vae(vae_ckpt: str | Path, generator_meta: Mapping[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
     """The meduet_vae network to decode samples with, refused unless it is the VAE whose latents
     trained the generator (model.json ``vae_sha256``), since another VAE's latent space differs."""
-    from custom_nets.nets.vae import load_vae
-
-    want = generator_meta.get("vae_sha256")
     read_stage_meta(vae_ckpt, "meduet_vae")
-    if want and file_sha256(vae_ckpt) != want:
-        raise CheckpointError(
-            f"{vae_ckpt}: not the VAE whose latents trained this generator (sha256 {want[:12]}... expected, "
-            f"recorded from {generator_meta.get('vae_ckpt')}); point vae_ckpt at that checkpoint"
-        )
+    check_upstream(
+        vae_ckpt, "the generator", "meduet_vae", generator_meta.get("vae_sha256"), file_sha256(vae_ckpt),
+        f"vae_ckpt {vae_ckpt}", "point vae_ckpt at the VAE whose latents trained this generator",
+        recorded_from=generator_meta.get("vae_ckpt"),
+    )
     return load_vae(vae_ckpt, device)[0]
 
 

@@ -28,14 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.scheduler import Scheduler
 
 from custom_nets.data.latent_cache import open_latent
 from custom_nets.engines.common.ema import ema_update, make_teacher
+from custom_nets.engines.common.export import StageExporter
 from custom_nets.engines.ssl.factor_bank import FactorBank
-from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
+from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import read_json
 
@@ -340,10 +341,9 @@ class FlowMatchingValidationStep:
 # --------------------------------------------------------------------------------------------
 
 
-class GeneratorExporter:
-    """Writes the EMA generator as ``models/model.pt`` + ``model.json`` (stage meduet_ldm).
-
-    Attached to the trainer: after every ``every`` epochs and when training completes.
+class GeneratorExporter(StageExporter):
+    """Writes the EMA generator as ``models/model.pt`` + ``model.json`` (stage meduet_ldm), with what
+    sampling needs (scheduler, scale factor, condition sizes) and where the conditions came from.
 
     Args:
         ema: the EMA whose weights are exported (its module's ``network_args`` are recorded).
@@ -353,7 +353,8 @@ class GeneratorExporter:
         bank: the factor bank the conditions came from.
         latent_datalist: the latent datalist (its VAE checkpoint and hash are recorded).
         ssl_ckpt: the MeDUET checkpoint used to initialise the generator (None: random init).
-        every: export period in epochs (0: only at the end).
+        policy: "best", "final" or "every N" (:class:`~custom_nets.engines.common.export.StageExporter`).
+        evaluator: the validation evaluator (for "best").
     """
 
     def __init__(
@@ -365,25 +366,24 @@ class GeneratorExporter:
         bank: FactorBank,
         latent_datalist: str | Path,
         ssl_ckpt: str | Path | None = None,
-        every: int = 1,
+        policy: str = "every 1",
+        evaluator: Any | None = None,
     ) -> None:
-        self.ema, self.path, self.train_step, self.scheduler = ema, Path(path), train_step, scheduler
-        self.bank, self.latent_datalist, self.ssl_ckpt, self.every = bank, Path(latent_datalist), ssl_ckpt, every
+        super().__init__(None, path, STAGE, policy, evaluator)
+        self.ema, self.train_step, self.scheduler = ema, train_step, scheduler
+        self.bank, self.latent_datalist, self.ssl_ckpt = bank, Path(latent_datalist), ssl_ckpt
 
-    def attach(self, engine: Engine) -> None:
-        if self.every > 0:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
-        engine.add_event_handler(Events.COMPLETED, self)
+    def exported_network(self) -> torch.nn.Module:
+        return self.ema.module
 
-    def metadata(self, engine: Engine | None = None) -> dict[str, Any]:
+    def metadata(self, network: torch.nn.Module) -> dict[str, Any]:
         """The facts model.json records for sampling and for the next user."""
         vae = (read_json(self.latent_datalist).get("vae") or {}) if self.latent_datalist.is_file() else {}
-        net = self.ema.module
         return dict(
-            network=dict(net.network_args),
+            network=dict(network.network_args),
             scheduler=scheduler_args(self.scheduler),
             scale_factor=self.train_step.scale_factor,
-            latent_channels=int(net.in_channels),
+            latent_channels=int(network.in_channels),
             content_dim=self.bank.content_dim,
             style_dim=self.bank.style_dim,
             domains=self.bank.domains,
@@ -396,14 +396,7 @@ class GeneratorExporter:
             vae_sha256=vae.get("sha256"),
             ema_decay=self.ema.decay,
             ema_updates=int(self.ema.num_updates),
-            iterations=int(engine.state.iteration) if engine is not None else None,
         )
-
-    def __call__(self, engine: Engine) -> None:
-        if engine.state.iteration == 0:
-            return
-        info = save_stage_checkpoint(self.ema.module.state_dict(), self.path, STAGE, **self.metadata(engine))
-        logger.info("exported EMA generator to %s (sha256 %s...)", self.path, info["sha256"][:12])
 
 
 def check_ssl_consistency(bank: FactorBank, ssl_ckpt: str | Path | None, init: bool) -> None:
@@ -412,10 +405,8 @@ def check_ssl_consistency(bank: FactorBank, ssl_ckpt: str | Path | None, init: b
     if not (init and ssl_ckpt):
         return
     read_stage_meta(ssl_ckpt, "meduet_ssl")
-    want = bank.meta.get("ssl_sha256")
-    have = file_sha256(ssl_ckpt)
-    if want and want != have:
-        logger.warning(
-            "factor bank %s was computed with SSL checkpoint sha256 %s..., but the generator is initialised "
-            "from %s (sha256 %s...)", bank.path, str(want)[:12], ssl_ckpt, have[:12],
-        )
+    check_upstream(
+        bank.path, "the factor bank", "meduet_ssl", bank.meta.get("ssl_sha256"), file_sha256(ssl_ckpt),
+        f"ssl_ckpt {ssl_ckpt} (the generator's initialisation)",
+        "factors computed on the fly at inference would come from another model than the bank's", warn=True,
+    )

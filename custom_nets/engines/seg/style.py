@@ -20,28 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from custom_nets.utils.checkpoint import check_state_dict, load_state_dict, read_stage_meta
-from custom_nets.utils.errors import CheckpointError
+from custom_nets.nets.meduet import load_meduet
 from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_meduet", "StyleBank", "restyle_latent", "StyleAugmentedStep", "style_step_or_none"]
-
-
-def load_meduet(ssl_ckpt: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The full MeDUET network of a ``meduet_ssl`` checkpoint, frozen, in eval mode."""
-    from custom_nets.nets.meduet import MeDUET
-
-    info = read_stage_meta(ssl_ckpt, "meduet_ssl")
-    args = info.get("network")
-    if not isinstance(args, Mapping):
-        raise CheckpointError(f"{ssl_ckpt}: model.json records no 'network' arguments of MeDUET")
-    net = MeDUET(**args)
-    sd = load_state_dict(ssl_ckpt)
-    check_state_dict(sd, net, ssl_ckpt, "meduet_ssl")
-    net.load_state_dict(sd, strict=True)
-    return net.to(device).eval().requires_grad_(False)
+__all__ = ["StyleBank", "restyle_latent", "StyleAugmentedStep", "style_step_or_none"]
 
 
 class StyleBank:
@@ -121,7 +105,7 @@ class StyleAugmentedStep:
     """``iteration_update`` of a MONAI ``SupervisedTrainer`` adding style-augmented samples.
 
     Args:
-        meduet: frozen MeDUET network (:func:`load_meduet`), or None to train without augmentation.
+        meduet: frozen MeDUET network (:func:`custom_nets.nets.meduet.load_meduet`), or None to train without augmentation.
         prob: probability that a sample gets a restyled copy (0.3).
         alpha_range: range of the bank weight ``a`` (0.2, 0.5).
         weight: loss weight of the restyled samples (0.1 segmentation).
@@ -228,4 +212,4 @@ def style_step_or_none(enabled: bool, ssl_ckpt: str | Path | None, device: Any, 
     if as_path(ssl_ckpt) is None:
         raise ValueError("style augmentation needs the MeDUET model: set ssl_ckpt to a meduet_ssl checkpoint")
     logger.info("style augmentation on (MeDUET from %s)", ssl_ckpt)
-    return StyleAugmentedStep(load_meduet(ssl_ckpt, device), **kwargs)
+    return StyleAugmentedStep(load_meduet(ssl_ckpt, device)[0], **kwargs)

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from monai.utils import CommonKeys
 
+from custom_nets.engines.common.export import StageExporter
 from custom_nets.engines.common.step import scalars
 from custom_nets.losses.vae import VAELoss
 from custom_nets.nets.vae import STAGE, decode_latent, encode_volume, load_maisi_weights, network_args
-from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path, save_stage_checkpoint
+from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path
 from custom_nets.utils.parallel import unwrap
 from custom_nets.utils.values import as_path
 from custom_nets.utils.visualize import save_slice_montage
@@ -219,66 +220,23 @@ class ReconstructionMontageHandler:
         logger.info("saved %s", path)
 
 
-class VAEExporter:
-    """Export the VAE as ``model.pt`` + ``model.json`` (stage meduet_vae).
-
-    Exports whenever the evaluator's key metric improves (``export="best"``), and at the end of
-    training if no validation ever ran (or always, with ``export="final"``). "Improves" is the
-    evaluator's own best-metric bookkeeping, which a resumed run restores (see
-    :class:`custom_nets.engines.common.resume.ResumableCheckpoint`): a resumed run neither re-exports
-    a worse model nor replaces the best one by the final weights.
+class VAEExporter(StageExporter):
+    """Export the VAE as ``model.pt`` + ``model.json`` (stage meduet_vae), with its constructor
+    arguments, latent channels and the evaluator's last metrics.
 
     Args:
         network: the trained VAE (possibly DDP-wrapped).
         path: destination ``models/model.pt``.
         evaluator: the validation evaluator (its key metric decides "best").
-        export: "best" or "final".
+        policy: "best", "final" or "every N" (:class:`~custom_nets.engines.common.export.StageExporter`).
         extra: more metadata for model.json (e.g. crop size, data).
     """
 
     def __init__(self, network: torch.nn.Module, path: str | Path, evaluator: Any | None = None,
-                 export: str = "best", extra: Mapping[str, Any] | None = None) -> None:
-        if export not in ("best", "final"):
-            raise ValueError(f"export must be 'best' or 'final', got {export!r}")
-        self.network, self.path, self.evaluator = network, Path(path), evaluator
-        self.export, self.extra = export, dict(extra or {})
-        self.trainer: Any = None
+                 policy: str = "best", extra: Mapping[str, Any] | None = None) -> None:
+        super().__init__(network, path, STAGE, policy, evaluator, extra)
 
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        self.trainer = engine
-        if self.evaluator is not None and self.export == "best":
-            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._on_validation)
-        engine.add_event_handler(Events.COMPLETED, self._on_completed)
-
-    def _metrics(self) -> dict[str, float]:
-        if self.evaluator is None:
-            return {}
-        return {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
-
-    def _on_validation(self, evaluator: Any) -> None:
-        # MONAI's evaluator updates best_metric / best_metric_epoch before later handlers run
-        if evaluator.state.key_metric_name and evaluator.state.best_metric_epoch == evaluator.state.epoch:
-            self.save("best")
-
-    def _best_exported(self) -> bool:
-        if self.evaluator is None or self.export != "best":
-            return False
-        return int(getattr(self.evaluator.state, "best_metric_epoch", -1)) > 0
-
-    def _on_completed(self, engine: Any) -> None:
-        if self.export == "final" or not self._best_exported():
-            self.save("final")
-
-    def save(self, kind: str) -> dict[str, Any]:
-        """Write the checkpoint now. Returns the metadata written."""
-        net = unwrap(self.network)
-        trainer_state = self.trainer.state if self.trainer is not None else None
-        info = save_stage_checkpoint(
-            net.state_dict(), self.path, STAGE, network=network_args(net), latent_channels=int(net.latent_channels),
-            export=kind, epoch=int(getattr(trainer_state, "epoch", 0) or 0),
-            iteration=int(getattr(trainer_state, "iteration", 0) or 0), metrics=self._metrics(), **self.extra,
-        )
-        logger.info("exported %s VAE to %s (epoch %s, metrics %s)", kind, self.path, info["epoch"], info["metrics"])
-        return info
+    def metadata(self, network: torch.nn.Module) -> dict[str, Any]:
+        metrics = {} if self.evaluator is None else {
+            k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
+        return {"network": network_args(network), "latent_channels": int(network.latent_channels), "metrics": metrics}
