@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from custom_nets.utils.checkpoint import (
     check_state_dict,
@@ -421,7 +422,6 @@ def _crop(t: torch.Tensor, sl: Sequence[slice]) -> torch.Tensor:
 def _progress(items: list, desc: str, enabled: bool) -> Any:
     if not enabled:
         return items
-    from tqdm import tqdm
 
     return tqdm(items, desc=desc, leave=False)
 

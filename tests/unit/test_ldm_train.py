@@ -16,11 +16,8 @@ from torch.utils.data import DataLoader
 from custom_nets.data.latent_datasets import ConditionedLatentDataset, conditioned_dataset, random_crop
 from custom_nets.engines.common.export import lower_is_better
 from custom_nets.engines.ssl.factor_bank import FactorBank
-from custom_nets.engines.ldm.train import (
-    EMAModel,
-    FlowMatchingStep,
-    FlowMatchingValidationStep,
-    GeneratorExporter,
+from custom_nets.engines.common.ema import EMAModel
+from custom_nets.engines.ldm.objective import (
     diffusion_loss,
     latent_scale_factor,
     make_scheduler,
@@ -28,7 +25,9 @@ from custom_nets.engines.ldm.train import (
     scheduler_from_args,
     training_target,
 )
-from custom_nets.engines.ldm.sample import GuidedSampler, SamplingJobs, default_rows, resolve_sources, sample_latents
+from custom_nets.engines.ldm.train import FlowMatchingStep, FlowMatchingValidationStep, GeneratorExporter
+from custom_nets.engines.ldm.sample import GuidedSampler, SamplingJobs, sample_latents
+from custom_nets.engines.ldm.sources import default_rows, resolve_sources
 from custom_nets.nets.latent_dit import LatentDiT
 from custom_nets.utils.checkpoint import load_stage_checkpoint, read_stage_meta
 from custom_nets.utils.errors import InputError, InputErrors
@@ -292,8 +291,8 @@ def test_decoding_refuses_another_vae(tmp_path):
 
 def test_grid_shows_the_sources_beside_the_samples(tmp_path):
     """The grid's margins hold each source's centred latent window decoded like the samples."""
-    from custom_nets.engines.ldm.sample import (DecodeLatentd, FactorSource, SampleGridHandler, SourcePreview,
-                                                   centre_window)
+    from custom_nets.engines.ldm.sample import DecodeLatentd, SampleGridHandler, SourcePreview, centre_window
+    from custom_nets.engines.ldm.sources import FactorSource
     from custom_nets.nets.vae import decode_latent, maisi_vae
 
     torch.manual_seed(0)

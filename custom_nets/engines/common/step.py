@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ignite.handlers import ProgressBar
+
 __all__ = ["as_decollated", "first_item", "scalars", "LossProgressBar"]
 
 
@@ -63,8 +65,6 @@ class LossProgressBar:
     """
 
     def __init__(self, keys: Sequence[str] = ("loss",), persist: bool = False) -> None:
-        from ignite.handlers import ProgressBar
-
         self.keys = list(keys)
         self.bar = ProgressBar(persist=persist)
 

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Events
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from custom_nets.nets.meduet import load_meduet
@@ -133,8 +136,6 @@ class StyleAugmentedStep:
         self.restyled_this_epoch = 0
 
     def _attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         if id(engine) not in self._attached:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._end_epoch)
             self._attached.add(id(engine))
@@ -145,9 +146,6 @@ class StyleAugmentedStep:
         self.bank.end_epoch()
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        from monai.engines.utils import IterationEvents
-        from monai.utils.enums import CommonKeys as Keys
-
         self._attach(engine)
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         image, label = batch[0], batch[1]

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from torch import nn
 
 from custom_nets.engines.common.export import StageExporter
 from custom_nets.utils.checkpoint import read_stage_meta
+from custom_nets.utils.overlay import save_label_overlay
 from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
@@ -146,15 +148,12 @@ class ValidationOverlayHandler:
         self.image_key, self.pred_key, self.label_key = image_key, pred_key, label_key
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Any) -> None:
         # first iteration of each validation run only
         if (engine.state.iteration - 1) % max(1, engine.state.epoch_length or 1) != 0:
             return
-        from custom_nets.utils.overlay import save_label_overlay
 
         out = engine.state.output
         item = out[0] if isinstance(out, list) else out

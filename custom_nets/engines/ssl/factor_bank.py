@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ignite.engine import Events
 from monai.engines import Evaluator
 from monai.inferers import Inferer
 
@@ -462,8 +463,6 @@ class FactorBankWriter:
         return rows
 
     def attach(self, engine: Evaluator) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.STARTED, lambda e: self.results.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self.write)

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Events
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import PatchDiscriminator
 from monai.utils import CommonKeys
 
 from custom_nets.engines.common.export import StageExporter
@@ -32,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 def patch_discriminator(channels: int = 64, num_layers_d: int = 3, in_channels: int = 1) -> torch.nn.Module:
     """MONAI ``PatchDiscriminator`` as in MAISI's VAE training (3-D, instance norm, leaky ReLU)."""
-    from monai.networks.nets import PatchDiscriminator
-
     return PatchDiscriminator(spatial_dims=3, num_layers_d=num_layers_d, channels=channels, in_channels=in_channels,
                               out_channels=1, norm="INSTANCE")
 
@@ -103,7 +104,6 @@ class VAETrainStep:
     ) -> None:
         if discriminator is not None and disc_optimizer is None:
             raise ValueError("a discriminator needs disc_optimizer")
-        from monai.losses import PatchAdversarialLoss
 
         self.loss, self.discriminator, self.disc_optimizer = loss, discriminator, disc_optimizer
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
@@ -194,8 +194,6 @@ class ReconstructionMontageHandler:
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep_first)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
