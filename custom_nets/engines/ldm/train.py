@@ -21,6 +21,7 @@ from monai.networks.schedulers.scheduler import Scheduler
 
 from custom_nets.engines.common.ema import EMAModel
 from custom_nets.engines.common.export import StageExporter
+from custom_nets.engines.common.step import engine_amp, optimizer_step
 from custom_nets.engines.ldm.objective import diffusion_loss, is_flow, scheduler_args
 from custom_nets.engines.ssl.factor_bank import FactorBank
 from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta
@@ -81,27 +82,13 @@ class FlowMatchingStep:
         style = batch["style"].to(device, torch.float32)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        use_amp = bool(engine.amp) and device.type == "cuda"
-        with torch.autocast("cuda", enabled=use_amp):
+        autocast, scaler = engine_amp(engine)
+        with autocast:
             loss = diffusion_loss(self._forward(engine), x0, content, style, self.scheduler, loss_fn=engine.loss_function)
-        if use_amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.scaler.unscale_(engine.optimizer)
-            grad_norm = self._clip(engine)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            grad_norm = self._clip(engine)
-            engine.optimizer.step()
+        grad_norm = optimizer_step(loss, engine.optimizer, engine.network.parameters(), scaler, self.grad_clip)
         if self.ema is not None:
             self.ema.update(engine.network)
         return {"loss": float(loss.detach()), "grad_norm": grad_norm}
-
-    def _clip(self, engine: Engine) -> float:
-        if self.grad_clip is None:
-            return float("nan")
-        return float(torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip))
 
 
 class FlowMatchingValidationStep:

@@ -23,6 +23,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from custom_nets.engines.common.step import clip_and_step, engine_amp, scaled_backward
 from custom_nets.nets.meduet import load_meduet
 from custom_nets.utils.values import as_path
 
@@ -186,18 +187,12 @@ class StyleAugmentedStep:
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             return loss
 
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                loss = compute()
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
+        autocast, scaler = engine_amp(engine)
+        with autocast:
             loss = compute()
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+        scaled_backward(loss, scaler)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        clip_and_step(engine.optimizer, engine.network.parameters(), scaler)
         self.restyled_this_epoch += int(len(aug_idx))
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

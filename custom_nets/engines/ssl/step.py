@@ -26,9 +26,7 @@ import ctypes
 import logging
 import math
 import sys
-import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +36,7 @@ from torch.profiler import record_function
 
 from custom_nets.engines.common.ema import cosine_momentum, ema_update, make_teacher
 from custom_nets.engines.common.schedule import warmup_cosine_scheduler
+from custom_nets.engines.common.step import clip_and_step, precision_autocast, resolve_precision, scaled_backward
 from custom_nets.engines.ssl.reencode import streamed_reencode_loss
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.losses.domain import domain_loss
@@ -50,8 +49,6 @@ __all__ = [
     "MeDUETTrainStep",
     "param_groups_no_decay",
     "build_optimizer",
-    "resolve_precision",
-    "cpu_has_native_bf16",
     "set_malloc_mmap_threshold",
 ]
 
@@ -115,35 +112,6 @@ def set_malloc_mmap_threshold(threshold_bytes: int) -> bool:
         return bool(libc.mallopt(-3, int(threshold_bytes)))  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (AVX-512 BF16 / AMX) that oneDNN uses."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"fp32", "bf16" or "fp16" for ``device``.
-
-    "auto" picks bf16 on CUDA GPUs and CPUs with native bf16, fp32 on other CPUs. "fp16" (with
-    gradient scaling) is a CUDA option. "bf16" on a CPU without native bf16 runs, much slower than
-    fp32 (emulated matrix products), and warns.
-    """
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
-    cuda = device.type == "cuda"
-    if precision == "auto":
-        if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise ValueError("precision 'fp16' (with gradient scaling) needs a CUDA device; use 'bf16' or 'fp32'")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("this CPU has no native bfloat16 instructions: bf16 autocast will be slower than fp32", stacklevel=2)
-    return precision
 
 
 @dataclass
@@ -249,10 +217,7 @@ class MeDUETTrainStep:
     # ---------------------------------------------------------------- pieces
     def autocast(self):
         """Autocast context for the configured precision (a no-op for fp32)."""
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return precision_autocast(self.device, self.precision)
 
     @property
     def mftd_active(self) -> bool:
@@ -387,17 +352,10 @@ class MeDUETTrainStep:
                 f"{k}={v:.4g}" for k, v in zip(parts, values)
             ))
         with record_function("meduet.backward"):
-            self.scaler.scale(total).backward()
+            scaled_backward(total, self.scaler)
         del total
         with record_function("meduet.optimizer"):
-            self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            grad_norm = clip_and_step(self.optimizer, self.model.parameters(), self.scaler, cfg.grad_clip, measure_norm=True)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
         momentum = cosine_momentum(self.step, cfg.total_steps, cfg.momentum_base, cfg.momentum_final)

@@ -22,7 +22,7 @@ from monai.networks.nets import PatchDiscriminator
 from monai.utils import CommonKeys
 
 from custom_nets.engines.common.export import StageExporter
-from custom_nets.engines.common.step import scalars
+from custom_nets.engines.common.step import optimizer_step, scalars
 from custom_nets.losses.vae import VAELoss
 from custom_nets.nets.vae import STAGE, decode_latent, encode_volume, load_maisi_weights, network_args
 from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path
@@ -134,10 +134,7 @@ class VAETrainStep:
         if not torch.isfinite(loss_g):
             raise FloatingPointError(f"VAE loss is {loss_g.item()} at iteration {engine.state.iteration}; lower the "
                                      f"learning rate or check the input intensities (expected 0..1)")
-        loss_g.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
-        engine.optimizer.step()
+        optimizer_step(loss_g, engine.optimizer, engine.network.parameters(), grad_clip=self.grad_clip)
         disc_loss = torch.zeros((), device=images.device)
         if adversarial:
             unwrap(self.discriminator).requires_grad_(True)
@@ -148,8 +145,7 @@ class VAETrainStep:
             loss_fake = self.adv_loss(logits[:n], target_is_real=False, for_discriminator=True)
             loss_real = self.adv_loss(logits[n:], target_is_real=True, for_discriminator=True)
             disc_loss = 0.5 * (loss_fake + loss_real)
-            (self.adv_weight * disc_loss).backward()
-            self.disc_optimizer.step()
+            optimizer_step(self.adv_weight * disc_loss, self.disc_optimizer, self.discriminator.parameters())
         return {
             CommonKeys.IMAGE: images,
             CommonKeys.PRED: recon.detach(),
