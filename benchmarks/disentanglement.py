@@ -255,7 +255,7 @@ def encode_phantoms(datalist: dict[str, Any], tokenizer: Any, vae_record: dict[s
 def evaluate(ssl_ckpt: Path, latent_datalist: Path, images: dict[str, np.ndarray], tokenizer: Any, max_pairs: int,
              crop: int, seed: int, out: Path, tag: str) -> dict[str, Any]:
     from custom_nets.data.latent_cache import load_latent_datalist
-    from custom_nets.engines.ssl.model import load_meduet
+    from custom_nets.nets.meduet import load_meduet
     from custom_nets.utils.visualize import save_slice_montage
 
     net, meta = load_meduet(ssl_ckpt)

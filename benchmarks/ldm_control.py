@@ -32,9 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from custom_nets.engines.ldm.train import scheduler_from_args
+    from custom_nets.engines.ldm.objective import scheduler_from_args
     from custom_nets.engines.ssl.factor_bank import FactorBank
-    from custom_nets.engines.ldm.sample import FactorExtractor, default_rows, sample_latents
+    from custom_nets.engines.ldm.sample import sample_latents
+    from custom_nets.engines.ldm.sources import FactorExtractor, default_rows
     from custom_nets.nets.latent_dit import LatentDiT
     from custom_nets.utils.checkpoint import load_stage_checkpoint, read_stage_meta
 

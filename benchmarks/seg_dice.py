@@ -233,7 +233,7 @@ def evaluate(model: Path, datalist: Path, threads: int) -> list[dict[str, Any]]:
     from meduet_demo.phantoms import PHANTOM_LABELS
     from custom_nets.data.transforms import preprocess_transforms
     from custom_nets.engines.seg.inference import LatentSlidingWindowInferer
-    from custom_nets.nets.latent_segmenter import build_segmenter, load_segmenter_weights
+    from custom_nets.engines.seg.model import build_segmenter, load_segmenter_weights
 
     torch.set_num_threads(threads)
     net = build_segmenter({}, model_ckpt=model)

@@ -154,7 +154,7 @@ def export_segmenter_onnx(
 
     import torch
 
-    from custom_nets.nets.latent_segmenter import build_segmenter, load_segmenter_weights, require_checkpoint
+    from custom_nets.engines.seg.model import build_segmenter, load_segmenter_weights, require_checkpoint
 
     require_checkpoint(model_path)
     net = build_segmenter({}, model_ckpt=model_path)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from custom_nets.utils.checkpoint import check_upstream, read_stage_meta
 from custom_nets.utils.errors import InputError, InputErrors
 from custom_nets.utils.io import atomic_path, read_json
 
@@ -101,6 +102,7 @@ def load_latent_datalist(
     keys: Sequence[str] = ("training",),
     vae_sha256: str | None = None,
     latent_channels: int | None = None,
+    vae_source: str = "the configured VAE",
 ) -> dict[str, Any]:
     """Read and validate a latent datalist.
 
@@ -109,6 +111,7 @@ def load_latent_datalist(
         keys: splits that must be present and non-empty (others present are loaded too).
         vae_sha256: if given, the cache must have been encoded with this VAE checkpoint.
         latent_channels: if given, every latent must have this many channels.
+        vae_source: names the configured VAE in the message (e.g. ``"vae_ckpt models/model.pt"``).
 
     Returns:
         The datalist with ``"latent"`` (and relative ``image``/``label``) paths made absolute.
@@ -122,12 +125,11 @@ def load_latent_datalist(
     if not isinstance(data, dict) or not isinstance(data.get("domains"), list):
         raise InputError(path, "not a latent datalist (needs 'domains' and splits such as 'training')")
     vae = data.get("vae") or {}
-    if vae_sha256 is not None and vae.get("sha256") != vae_sha256:
-        raise InputError(
-            path,
-            f"latents were encoded with VAE sha256 {str(vae.get('sha256'))[:12]}... but the configured VAE is "
-            f"{vae_sha256[:12]}...; re-run meduet_vae inference with this VAE or point vae_ckpt at "
-            f"{vae.get('ckpt', 'the VAE that wrote the cache')}",
+    if vae_sha256 is not None:
+        check_upstream(
+            path, "the latent cache", "meduet_vae", vae.get("sha256"), vae_sha256, vae_source,
+            f"re-run meduet_vae inference with this VAE or point vae_ckpt at {vae.get('ckpt', 'the VAE that wrote the cache')}",
+            recorded_from=vae.get("ckpt"), error=InputError, required=True,
         )
     if latent_channels is not None and vae.get("latent_channels") != latent_channels:
         raise InputError(path, f"latents have {vae.get('latent_channels')} channels; the configured network "
@@ -169,7 +171,6 @@ def check_cache_matches_vae(latent_datalist: str | Path, vae_ckpt: str | Path) -
     Returns:
         The validated latent datalist (see :func:`load_latent_datalist`).
     """
-    from custom_nets.utils.checkpoint import read_stage_meta
-
     meta = read_stage_meta(vae_ckpt, "meduet_vae")
-    return load_latent_datalist(latent_datalist, vae_sha256=meta["sha256"], latent_channels=meta.get("latent_channels"))
+    return load_latent_datalist(latent_datalist, vae_sha256=meta["sha256"], latent_channels=meta.get("latent_channels"),
+                                vae_source=f"vae_ckpt {vae_ckpt}")

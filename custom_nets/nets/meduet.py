@@ -24,12 +24,14 @@ source at that source's positions, all other positions hold the learned mask tok
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from custom_nets.losses.domain import grad_reverse
+from custom_nets.utils.checkpoint import load_stage_network
 from custom_nets.nets.vit import (
     Block,
     LatentViTEncoder,
@@ -41,13 +43,17 @@ from custom_nets.nets.vit import (
     vit_encoder_config,
 )
 
-__all__ = ["MeDUET", "meduet_config", "random_mix_mask", "split_ids", "gather_tokens", "mix_tokens"]
+__all__ = ["MeDUET", "load_meduet", "meduet_config", "random_mix_mask", "split_ids", "gather_tokens", "mix_tokens"]
 
 CHECKPOINT_PARTS = ("mixture", "decoder")
 
 # --------------------------------------------------------------------------------------------
 # Sizes
 # --------------------------------------------------------------------------------------------
+
+
+#: The stage whose checkpoints hold a MeDUET network.
+STAGE = "meduet_ssl"
 
 
 def meduet_config(size: str = "paper") -> dict[str, Any]:
@@ -493,3 +499,13 @@ class MeDUET(nn.Module):
         if mask is None:
             return self.encode_factors(x)
         return self.forward_pretrain(x, mask, swap_styles)
+
+
+def load_meduet(ssl_ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[MeDUET, dict[str, Any]]:
+    """The MeDUET network of a meduet_ssl checkpoint, built from its ``model.json`` and loaded strictly
+    (eval mode, no gradients), with the checkpoint's metadata (:func:`~custom_nets.utils.checkpoint.load_stage_network`).
+
+    Returns:
+        ``(network, metadata)``.
+    """
+    return load_stage_network(ssl_ckpt, STAGE, lambda args: MeDUET(**args), device)  # type: ignore[return-value]

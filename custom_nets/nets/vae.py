@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from custom_nets.utils.checkpoint import (
     check_state_dict,
-    load_stage_checkpoint,
+    load_stage_network,
     meta_path,
     read_stage_meta,
     save_stage_checkpoint,
@@ -157,16 +158,10 @@ def load_vae(ckpt_path: str | Path, device: str | torch.device = "cpu", **runtim
     Returns:
         ``(network in eval mode without gradients, metadata dict)``.
     """
-    meta = read_stage_meta(ckpt_path, STAGE)
-    if "network" not in meta:
-        raise CheckpointError(f"{ckpt_path}: model.json has no 'network' arguments; re-export with meduet_vae")
     device = torch.device(device)
     if device.type != "cuda":
         runtime["norm_float16"] = False
-    net = maisi_vae(**{**meta["network"], **runtime})
-    load_stage_checkpoint(net, ckpt_path, STAGE)
-    net.to(device).eval().requires_grad_(False)
-    return net, meta
+    return load_stage_network(ckpt_path, STAGE, lambda args: maisi_vae(**{**args, **runtime}), device)
 
 
 #: Keys under which training scripts commonly nest a state_dict.
@@ -427,7 +422,6 @@ def _crop(t: torch.Tensor, sl: Sequence[slice]) -> torch.Tensor:
 def _progress(items: list, desc: str, enabled: bool) -> Any:
     if not enabled:
         return items
-    from tqdm import tqdm
 
     return tqdm(items, desc=desc, leave=False)
 

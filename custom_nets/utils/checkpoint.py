@@ -6,21 +6,33 @@
     {"stage": "meduet_vae", "network": {...constructor args...}, "latent_channels": 4,
      "upstream_sha256": "...", "sha256": "<sha256 of model.pt>"}
 
-Downstream bundles find their upstream checkpoint through one config id (``vae_ckpt``,
-``ssl_ckpt``) and call :func:`load_stage_checkpoint`, which refuses a missing checkpoint, one from
-another stage, or one whose tensors do not fit the network, naming the bundle to train first.
+The stage contract, in one place:
+
+- :func:`save_stage_checkpoint` writes a stage's network (the exporter of every train config,
+  :class:`custom_nets.engines.common.export.StageExporter`, calls it);
+- :func:`load_stage_network` builds a stage's network from the arguments in its ``model.json`` and
+  loads it; :func:`load_stage_checkpoint` loads into a network the caller built (both refuse a
+  missing checkpoint, one from another stage, or one whose tensors do not fit the network, naming
+  the bundle to train first);
+- :func:`check_upstream` refuses (or warns about) an output made with another upstream checkpoint
+  than the configured one, with one message format.
+
+Downstream bundles find their upstream checkpoint through one config id (``vae_ckpt``, ``ssl_ckpt``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.errors import CheckpointError, InputError
 from custom_nets.utils.io import atomic_path, file_sha256, read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 STAGE_BUNDLES = {
     "meduet_vae": "bundles/meduet_vae",
@@ -141,14 +153,114 @@ def check_state_dict(
 
 
 def load_stage_checkpoint(
-    module: torch.nn.Module, path: str | Path, stage: str, allow_missing: tuple[str, ...] = ()
+    module: torch.nn.Module, path: str | Path, stage: str, allow_missing: tuple[str, ...] = (), prefix: str = ""
 ) -> dict[str, Any]:
-    """Check stage and shapes, then load ``path`` into ``module`` strictly. Returns the metadata."""
+    """Check stage and shapes, then load ``path`` into ``module`` strictly. Returns the metadata.
+
+    Args:
+        module: the network (or the part of it that ``prefix`` selects).
+        path: the stage checkpoint.
+        stage: the stage that must have written it.
+        allow_missing: key prefixes of ``module`` that may be absent from the checkpoint.
+        prefix: load only the checkpoint's tensors under this prefix (e.g. ``"encoder."``), with
+            the prefix removed; the checkpoint must have some.
+    """
     info = read_stage_meta(path, stage)
     sd = load_state_dict(path)
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(f"{path}: no '{prefix}*' tensors; is this a {stage} checkpoint?")
     check_state_dict(sd, module, path, stage, allow_missing=allow_missing)
     module.load_state_dict(sd, strict=not allow_missing)
     return info
+
+
+def load_stage_network(
+    path: str | Path,
+    stage: str,
+    build: Callable[[Mapping[str, Any]], torch.nn.Module],
+    device: str | torch.device = "cpu",
+    frozen: bool = True,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build a stage's network from the constructor arguments in its ``model.json`` and load its weights.
+
+    Args:
+        path: the stage checkpoint (``model.pt``).
+        stage: the stage that must have written it.
+        build: constructor arguments (``model.json``'s ``network``) -> network.
+        device: where to put the network.
+        frozen: eval mode without gradients (what an upstream network used by a later stage needs).
+
+    Returns:
+        ``(network, metadata)``.
+
+    Raises:
+        CheckpointError: missing checkpoint, another stage, no recorded arguments, or tensors that
+            do not fit (each naming the file and the bundle to train).
+    """
+    meta = read_stage_meta(path, stage)
+    args = meta.get("network")
+    if not isinstance(args, Mapping):
+        raise CheckpointError(f"{meta_path(path)}: no 'network' arguments recorded; re-export the checkpoint with "
+                              f"{STAGE_BUNDLES.get(stage, stage)}")
+    net = build(args)
+    load_stage_checkpoint(net, path, stage)
+    net = net.to(device)
+    if frozen:
+        net.eval().requires_grad_(False)
+    return net, meta
+
+
+def check_upstream(
+    source: str | Path,
+    made: str,
+    stage: str,
+    recorded_sha256: str | None,
+    expected_sha256: str | None,
+    expected_by: str,
+    fix: str,
+    recorded_from: str | Path | None = None,
+    error: type[Exception] = CheckpointError,
+    required: bool = False,
+    warn: bool = False,
+) -> bool:
+    """Refuse (or, with ``warn``, log) an output made with another upstream checkpoint than the one configured.
+
+    One message format for every stage::
+
+        {source}: {made} was made with the {stage} checkpoint of sha256 {recorded}... ({recorded_from}),
+        but {expected_by} has sha256 {expected}...; {fix}
+
+    Args:
+        source: the file (or config id) the message starts with: the one to change.
+        made: what was made with the upstream (``"the latent cache"``, ``"the generator"`` ...).
+        stage: the upstream stage (``meduet_vae``, ``meduet_ssl``).
+        recorded_sha256: the upstream's sha256 that ``made`` records.
+        expected_sha256: the sha256 of the upstream the configuration uses.
+        expected_by: names that upstream (``"vae_ckpt models/model.pt"``).
+        fix: what to do, in words.
+        recorded_from: the upstream checkpoint path ``made`` records, if any.
+        error: :class:`CheckpointError` or :class:`InputError` (the kind of ``source``).
+        required: a missing ``recorded_sha256`` is a mismatch too (otherwise a side that records
+            none is not checked).
+        warn: log a warning instead of raising.
+
+    Returns:
+        True when the two agree (or one is not recorded and not ``required``).
+    """
+    if not expected_sha256 or (not recorded_sha256 and not required) or recorded_sha256 == expected_sha256:
+        return True
+    problem = (
+        f"{made} was made with the {stage} checkpoint of sha256 {str(recorded_sha256)[:12]}... "
+        f"({recorded_from or 'path not recorded'}), but {expected_by} has sha256 {expected_sha256[:12]}...; {fix}"
+    )
+    if warn:
+        logger.warning("%s: %s", source, problem)
+        return False
+    if issubclass(error, InputError):
+        raise error(source, problem)
+    raise error(f"{source}: {problem}")
 
 
 def write_stage_meta(path: str | Path, stage: str, **meta: Any) -> dict[str, Any]:

@@ -112,6 +112,7 @@ def test_ssl_inference_refuses_latents_of_another_vae(config: str, upstream: dic
         workflow.run()
     message = _causes(info.value)
     have = file_sha256(upstream["vae_ckpt"])
-    assert f"{upstream['latent_datalist']}: latents encoded by the VAE with sha256 {have[:12]}" in message, message
-    assert f"{ssl_ckpt} was trained on latents of the VAE with sha256 {other[:12]}" in message
+    assert (f"{upstream['latent_datalist']}: the latent cache was made with the meduet_vae checkpoint of sha256 "
+            f"{have[:12]}") in message, message
+    assert f"the VAE of the latents ssl_ckpt {ssl_ckpt} was trained on has sha256 {other[:12]}" in message
     assert not out.exists() or not any(out.rglob("*"))

@@ -98,7 +98,7 @@ def test_inference_without_model_names_the_bundle_to_train(trained: dict, repo_r
 def test_verify_net_in_out_and_torchscript_export(trained: dict, repo_root: Path, tmp_path: Path) -> None:
     from monai.bundle import ckpt_export, verify_net_in_out
 
-    from custom_nets.nets.latent_segmenter import build_segmenter, load_segmenter_weights
+    from custom_nets.engines.seg.model import build_segmenter, load_segmenter_weights
 
     model = trained["bundle_root"] / "models" / "model.pt"
     common = dict(meta_file=str(repo_root / CONFIGS / "metadata.json"),

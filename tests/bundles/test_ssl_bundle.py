@@ -19,7 +19,8 @@ import torch
 
 from custom_nets.data.latent_cache import write_latent
 from custom_nets.engines.ssl.factor_bank import FactorBank, meduet_factor_fn, volume_factors
-from custom_nets.engines.ssl.model import build_meduet, load_meduet, meduet_network_args
+from custom_nets.engines.ssl.model import build_meduet, meduet_network_args
+from custom_nets.nets.meduet import load_meduet
 from custom_nets.nets.vae import maisi_vae, network_args
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
 from custom_nets.utils.errors import CheckpointError

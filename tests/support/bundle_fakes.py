@@ -97,7 +97,7 @@ def _factor_bank(root: Path, latent_datalist: Path, ssl_ckpt: Path, ssl_net: Any
 
 
 def _seg(root: Path, vae_ckpt: Path, ssl_ckpt: Path) -> Path:
-    from custom_nets.nets.latent_segmenter import build_segmenter
+    from custom_nets.engines.seg.model import build_segmenter
     from custom_nets.utils.checkpoint import file_sha256, save_stage_checkpoint
 
     net = build_segmenter({"num_classes": len(LABELS), "roi_size": [SEG_ROI] * 3, "feature_size": 4,
@@ -110,7 +110,7 @@ def _seg(root: Path, vae_ckpt: Path, ssl_ckpt: Path) -> Path:
 
 
 def _ldm(root: Path, vae_ckpt: Path, ssl_ckpt: Path, ssl_net: Any, factor_bank: Path, latent_datalist: Path) -> Path:
-    from custom_nets.engines.ldm.train import make_scheduler, scheduler_args
+    from custom_nets.engines.ldm.objective import make_scheduler, scheduler_args
     from custom_nets.nets.latent_dit import LatentDiT
     from custom_nets.utils.checkpoint import file_sha256, save_stage_checkpoint
 

@@ -200,7 +200,7 @@ def test_segmenter_exports_to_onnx_matching_eager(tmp_path_factory: pytest.TempP
     import onnxruntime
     import torch
 
-    from custom_nets.nets.latent_segmenter import build_segmenter, load_segmenter_weights
+    from custom_nets.engines.seg.model import build_segmenter, load_segmenter_weights
 
     onnx.checker.check_model(str(out))
     net = build_segmenter({}, model_ckpt=world["seg_model"])

@@ -77,7 +77,9 @@ def ldm_grads(rank: int, ddp: bool, clip: float | None) -> dict[str, torch.Tenso
     """Gradient of one FlowMatchingStep (rectified flow, condition dropout, EMA) on rank ``rank``'s half."""
     from monai.inferers import SimpleInferer
 
-    from custom_nets.engines.ldm.train import EMAModel, FlowMatchingStep, make_scheduler
+    from custom_nets.engines.common.ema import EMAModel
+    from custom_nets.engines.ldm.objective import make_scheduler
+    from custom_nets.engines.ldm.train import FlowMatchingStep
 
     net = ldm_net()
     g = torch.Generator().manual_seed(2)
@@ -102,7 +104,7 @@ SEG_ARGS = {"encoder": {"in_channels": 4, "patch_size": 4, "embed_dim": 48, "dep
 
 
 def seg_net() -> torch.nn.Module:
-    from custom_nets.nets.latent_segmenter import build_segmenter
+    from custom_nets.engines.seg.model import build_segmenter
     from custom_nets.nets.vae import vae_config
 
     torch.manual_seed(0)

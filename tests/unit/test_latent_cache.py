@@ -117,7 +117,8 @@ def test_latent_datalist_validation(tmp_path: Path) -> None:
     data = load_latent_datalist(path, vae_sha256="b" * 64, latent_channels=4)
     assert len(data["training"]) == 2 and data["domains"] == ["d0", "d1"]
 
-    with pytest.raises(InputError, match=r"datalist\.json: latents were encoded with VAE sha256 bbbbbbbbbbbb"):
+    with pytest.raises(InputError, match=r"datalist\.json: the latent cache was made with the meduet_vae checkpoint "
+                                          r"of sha256 bbbbbbbbbbbb.*but the configured VAE has sha256 cccccccccccc"):
         load_latent_datalist(path, vae_sha256="c" * 64)
     with pytest.raises(InputError, match=r"datalist\.json: latents have 4 channels.*expects 8"):
         load_latent_datalist(path, latent_channels=8)

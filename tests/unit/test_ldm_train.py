@@ -16,11 +16,8 @@ from torch.utils.data import DataLoader
 from custom_nets.data.latent_datasets import ConditionedLatentDataset, conditioned_dataset, random_crop
 from custom_nets.engines.common.export import lower_is_better
 from custom_nets.engines.ssl.factor_bank import FactorBank
-from custom_nets.engines.ldm.train import (
-    EMAModel,
-    FlowMatchingStep,
-    FlowMatchingValidationStep,
-    GeneratorExporter,
+from custom_nets.engines.common.ema import EMAModel
+from custom_nets.engines.ldm.objective import (
     diffusion_loss,
     latent_scale_factor,
     make_scheduler,
@@ -28,7 +25,9 @@ from custom_nets.engines.ldm.train import (
     scheduler_from_args,
     training_target,
 )
-from custom_nets.engines.ldm.sample import GuidedSampler, SamplingJobs, default_rows, resolve_sources, sample_latents
+from custom_nets.engines.ldm.train import FlowMatchingStep, FlowMatchingValidationStep, GeneratorExporter
+from custom_nets.engines.ldm.sample import GuidedSampler, SamplingJobs, sample_latents
+from custom_nets.engines.ldm.sources import default_rows, resolve_sources
 from custom_nets.nets.latent_dit import LatentDiT
 from custom_nets.utils.checkpoint import load_stage_checkpoint, read_stage_meta
 from custom_nets.utils.errors import InputError, InputErrors
@@ -141,7 +140,7 @@ def test_tiny_training_run_lowers_the_validation_loss(tmp_path):
     ValidationHandler(validator=evaluator, interval=40).attach(trainer)
     bank = FactorBank(torch.zeros(8, 12), torch.zeros(8, 6), torch.zeros(8, dtype=torch.long), [{"latent": "x"}] * 8,
                       ["a"], {"ssl_sha256": "abc"}, tmp_path / "factor_bank.pt")
-    exporter = GeneratorExporter(ema, tmp_path / "models" / "model.pt", step, sched, bank, tmp_path / "none.json", every=0)
+    exporter = GeneratorExporter(ema, tmp_path / "models" / "model.pt", step, sched, bank, tmp_path / "none.json", policy="every 0")
     exporter.attach(trainer)
     trainer.run()
     after = evaluator.state.metrics["val_loss"]
@@ -285,14 +284,15 @@ def test_decoding_refuses_another_vae(tmp_path):
         save_stage_checkpoint(vae.state_dict(), paths[-1], "meduet_vae", network=network_args(vae), latent_channels=4)
     meta = {"vae_sha256": file_sha256(paths[0]), "vae_ckpt": str(paths[0])}
     assert load_matching_vae(paths[0], meta) is not None
-    with pytest.raises(CheckpointError, match="not the VAE whose latents trained this generator"):
+    with pytest.raises(CheckpointError, match=f"{paths[1]}: the generator was made with the meduet_vae checkpoint of "
+                                              f"sha256 {meta['vae_sha256'][:12]}.*{paths[0]}.*point vae_ckpt at"):
         load_matching_vae(paths[1], meta)
 
 
 def test_grid_shows_the_sources_beside_the_samples(tmp_path):
     """The grid's margins hold each source's centred latent window decoded like the samples."""
-    from custom_nets.engines.ldm.sample import (DecodeLatentd, FactorSource, SampleGridHandler, SourcePreview,
-                                                   centre_window)
+    from custom_nets.engines.ldm.sample import DecodeLatentd, SampleGridHandler, SourcePreview, centre_window
+    from custom_nets.engines.ldm.sources import FactorSource
     from custom_nets.nets.vae import decode_latent, maisi_vae
 
     torch.manual_seed(0)

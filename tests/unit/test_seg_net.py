@@ -11,13 +11,8 @@ from monai.inferers import sliding_window_inference
 
 from custom_nets.engines.seg.inference import LatentSlidingWindowInferer
 from custom_nets.engines.seg.train import select_fraction, trainable_parameters
-from custom_nets.nets.latent_segmenter import (
-    LatentClassifier,
-    LatentSegmenter,
-    load_ssl_encoder,
-    load_vae_weights,
-    network_args_from_upstream,
-)
+from custom_nets.engines.seg.model import load_ssl_encoder, load_vae_weights, network_args_from_upstream
+from custom_nets.nets.latent_segmenter import LatentClassifier, LatentSegmenter
 from custom_nets.nets.vae import maisi_vae, network_args, vae_config
 from custom_nets.nets.vit import LatentViTEncoder
 from custom_nets.utils.checkpoint import save_stage_checkpoint
@@ -90,7 +85,7 @@ def test_ssl_encoder_loading(tmp_path, caplog) -> None:
     ckpt = tmp_path / "ssl" / "model.pt"
     _save_ssl(ckpt, src, extra={"content_head.weight": torch.zeros(48, 48)})  # other MeDUET parts are skipped
     net = tiny()
-    with caplog.at_level(logging.INFO, logger="custom_nets.nets.latent_segmenter"):
+    with caplog.at_level(logging.INFO, logger="custom_nets.engines.seg.model"):
         load_ssl_encoder(net, ckpt)
     assert "position embedding: fixed sin-cos, recomputed for grid (2, 2, 2)" in caplog.text
     for k, v in src.state_dict().items():

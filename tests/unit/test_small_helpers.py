@@ -90,3 +90,20 @@ class _LastLoss:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: e.state.metrics.__setitem__(name, e.state.output["loss"]))
+
+
+def test_check_upstream_one_message_format(caplog):
+    from custom_nets.utils.checkpoint import check_upstream
+    from custom_nets.utils.errors import CheckpointError, InputError
+
+    args = ("cache/datalist.json", "the latent cache", "meduet_vae")
+    assert check_upstream(*args, "a" * 64, "a" * 64, "vae_ckpt v.pt", "fix it")
+    assert check_upstream(*args, None, "a" * 64, "vae_ckpt v.pt", "fix it")  # nothing recorded: not checked
+    with pytest.raises(InputError) as info:
+        check_upstream(*args, "a" * 64, "b" * 64, "vae_ckpt v.pt", "re-encode", recorded_from="old.pt", error=InputError)
+    assert str(info.value) == ("cache/datalist.json: the latent cache was made with the meduet_vae checkpoint of sha256 "
+                               "aaaaaaaaaaaa... (old.pt), but vae_ckpt v.pt has sha256 bbbbbbbbbbbb...; re-encode")
+    with pytest.raises(CheckpointError, match="path not recorded"):
+        check_upstream(*args, None, "b" * 64, "vae_ckpt v.pt", "fix it", required=True)
+    assert not check_upstream(*args, "a" * 64, "b" * 64, "vae_ckpt v.pt", "fix it", warn=True)
+    assert "cache/datalist.json: the latent cache was made with" in caplog.text

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from monai.handlers import TensorBoardStatsHandler
+
 from custom_nets.utils.parallel import rank as process_rank
 
 __all__ = ["EVERY_RANK", "runs_on_every_rank", "handlers_for_rank"]
@@ -65,8 +67,6 @@ class RankZeroTensorBoardStatsHandler:
     every_rank = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from monai.handlers import TensorBoardStatsHandler
-
         self.handler = TensorBoardStatsHandler(*args, **kwargs) if process_rank() == 0 else None
 
     def attach(self, engine: Any) -> None:

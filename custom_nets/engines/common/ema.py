@@ -1,4 +1,9 @@
-"""EMA teacher: theta_T <- m theta_T + (1 - m) theta_S, with m rising on a cosine from 0.997 to 0.9997."""
+"""Exponential moving averages of a network.
+
+- the MeDUET EMA teacher: theta_T <- m theta_T + (1 - m) theta_S, with m rising on a cosine from
+  0.997 to 0.9997 (:func:`make_teacher`, :func:`cosine_momentum`, :func:`ema_update`);
+- :class:`EMAModel`: the generator's EMA with the usual warm-up of its decay.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from torch import nn
 
 from custom_nets.utils.parallel import unwrap
 
-__all__ = ["make_teacher", "cosine_momentum", "ema_update"]
+__all__ = ["make_teacher", "cosine_momentum", "ema_update", "EMAModel"]
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
@@ -51,3 +56,35 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
     for tb, sb in zip(teacher.buffers(), student.buffers()):
         tb.copy_(sb)
+
+
+class EMAModel(torch.nn.Module):
+    """Exponential moving average of a network's parameters (buffers copied).
+
+    decay_k = min(decay, (1 + k) / (10 + k)) at update k: the usual warm-up, so that short runs
+    (the demo's few dozen steps) export an average of what was learned rather than the
+    initialisation; the target decay 0.9999 applies from update ~90 000 on.
+
+    The copy and the update are those of the MeDUET EMA teacher (:func:`make_teacher`, :func:`ema_update`).
+
+    Args:
+        network: the trained network (DDP wrappers are unwrapped).
+        decay: the target decay (0.9999 in the paper).
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float = 0.9999) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.module = make_teacher(network)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        k = int(self.num_updates)
+        return min(self.decay, (1 + k) / (10 + k))
+
+    def update(self, network: torch.nn.Module) -> None:
+        """One EMA step towards ``network`` (:func:`ema_update`) at the current decay."""
+        ema_update(self.module, network, self.current_decay())
+        self.num_updates += 1

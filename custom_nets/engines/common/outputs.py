@@ -28,8 +28,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai.data.folder_layout import FolderLayout
 from monai.transforms import SaveImaged
 
+from custom_nets.utils.checkpoint import file_sha256
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import read_json, write_json
 
@@ -105,8 +107,6 @@ class OutputLedger:
     def key(self) -> str:
         """Key of the current settings (checkpoint hashes included)."""
         if self._key is None:
-            from custom_nets.utils.checkpoint import file_sha256
-
             full = {**self.settings, **{f"{k}_sha256": file_sha256(v) for k, v in sorted(self.checkpoints.items())}}
             self._key = settings_key(full)
         return self._key
@@ -200,8 +200,6 @@ class AtomicSaveImaged(SaveImaged):
 
 def segmentation_name(image: str | Path, postfix: str = "seg", ext: str = ".nii.gz") -> str:
     """File name ``SaveImaged(output_postfix=postfix, separate_folder=False)`` gives ``image``'s output."""
-    from monai.data.folder_layout import FolderLayout
-
     layout = FolderLayout(output_dir="", postfix=postfix, extension=ext, parent=False, makedirs=False)
     return Path(layout.filename(subject=str(image))).name
 

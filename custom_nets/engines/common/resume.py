@@ -36,6 +36,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.data.utils import set_rnd
+from monai.handlers import CheckpointLoader
 
 from custom_nets.utils.checkpoint import save_torch
 from custom_nets.utils.errors import CheckpointError
@@ -67,8 +69,6 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 
 def reseed(seed: int, datasets: Sequence[Any] = ()) -> None:
     """Seed torch (CPU and CUDA), numpy, Python's ``random`` and the MONAI random transforms in ``datasets``."""
-    from monai.data.utils import set_rnd
-
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -189,8 +189,6 @@ class ResumableCheckpoint:
         return path
 
     def attach(self, engine: Engine) -> None:
-        from monai.handlers import CheckpointLoader
-
         # DDP-wrapped networks are saved and loaded as their inner module (checkpoints then load
         # with and without DDP alike, as with MONAI's CheckpointSaver / CheckpointLoader)
         wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)

@@ -1,4 +1,12 @@
-"""The form of a training step's ``engine.state.output`` that MONAI's handlers expect.
+"""The training-step protocol shared by the four stages' steps.
+
+- Precision: :func:`resolve_precision` ("auto" / "fp32" / "bf16" / "fp16" for a device),
+  :func:`precision_autocast` (the autocast context of a precision), :func:`engine_amp` (the
+  autocast context and gradient scaler of a MONAI trainer's ``amp`` setting, CUDA only).
+- The update: :func:`scaled_backward` (backward through a gradient scaler when one is enabled),
+  :func:`clip_and_step` (unscale, clip the gradient norm, step the optimizer, update the scaler),
+  :func:`optimizer_step` (both). Callers zero the gradients where their step needs it.
+- Decollated outputs (below).
 
 MONAI's trainers decollate the step's output into a list with one dict per batch item (batch-level
 scalars such as the loss replicated into every item), and MONAI's ready-made handlers read it that
@@ -11,10 +19,144 @@ item with :func:`first_item`, so that both forms work.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-__all__ = ["as_decollated", "first_item", "scalars", "LossProgressBar"]
+import torch
+from ignite.handlers import ProgressBar
+
+__all__ = [
+    "cpu_has_native_bf16", "resolve_precision", "precision_autocast", "engine_amp", "scaled_backward",
+    "clip_and_step", "optimizer_step", "as_decollated", "first_item", "scalars", "LossProgressBar",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# --------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX-512 BF16 / AMX) that oneDNN uses."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"fp32", "bf16" or "fp16" for ``device``.
+
+    "auto" picks bf16 on CUDA GPUs and CPUs with native bf16, fp32 on other CPUs. "fp16" (with
+    gradient scaling) is a CUDA option. "bf16" on a CPU without native bf16 runs, much slower than
+    fp32 (emulated matrix products), and warns.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ValueError("precision 'fp16' (with gradient scaling) needs a CUDA device; use 'bf16' or 'fp32'")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bfloat16 instructions: bf16 autocast will be slower than fp32", stacklevel=2)
+    return precision
+
+
+def precision_autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """Autocast context of a resolved precision on ``device`` (a no-op for "fp32")."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def engine_amp(engine: Any) -> tuple[AbstractContextManager, Any | None]:
+    """The autocast context and gradient scaler of a MONAI trainer's ``amp`` setting.
+
+    Mixed precision applies on CUDA only (``engine.amp`` on a CPU run trains in float32).
+
+    Returns:
+        ``(autocast context, engine.scaler)`` with amp, ``(nullcontext(), None)`` without.
+    """
+    device = getattr(engine.state, "device", None) or getattr(engine, "device", None) or "cpu"
+    if not (bool(getattr(engine, "amp", False)) and torch.device(device).type == "cuda"):
+        return nullcontext(), None
+    return torch.autocast("cuda", **(getattr(engine, "amp_kwargs", None) or {})), engine.scaler
+
+
+# --------------------------------------------------------------------------------------------
+# The update
+# --------------------------------------------------------------------------------------------
+
+
+def _scaling(scaler: Any | None) -> bool:
+    return scaler is not None and scaler.is_enabled()
+
+
+def scaled_backward(loss: torch.Tensor, scaler: Any | None = None) -> None:
+    """``loss.backward()``, through ``scaler`` (a ``torch.amp.GradScaler``) when it is enabled."""
+    (scaler.scale(loss) if _scaling(scaler) else loss).backward()
+
+
+def clip_and_step(
+    optimizer: torch.optim.Optimizer,
+    parameters: Iterable[torch.nn.Parameter],
+    scaler: Any | None = None,
+    grad_clip: float | None = None,
+    measure_norm: bool = False,
+) -> float:
+    """Unscale the gradients, clip their global norm, step the optimizer and update the scaler.
+
+    Args:
+        optimizer: the optimizer of ``parameters``.
+        parameters: the parameters whose gradient norm is clipped (those without a gradient are skipped).
+        scaler: the gradient scaler of the backward pass (None or disabled: no scaling).
+        grad_clip: max global gradient norm (None or <= 0: no clipping).
+        measure_norm: compute the norm also when not clipping.
+
+    Returns:
+        The gradient norm before clipping (nan when neither clipped nor measured).
+    """
+    scaling = _scaling(scaler)
+    if scaling:
+        scaler.unscale_(optimizer)
+    params = [p for p in parameters if p.grad is not None]
+    grad_norm = float("nan")
+    if grad_clip is not None and grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    elif measure_norm and params:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+    if scaling:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return grad_norm
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    parameters: Iterable[torch.nn.Parameter],
+    scaler: Any | None = None,
+    grad_clip: float | None = None,
+    measure_norm: bool = False,
+) -> float:
+    """:func:`scaled_backward` then :func:`clip_and_step`. Returns the gradient norm (see there)."""
+    scaled_backward(loss, scaler)
+    return clip_and_step(optimizer, parameters, scaler, grad_clip, measure_norm)
+
+
+# --------------------------------------------------------------------------------------------
+# Decollated outputs
+# --------------------------------------------------------------------------------------------
 
 
 def as_decollated(step: Callable[[Any, Any], Mapping[str, Any]]) -> Callable[[Any, Any], list[Mapping[str, Any]]]:
@@ -63,8 +205,6 @@ class LossProgressBar:
     """
 
     def __init__(self, keys: Sequence[str] = ("loss",), persist: bool = False) -> None:
-        from ignite.handlers import ProgressBar
-
         self.keys = list(keys)
         self.bar = ProgressBar(persist=persist)
 

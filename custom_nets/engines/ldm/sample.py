@@ -5,8 +5,7 @@
   the three condition variants batched into one forward; Euler or Heun for rectified flow
   (timesteps from MONAI's ``RFlowScheduler.set_timesteps``), DDIM or ancestral DDPM for DDPM.
 - :class:`GuidedSampler`: the same as a MONAI ``Inferer`` (the bundle's ``inferer``).
-- Sources of content and style: rows of the factor bank, or reference volumes (cached latents
-  ``.npy`` or images) whose factors the MeDUET encoder computes on the fly.
+- Sources of content and style (factor-bank rows, reference volumes): :mod:`custom_nets.engines.ldm.sources`.
 - :class:`SamplingJobs`: the bundle's ``dataset``: one item per (content source, style source,
   repeat) with its own seeded noise.
 - Postprocessing: tiled VAE decoding, NIfTI writing, and a PNG grid (rows: content sources,
@@ -17,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -30,12 +28,15 @@ from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.scheduler import Scheduler
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
-from custom_nets.engines.ldm.train import is_flow, scheduler_from_args
-from custom_nets.engines.ssl.factor_bank import FactorBank
+from custom_nets.data.latent_cache import open_latent
 from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
-from custom_nets.utils.checkpoint import file_sha256, read_stage_meta
-from custom_nets.utils.errors import CheckpointError, InputError
+from custom_nets.engines.ldm.objective import is_flow, scheduler_from_args
+from custom_nets.engines.ldm.sources import FactorSource
+from custom_nets.engines.vae.encode import to_intensity
+from custom_nets.nets.vae import decode_latent, load_vae
+from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta
 from custom_nets.utils.io import atomic_path, save_nifti
 from custom_nets.utils.visualize import central_slices
 
@@ -99,8 +100,6 @@ def sample_latents(
 
     steps = range(num_steps)
     if progress:
-        from tqdm import tqdm
-
         steps = tqdm(steps, desc=f"sampling ({sampler})", leave=False)
     x = noise.float()
     if is_flow(scheduler):
@@ -174,200 +173,6 @@ class GuidedSampler(Inferer):
                 network, inputs, kwargs["content"], kwargs["style"], self.scheduler, self.num_steps, self.sampler,
                 self.content_scale, self.style_scale, progress=self.progress,
             )
-
-
-# --------------------------------------------------------------------------------------------
-# Factor sources
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FactorSource:
-    """Where a content or style vector comes from.
-
-    Attributes:
-        name: short label for file names and the grid ("bank12", a reference's stem).
-        content: (Dc,) vector; style: (Ds,) vector.
-        domain: domain name when known.
-        origin: the bank row's latent or the reference file.
-        latent: the reference's (C, X, Y, Z) latent when it was computed here (image references);
-            bank rows and latent references are read from ``origin`` when needed.
-    """
-
-    name: str
-    content: torch.Tensor
-    style: torch.Tensor
-    domain: str | None = None
-    origin: str = ""
-    latent: torch.Tensor | None = None
-
-
-def bank_source(bank: FactorBank, row: int) -> FactorSource:
-    """The factor bank's row ``row`` as a source."""
-    if not 0 <= row < len(bank):
-        raise InputError(bank.path, f"row {row} requested but the factor bank has {len(bank)} rows")
-    item = bank.items[row]
-    domain = item.get("domain")
-    if domain is None and bank.domains:
-        domain = bank.domains[int(bank.domain_index[row])]
-    latent = Path(str(item.get("latent", "")))
-    origin = str(latent if latent.is_absolute() else (bank.path.parent / latent).resolve())
-    return FactorSource(f"bank{row}", bank.content[row], bank.style[row], domain, origin)
-
-
-def default_rows(bank: FactorBank, n: int) -> list[int]:
-    """``n`` bank rows spread over the domains: the first volume of each domain in turn, then the second, ..."""
-    by_domain: dict[int, list[int]] = {}
-    for row, d in enumerate(bank.domain_index.tolist()):
-        by_domain.setdefault(int(d), []).append(row)
-    order = [rows[k] for k in range(max(map(len, by_domain.values()), default=0)) for rows in by_domain.values() if k < len(rows)]
-    return order[: max(0, n)]
-
-
-class FactorExtractor:
-    """Content and style of a reference volume, computed with the MeDUET encoder on the fly.
-
-    A reference is a cached latent (``.npy``, (C, X, Y, Z)) or an image that the VAE encodes first
-    (same preprocessing as meduet_vae inference). Its factors follow the factor bank's recipe
-    (:func:`custom_nets.engines.ssl.factor_bank.volume_factors`: mean over tokens and over grid
-    cubes of ``patch_size`` with ``overlap``; 24 and 0.25 at paper scale, METHOD.md section 4).
-
-    Args:
-        ssl_ckpt: meduet_ssl ``models/model.pt``.
-        vae_ckpt: meduet_vae ``models/model.pt`` (needed for image references only).
-        device: where the encoders run.
-        expect_ssl_sha256: the SSL checkpoint hash the generator's conditions came from; a
-            different checkpoint would give factors in another space, so it is refused.
-        patch_size: cube side in latent voxels (use the factor bank's ``patch_size``).
-        overlap: cube overlap (the factor bank's ``overlap``).
-    """
-
-    def __init__(
-        self,
-        ssl_ckpt: str | Path,
-        vae_ckpt: str | Path | None = None,
-        device: str | torch.device = "cpu",
-        expect_ssl_sha256: str | None = None,
-        patch_size: int = 24,
-        overlap: float = 0.25,
-    ) -> None:
-        self.ssl_ckpt, self.vae_ckpt, self.device = Path(ssl_ckpt), vae_ckpt, torch.device(device)
-        self.expect_ssl_sha256 = expect_ssl_sha256
-        self.patch_size, self.overlap = int(patch_size), float(overlap)
-        self._ssl: torch.nn.Module | None = None
-        self._vae: torch.nn.Module | None = None
-
-    def ssl_model(self) -> torch.nn.Module:
-        """The MeDUET network of ``ssl_ckpt`` (built from its model.json, loaded strictly)."""
-        if self._ssl is None:
-            from custom_nets.nets.meduet import MeDUET
-            from custom_nets.utils.checkpoint import load_stage_checkpoint
-
-            meta = read_stage_meta(self.ssl_ckpt, "meduet_ssl")
-            if self.expect_ssl_sha256 and meta.get("sha256") != self.expect_ssl_sha256:
-                raise CheckpointError(
-                    f"{self.ssl_ckpt}: not the MeDUET checkpoint whose factors trained this generator "
-                    f"(sha256 {self.expect_ssl_sha256[:12]}... expected); point ssl_ckpt at that one"
-                )
-            net = MeDUET(**meta["network"])
-            load_stage_checkpoint(net, self.ssl_ckpt, "meduet_ssl")
-            self._ssl = net.to(self.device).eval()
-        return self._ssl
-
-    def latent_of(self, path: Path) -> torch.Tensor:
-        """(C, X, Y, Z) float32 latent of a reference file."""
-        if path.suffix == ".npy":
-            from custom_nets.data.latent_cache import open_latent
-
-            return torch.from_numpy(np.asarray(open_latent(path), dtype=np.float32))
-        if self.vae_ckpt is None:
-            raise InputError(path, "an image reference needs the VAE (set vae_ckpt)")
-        from custom_nets.data.transforms import preprocess_transforms
-        from custom_nets.nets.vae import encode_volume, load_vae
-
-        if self._vae is None:
-            self._vae, _ = load_vae(self.vae_ckpt, self.device)
-        try:
-            image = preprocess_transforms()({"image": str(path)})["image"]
-        except Exception as e:  # unreadable or non-3D files
-            raise InputError(path, f"cannot be read as a 3D image ({e})") from e
-        return encode_volume(self._vae, torch.as_tensor(image))
-
-    @torch.no_grad()
-    def factors_of_latent(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(content (Dc,), style (Ds,)) of a (C, X, Y, Z) latent."""
-        from custom_nets.engines.ssl.factor_bank import meduet_factor_fn, volume_factors
-
-        net = self.ssl_model()
-        out = volume_factors(meduet_factor_fn(net), latent, self.patch_size, self.overlap, int(net.encoder.patch_size))
-        return out["content"].float().cpu(), out["style"].float().cpu()
-
-    def __call__(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(content (Dc,), style (Ds,), latent (C, X, Y, Z)) of a reference volume file."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(path, "reference volume not found")
-        latent = self.latent_of(path)
-        return (*self.factors_of_latent(latent), latent)
-
-
-_BANK_ROW = re.compile(r"^(?:bank)?#?(\d+)$")
-_DOMAIN_PREFIX = "domain:"
-
-
-def domain_row(bank: FactorBank | None, domain: str) -> int:
-    """The first factor-bank row of ``domain``; an InputError lists the bank's domains otherwise."""
-    if bank is None:
-        raise InputError("factor_bank", f"source 'domain:{domain}' needs the factor bank")
-    if domain in bank.domains:
-        rows = (bank.domain_index == bank.domains.index(domain)).nonzero().flatten().tolist()
-        if rows:
-            return int(rows[0])
-    raise InputError(bank.path, f"no volume of domain {domain!r} in the factor bank (domains: {', '.join(bank.domains)})")
-
-
-def resolve_sources(
-    specs: Sequence[int | str] | int,
-    bank: FactorBank | None,
-    root: str | Path = ".",
-    extractor: FactorExtractor | None = None,
-) -> list[FactorSource]:
-    """Turn the user's list of sources into vectors.
-
-    Args:
-        specs: an integer n (n bank rows spread over the domains, :func:`default_rows`), or a list
-            whose entries are bank rows (``3``, ``"3"``, ``"#3"``, ``"bank3"``), domains
-            (``"domain:NAME"``: the domain's first bank row) or reference volumes (a latent
-            ``.npy`` or an image; relative paths are taken from ``root``).
-        bank: the factor bank (needed for rows).
-        root: folder of relative reference paths (the bundle's ``dataset_dir``).
-        extractor: computes factors of reference volumes.
-    """
-    if isinstance(specs, int):
-        if bank is None:
-            raise InputError("factor_bank", "a number of sources needs the factor bank")
-        return [bank_source(bank, r) for r in default_rows(bank, specs)]
-    out = []
-    for spec in specs:
-        if isinstance(spec, str) and spec.startswith(_DOMAIN_PREFIX):
-            out.append(bank_source(bank, domain_row(bank, spec[len(_DOMAIN_PREFIX):])))
-            continue
-        m = _BANK_ROW.match(str(spec).strip())
-        if isinstance(spec, int) or m:
-            if bank is None:
-                raise InputError("factor_bank", f"source {spec!r} is a bank row but no factor bank is given")
-            out.append(bank_source(bank, int(m.group(1)) if m else int(spec)))
-            continue
-        path = Path(spec) if Path(spec).is_absolute() else Path(root) / spec
-        if extractor is None:
-            raise InputError(path, "a reference volume needs the MeDUET checkpoint (set ssl_ckpt)")
-        content, style, latent = extractor(path)
-        # an image reference's latent is kept for the grid's source panel (no second encoding)
-        kept = None if path.suffix == ".npy" else latent
-        out.append(FactorSource(path.name.split(".")[0], content, style, None, str(path), kept))
-    if not out:
-        raise InputError("sources", "no content or style source given")
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,15 +269,12 @@ def prepare_sampling_batch(
 def load_matching_vae(vae_ckpt: str | Path, generator_meta: Mapping[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
     """The meduet_vae network to decode samples with, refused unless it is the VAE whose latents
     trained the generator (model.json ``vae_sha256``), since another VAE's latent space differs."""
-    from custom_nets.nets.vae import load_vae
-
-    want = generator_meta.get("vae_sha256")
     read_stage_meta(vae_ckpt, "meduet_vae")
-    if want and file_sha256(vae_ckpt) != want:
-        raise CheckpointError(
-            f"{vae_ckpt}: not the VAE whose latents trained this generator (sha256 {want[:12]}... expected, "
-            f"recorded from {generator_meta.get('vae_ckpt')}); point vae_ckpt at that checkpoint"
-        )
+    check_upstream(
+        vae_ckpt, "the generator", "meduet_vae", generator_meta.get("vae_sha256"), file_sha256(vae_ckpt),
+        f"vae_ckpt {vae_ckpt}", "point vae_ckpt at the VAE whose latents trained this generator",
+        recorded_from=generator_meta.get("vae_ckpt"),
+    )
     return load_vae(vae_ckpt, device)[0]
 
 
@@ -510,9 +312,6 @@ class DecodeLatentd:
         self.roi, self.overlap, self.modality, self.key = int(roi), float(overlap), modality, key
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        from custom_nets.engines.vae.encode import to_intensity
-        from custom_nets.nets.vae import decode_latent
-
         d = dict(data)
         z = torch.as_tensor(d[self.key]).float() / self.scale_factor
         d["latent"] = z.cpu()
@@ -580,8 +379,6 @@ class SourcePreview:
         if path.suffix != ".npy" or not path.is_file():
             logger.warning("no latent at %s for the grid panel of source %s; the panel is left empty", path, source.name)
             return None
-        from custom_nets.data.latent_cache import open_latent
-
         return torch.from_numpy(np.asarray(open_latent(path), dtype=np.float32))
 
     @torch.no_grad()
@@ -650,8 +447,6 @@ class SampleGridHandler:
         """Panels of first-repeat samples skipped in this run (already on disk), read back."""
         if self.jobs.output_dir is None:
             return
-        import nibabel as nib
-
         for i, (r, c, k) in enumerate(self.jobs.jobs):
             path = Path(self.jobs.output_dir) / sample_files(self.jobs.name(i))[0]
             if k == 0 and (r, c) not in self.panels and path.is_file():

@@ -1,225 +1,35 @@
-"""Training of the conditioned latent generator (meduet_ldm): objective, conditions, steps, export.
+"""Training of the conditioned latent generator (meduet_ldm): the engine steps and the export.
 
-Objective (METHOD.md section 4):
-- rectified flow / flow matching (SiT, default) with MONAI's ``RFlowScheduler``. MONAI's
-  convention, checked in its source: timesteps t run over [0, T] (T = num_train_timesteps),
-  ``add_noise`` gives x_t = (1 - t/T) x0 + (t/T) noise (t = T is pure noise; it needs 5-D
-  tensors), and the network predicts the velocity v = x0 - noise, which sampling integrates from
-  t = T down to 0 as x <- x + v (t - t_next) / T;
-- DDPM with 1000 linear-beta steps (DiT) through ``DDPMScheduler``: the network predicts the
-  noise (or ``v`` / ``sample`` per the scheduler's prediction_type).
-
-Latents are multiplied by a scale factor (1 / standard deviation of the training latents) before
-noise is added; the factor is computed once on the data, stored in the resumable state and in
-``model.json``, and divided out again before decoding.
-
-Conditions: the meduet_ssl factor bank gives one content and one style vector per volume; every
-training crop carries its own volume's vectors.
+The objective (rectified flow or DDPM) and the latent scale factor are in
+:mod:`custom_nets.engines.ldm.objective`; the training windows with their content and style
+vectors in :mod:`custom_nets.data.latent_datasets` (the meduet_ssl factor bank gives one content
+and one style vector per volume; every training crop carries its own volume's vectors); the EMA
+of the generator in :mod:`custom_nets.engines.common.ema`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from ignite.engine import Engine, Events
-from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+from ignite.engine import Engine
 from monai.networks.schedulers.scheduler import Scheduler
 
-from custom_nets.data.latent_cache import open_latent
-from custom_nets.engines.common.ema import ema_update, make_teacher
+from custom_nets.engines.common.ema import EMAModel
+from custom_nets.engines.common.export import StageExporter
+from custom_nets.engines.common.step import engine_amp, optimizer_step
+from custom_nets.engines.ldm.objective import diffusion_loss, is_flow, scheduler_args
 from custom_nets.engines.ssl.factor_bank import FactorBank
-from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
-from custom_nets.utils.errors import InputError
+from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta
 from custom_nets.utils.io import read_json
 
 logger = logging.getLogger(__name__)
 
 STAGE = "meduet_ldm"
-
-
-# --------------------------------------------------------------------------------------------
-# Objective
-# --------------------------------------------------------------------------------------------
-
-
-def is_flow(scheduler: Scheduler) -> bool:
-    """True for rectified flow (velocity target), False for DDPM-family schedulers."""
-    return isinstance(scheduler, RFlowScheduler)
-
-
-def make_scheduler(objective: str = "flow", num_train_timesteps: int = 1000, **kwargs: Any) -> Scheduler:
-    """Training scheduler of an objective.
-
-    Args:
-        objective: "flow" (``RFlowScheduler``, continuous uniform timesteps unless overridden) or
-            "ddpm" (``DDPMScheduler``, linear betas, epsilon prediction, no clipping of x0 since
-            scaled latents are not bounded to [-1, 1]).
-        num_train_timesteps: T.
-        kwargs: further scheduler arguments.
-    """
-    if objective == "flow":
-        return RFlowScheduler(num_train_timesteps=num_train_timesteps, **{"use_discrete_timesteps": False, **kwargs})
-    if objective == "ddpm":
-        return DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, **{"schedule": "linear_beta", "clip_sample": False, **kwargs}
-        )
-    raise ValueError(f"unknown objective {objective!r}; expected 'flow' or 'ddpm'")
-
-
-def scheduler_args(scheduler: Scheduler) -> dict[str, Any]:
-    """What model.json records so that sampling rebuilds the training scheduler."""
-    if is_flow(scheduler):
-        return dict(
-            objective="flow",
-            num_train_timesteps=scheduler.num_train_timesteps,
-            use_discrete_timesteps=scheduler.use_discrete_timesteps,
-            sample_method=scheduler.sample_method,
-            use_timestep_transform=scheduler.use_timestep_transform,
-            base_img_size_numel=scheduler.base_img_size_numel,
-        )
-    return dict(
-        objective="ddpm",
-        num_train_timesteps=scheduler.num_train_timesteps,
-        prediction_type=str(scheduler.prediction_type),
-        # betas are a function of the schedule; record the two ends of the linear schedule
-        beta_start=float(scheduler.betas[0]),
-        beta_end=float(scheduler.betas[-1]),
-    )
-
-
-def scheduler_from_args(args: Mapping[str, Any]) -> Scheduler:
-    """Inverse of :func:`scheduler_args`."""
-    args = dict(args)
-    objective = args.pop("objective")
-    return make_scheduler(objective, **args)
-
-
-def sample_training_timesteps(scheduler: Scheduler, x0: torch.Tensor) -> torch.Tensor:
-    """(B,) training timesteps in [0, T]: the flow scheduler's own sampler, uniform integers for DDPM."""
-    if is_flow(scheduler):
-        return scheduler.sample_timesteps(x0)
-    return torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)
-
-
-def training_target(scheduler: Scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the network learns to predict at (x_t, t)."""
-    if is_flow(scheduler):
-        return x0 - noise
-    kind = str(scheduler.prediction_type)
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    return x0
-
-
-def diffusion_loss(
-    network: torch.nn.Module,
-    x0: torch.Tensor,
-    content: torch.Tensor | None,
-    style: torch.Tensor | None,
-    scheduler: Scheduler,
-    noise: torch.Tensor | None = None,
-    timesteps: torch.Tensor | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
-) -> torch.Tensor:
-    """Loss (mean squared error by default) between the network's prediction and the objective's target.
-
-    Args:
-        network: the generator, called as ``network(x_t, t, content, style)``.
-        x0: (B, C, X, Y, Z) scaled clean latents.
-        content, style: (B, D) factors (the network applies its condition dropout in train mode).
-        scheduler: ``RFlowScheduler`` (velocity) or a DDPM-family scheduler.
-        noise: fixed noise (default: standard normal).
-        timesteps: fixed (B,) timesteps (default: sampled).
-        loss_fn: (prediction, target) -> scalar.
-
-    Returns:
-        Scalar loss.
-    """
-    if x0.ndim != 5:
-        raise ValueError(f"expected (B, C, X, Y, Z) latents, got {tuple(x0.shape)}")
-    noise = torch.randn_like(x0) if noise is None else noise
-    t = sample_training_timesteps(scheduler, x0) if timesteps is None else timesteps.to(x0.device)
-    xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-    pred = network(xt, t, content, style)
-    return loss_fn(pred.float(), training_target(scheduler, x0, noise, t).float())
-
-
-# --------------------------------------------------------------------------------------------
-# Latent scale
-# --------------------------------------------------------------------------------------------
-
-
-def latent_scale_factor(items: Sequence[Mapping[str, Any]], max_volumes: int = 16) -> float:
-    """1 / standard deviation of the voxels of the first ``max_volumes`` training latents.
-
-    Whole volumes rather than the first random batch (the paper's choice): the value is then the
-    same on every rank of a multi-GPU run and from run to run.
-
-    Args:
-        items: latent datalist items (absolute ``latent`` paths, as ``load_latent_datalist`` gives).
-        max_volumes: how many volumes to read.
-    """
-    if not items:
-        raise ValueError("no training latents to compute the scale factor from")
-    total, total_sq, count = 0.0, 0.0, 0
-    for item in items[:max_volumes]:
-        z = np.asarray(open_latent(item["latent"]), dtype=np.float64)
-        total += float(z.sum())
-        total_sq += float(np.square(z).sum())
-        count += z.size
-    mean = total / count
-    std = math.sqrt(max(total_sq / count - mean * mean, 0.0))
-    if not std > 1e-8:
-        raise InputError(items[0]["latent"], "training latents are constant; cannot compute a scale factor")
-    factor = 1.0 / std
-    logger.info("latent scale factor 1/std = %.6f (from %d volumes)", factor, min(len(items), max_volumes))
-    return factor
-
-
-# --------------------------------------------------------------------------------------------
-# EMA
-# --------------------------------------------------------------------------------------------
-
-
-class EMAModel(torch.nn.Module):
-    """Exponential moving average of a network's parameters (buffers copied).
-
-    decay_k = min(decay, (1 + k) / (10 + k)) at update k: the usual warm-up, so that short runs
-    (the demo's few dozen steps) export an average of what was learned rather than the
-    initialisation; the target decay 0.9999 applies from update ~90 000 on.
-
-    The copy and the update are those of the MeDUET EMA teacher (:mod:`custom_nets.engines.common.ema`).
-
-    Args:
-        network: the trained network (DDP wrappers are unwrapped).
-        decay: the target decay (0.9999 in the paper).
-    """
-
-    def __init__(self, network: torch.nn.Module, decay: float = 0.9999) -> None:
-        super().__init__()
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
-        self.decay = decay
-        self.module = make_teacher(network)
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-
-    def current_decay(self) -> float:
-        k = int(self.num_updates)
-        return min(self.decay, (1 + k) / (10 + k))
-
-    def update(self, network: torch.nn.Module) -> None:
-        """One EMA step towards ``network`` (custom_nets.engines.common.ema.ema_update) at the current decay."""
-        ema_update(self.module, network, self.current_decay())
-        self.num_updates += 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,27 +82,13 @@ class FlowMatchingStep:
         style = batch["style"].to(device, torch.float32)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        use_amp = bool(engine.amp) and device.type == "cuda"
-        with torch.autocast("cuda", enabled=use_amp):
+        autocast, scaler = engine_amp(engine)
+        with autocast:
             loss = diffusion_loss(self._forward(engine), x0, content, style, self.scheduler, loss_fn=engine.loss_function)
-        if use_amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.scaler.unscale_(engine.optimizer)
-            grad_norm = self._clip(engine)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            grad_norm = self._clip(engine)
-            engine.optimizer.step()
+        grad_norm = optimizer_step(loss, engine.optimizer, engine.network.parameters(), scaler, self.grad_clip)
         if self.ema is not None:
             self.ema.update(engine.network)
         return {"loss": float(loss.detach()), "grad_norm": grad_norm}
-
-    def _clip(self, engine: Engine) -> float:
-        if self.grad_clip is None:
-            return float("nan")
-        return float(torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip))
 
 
 class FlowMatchingValidationStep:
@@ -340,10 +136,9 @@ class FlowMatchingValidationStep:
 # --------------------------------------------------------------------------------------------
 
 
-class GeneratorExporter:
-    """Writes the EMA generator as ``models/model.pt`` + ``model.json`` (stage meduet_ldm).
-
-    Attached to the trainer: after every ``every`` epochs and when training completes.
+class GeneratorExporter(StageExporter):
+    """Writes the EMA generator as ``models/model.pt`` + ``model.json`` (stage meduet_ldm), with what
+    sampling needs (scheduler, scale factor, condition sizes) and where the conditions came from.
 
     Args:
         ema: the EMA whose weights are exported (its module's ``network_args`` are recorded).
@@ -353,7 +148,8 @@ class GeneratorExporter:
         bank: the factor bank the conditions came from.
         latent_datalist: the latent datalist (its VAE checkpoint and hash are recorded).
         ssl_ckpt: the MeDUET checkpoint used to initialise the generator (None: random init).
-        every: export period in epochs (0: only at the end).
+        policy: "best", "final" or "every N" (:class:`~custom_nets.engines.common.export.StageExporter`).
+        evaluator: the validation evaluator (for "best").
     """
 
     def __init__(
@@ -365,25 +161,24 @@ class GeneratorExporter:
         bank: FactorBank,
         latent_datalist: str | Path,
         ssl_ckpt: str | Path | None = None,
-        every: int = 1,
+        policy: str = "every 1",
+        evaluator: Any | None = None,
     ) -> None:
-        self.ema, self.path, self.train_step, self.scheduler = ema, Path(path), train_step, scheduler
-        self.bank, self.latent_datalist, self.ssl_ckpt, self.every = bank, Path(latent_datalist), ssl_ckpt, every
+        super().__init__(None, path, STAGE, policy, evaluator)
+        self.ema, self.train_step, self.scheduler = ema, train_step, scheduler
+        self.bank, self.latent_datalist, self.ssl_ckpt = bank, Path(latent_datalist), ssl_ckpt
 
-    def attach(self, engine: Engine) -> None:
-        if self.every > 0:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
-        engine.add_event_handler(Events.COMPLETED, self)
+    def exported_network(self) -> torch.nn.Module:
+        return self.ema.module
 
-    def metadata(self, engine: Engine | None = None) -> dict[str, Any]:
+    def metadata(self, network: torch.nn.Module) -> dict[str, Any]:
         """The facts model.json records for sampling and for the next user."""
         vae = (read_json(self.latent_datalist).get("vae") or {}) if self.latent_datalist.is_file() else {}
-        net = self.ema.module
         return dict(
-            network=dict(net.network_args),
+            network=dict(network.network_args),
             scheduler=scheduler_args(self.scheduler),
             scale_factor=self.train_step.scale_factor,
-            latent_channels=int(net.in_channels),
+            latent_channels=int(network.in_channels),
             content_dim=self.bank.content_dim,
             style_dim=self.bank.style_dim,
             domains=self.bank.domains,
@@ -396,14 +191,7 @@ class GeneratorExporter:
             vae_sha256=vae.get("sha256"),
             ema_decay=self.ema.decay,
             ema_updates=int(self.ema.num_updates),
-            iterations=int(engine.state.iteration) if engine is not None else None,
         )
-
-    def __call__(self, engine: Engine) -> None:
-        if engine.state.iteration == 0:
-            return
-        info = save_stage_checkpoint(self.ema.module.state_dict(), self.path, STAGE, **self.metadata(engine))
-        logger.info("exported EMA generator to %s (sha256 %s...)", self.path, info["sha256"][:12])
 
 
 def check_ssl_consistency(bank: FactorBank, ssl_ckpt: str | Path | None, init: bool) -> None:
@@ -412,10 +200,8 @@ def check_ssl_consistency(bank: FactorBank, ssl_ckpt: str | Path | None, init: b
     if not (init and ssl_ckpt):
         return
     read_stage_meta(ssl_ckpt, "meduet_ssl")
-    want = bank.meta.get("ssl_sha256")
-    have = file_sha256(ssl_ckpt)
-    if want and want != have:
-        logger.warning(
-            "factor bank %s was computed with SSL checkpoint sha256 %s..., but the generator is initialised "
-            "from %s (sha256 %s...)", bank.path, str(want)[:12], ssl_ckpt, have[:12],
-        )
+    check_upstream(
+        bank.path, "the factor bank", "meduet_ssl", bank.meta.get("ssl_sha256"), file_sha256(ssl_ckpt),
+        f"ssl_ckpt {ssl_ckpt} (the generator's initialisation)",
+        "factors computed on the fly at inference would come from another model than the bank's", warn=True,
+    )

@@ -32,6 +32,7 @@ from monai.networks.utils import pixelshuffle, pixelunshuffle
 from monai.utils import convert_to_dst_type
 from torch import nn
 
+from custom_nets.data.datalist import folder_items, load_datalist
 from custom_nets.utils.parallel import unwrap
 from custom_nets.utils.values import as_path
 
@@ -59,8 +60,6 @@ def inference_items(
     Raises:
         InputError / InputErrors: missing folder, no images, unreadable files (each named).
     """
-    from custom_nets.data.datalist import folder_items, load_datalist
-
     if as_path(datalist) is not None:
         data = load_datalist(datalist, keys=tuple(keys))
         return [dict(it) for k in keys for it in data[k]]

@@ -18,30 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Events
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from custom_nets.utils.checkpoint import check_state_dict, load_state_dict, read_stage_meta
-from custom_nets.utils.errors import CheckpointError
+from custom_nets.engines.common.step import clip_and_step, engine_amp, scaled_backward
+from custom_nets.nets.meduet import load_meduet
 from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_meduet", "StyleBank", "restyle_latent", "StyleAugmentedStep", "style_step_or_none"]
-
-
-def load_meduet(ssl_ckpt: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The full MeDUET network of a ``meduet_ssl`` checkpoint, frozen, in eval mode."""
-    from custom_nets.nets.meduet import MeDUET
-
-    info = read_stage_meta(ssl_ckpt, "meduet_ssl")
-    args = info.get("network")
-    if not isinstance(args, Mapping):
-        raise CheckpointError(f"{ssl_ckpt}: model.json records no 'network' arguments of MeDUET")
-    net = MeDUET(**args)
-    sd = load_state_dict(ssl_ckpt)
-    check_state_dict(sd, net, ssl_ckpt, "meduet_ssl")
-    net.load_state_dict(sd, strict=True)
-    return net.to(device).eval().requires_grad_(False)
+__all__ = ["StyleBank", "restyle_latent", "StyleAugmentedStep", "style_step_or_none"]
 
 
 class StyleBank:
@@ -121,7 +109,7 @@ class StyleAugmentedStep:
     """``iteration_update`` of a MONAI ``SupervisedTrainer`` adding style-augmented samples.
 
     Args:
-        meduet: frozen MeDUET network (:func:`load_meduet`), or None to train without augmentation.
+        meduet: frozen MeDUET network (:func:`custom_nets.nets.meduet.load_meduet`), or None to train without augmentation.
         prob: probability that a sample gets a restyled copy (0.3).
         alpha_range: range of the bank weight ``a`` (0.2, 0.5).
         weight: loss weight of the restyled samples (0.1 segmentation).
@@ -149,8 +137,6 @@ class StyleAugmentedStep:
         self.restyled_this_epoch = 0
 
     def _attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         if id(engine) not in self._attached:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._end_epoch)
             self._attached.add(id(engine))
@@ -161,9 +147,6 @@ class StyleAugmentedStep:
         self.bank.end_epoch()
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        from monai.engines.utils import IterationEvents
-        from monai.utils.enums import CommonKeys as Keys
-
         self._attach(engine)
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         image, label = batch[0], batch[1]
@@ -204,18 +187,12 @@ class StyleAugmentedStep:
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             return loss
 
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                loss = compute()
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
+        autocast, scaler = engine_amp(engine)
+        with autocast:
             loss = compute()
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+        scaled_backward(loss, scaler)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        clip_and_step(engine.optimizer, engine.network.parameters(), scaler)
         self.restyled_this_epoch += int(len(aug_idx))
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -228,4 +205,4 @@ def style_step_or_none(enabled: bool, ssl_ckpt: str | Path | None, device: Any, 
     if as_path(ssl_ckpt) is None:
         raise ValueError("style augmentation needs the MeDUET model: set ssl_ckpt to a meduet_ssl checkpoint")
     logger.info("style augmentation on (MeDUET from %s)", ssl_ckpt)
-    return StyleAugmentedStep(load_meduet(ssl_ckpt, device), **kwargs)
+    return StyleAugmentedStep(load_meduet(ssl_ckpt, device)[0], **kwargs)

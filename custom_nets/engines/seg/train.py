@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from torch import nn
 
-from custom_nets.utils.checkpoint import read_stage_meta, save_stage_checkpoint
-from custom_nets.utils.parallel import unwrap
+from custom_nets.engines.common.export import StageExporter
+from custom_nets.utils.checkpoint import read_stage_meta
+from custom_nets.utils.overlay import save_label_overlay
 from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
@@ -80,14 +82,9 @@ def _upstream_sha(path: str | Path | None, stage: str) -> str | None:
     return read_stage_meta(path, stage).get("sha256")
 
 
-class SegModelExporter:
-    """Write the trained segmenter as a ``meduet_seg`` stage checkpoint (``models/model.pt`` + ``model.json``).
-
-    Attached to the trainer after the ``ValidationHandler``: at the end of an epoch where the
-    evaluator's key metric improved it exports the weights; at the end of training it exports the
-    final weights if no best model exists (no validation, or no improvement ever). The evaluator's
-    best metric is part of the resumable state, so a resumed run keeps the best model exported
-    before the interruption.
+class SegModelExporter(StageExporter):
+    """Write the trained segmenter as a ``meduet_seg`` stage checkpoint (``models/model.pt`` + ``model.json``)
+    with its labels and the upstream checkpoints it was built on.
 
     Args:
         network: the trained network (DDP wrappers are unwrapped).
@@ -96,6 +93,7 @@ class SegModelExporter:
         labels: label value -> name.
         vae_ckpt: VAE checkpoint the network was built on (its sha256 is recorded).
         ssl_ckpt: SSL checkpoint the ViT was initialised from, or None/"none".
+        policy: "best", "final" or "every N" (:class:`~custom_nets.engines.common.export.StageExporter`).
         extra: more JSON facts for model.json (e.g. label_fraction).
     """
 
@@ -107,53 +105,25 @@ class SegModelExporter:
         labels: Mapping[Any, str] | None = None,
         vae_ckpt: str | Path | None = None,
         ssl_ckpt: str | Path | None = None,
+        policy: str = "best",
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        self.network = network
-        self.path = Path(path)
-        self.evaluator = evaluator
+        super().__init__(network, path, "meduet_seg", policy, evaluator, extra)
         self.labels = channel_def(labels) if labels else None
-        self.vae_ckpt = vae_ckpt
-        self.ssl_ckpt = ssl_ckpt
-        self.extra = dict(extra or {})
-        self.exported_epoch: int | None = None
+        self.vae_ckpt, self.ssl_ckpt = vae_ckpt, ssl_ckpt
 
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
-
-    def epoch_completed(self, engine: Any) -> None:
-        ev = self.evaluator
-        if ev is None or getattr(ev.state, "best_metric_epoch", -1) != engine.state.epoch:
-            return
-        self.export(engine, "best", float(ev.state.best_metric))
-
-    def completed(self, engine: Any) -> None:
-        best_epoch = int(getattr(getattr(self.evaluator, "state", None), "best_metric_epoch", -1))
-        if self.exported_epoch is None and best_epoch <= 0:
-            metric = getattr(getattr(self.evaluator, "state", None), "best_metric", None)
-            self.export(engine, "final", None if metric in (None, -1) else float(metric))
-
-    def export(self, engine: Any, reason: str, metric: float | None) -> dict[str, Any]:
-        """Save the network's state_dict with its constructor arguments and provenance."""
-        net = unwrap(self.network)
-        args = getattr(net, "network_args", None)
+    def metadata(self, network: nn.Module) -> dict[str, Any]:
+        """The network's constructor arguments, labels and provenance."""
+        args = getattr(network, "network_args", None)
         if args is None:
-            raise ValueError(f"{type(net).__name__} does not record its constructor arguments (network_args)")
-        info = save_stage_checkpoint(
-            net.state_dict(), self.path, "meduet_seg",
-            network=args, labels=self.labels, num_classes=args.get("num_classes"),
-            epoch=int(engine.state.epoch), iteration=int(engine.state.iteration), export=reason,
-            key_metric=metric, vae_ckpt=None if self.vae_ckpt is None else str(self.vae_ckpt),
+            raise ValueError(f"{type(network).__name__} does not record its constructor arguments (network_args)")
+        ssl_sha256 = _upstream_sha(self.ssl_ckpt, "meduet_ssl")
+        return dict(
+            network=args, labels=self.labels, num_classes=args.get("num_classes"), key_metric=self.key_metric(),
+            vae_ckpt=None if self.vae_ckpt is None else str(self.vae_ckpt),
             vae_sha256=_upstream_sha(self.vae_ckpt, "meduet_vae"),
-            ssl_ckpt=None if _upstream_sha(self.ssl_ckpt, "meduet_ssl") is None else str(self.ssl_ckpt),
-            ssl_sha256=_upstream_sha(self.ssl_ckpt, "meduet_ssl"), **self.extra,
+            ssl_ckpt=None if ssl_sha256 is None else str(self.ssl_ckpt), ssl_sha256=ssl_sha256,
         )
-        self.exported_epoch = int(engine.state.epoch)
-        logger.info("exported %s segmenter (epoch %d, key metric %s) to %s", reason, engine.state.epoch, metric, self.path)
-        return info
 
 
 class ValidationOverlayHandler:
@@ -178,15 +148,12 @@ class ValidationOverlayHandler:
         self.image_key, self.pred_key, self.label_key = image_key, pred_key, label_key
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Any) -> None:
         # first iteration of each validation run only
         if (engine.state.iteration - 1) % max(1, engine.state.epoch_length or 1) != 0:
             return
-        from custom_nets.utils.overlay import save_label_overlay
 
         out = engine.state.output
         item = out[0] if isinstance(out, list) else out

@@ -37,11 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ignite.engine import Events
 from monai.engines import Evaluator
 from monai.inferers import Inferer
 
 from custom_nets.engines.common.outputs import check_output_dir, settings_key
-from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_torch
+from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta, save_torch
 from custom_nets.utils.errors import InputError, InputErrors
 from custom_nets.utils.io import atomic_path, read_json, write_json
 from custom_nets.utils.visualize import save_factor_scatter
@@ -341,14 +342,12 @@ def check_latents_match_ssl(ssl_ckpt: str | Path, latents: Mapping[str, Any], la
     """
     want = read_stage_meta(ssl_ckpt, "meduet_ssl").get("vae_sha256")
     vae = latents.get("vae") or {}
-    have = vae.get("sha256")
-    if want and have and want != have:
-        raise InputError(
-            latent_datalist,
-            f"latents encoded by the VAE with sha256 {have[:12]}... ({vae.get('ckpt', 'checkpoint path not recorded')}), "
-            f"but ssl_ckpt {ssl_ckpt} was trained on latents of the VAE with sha256 {want[:12]}...; encode the cache "
-            f"with that VAE (meduet_vae inference) or use the meduet_ssl checkpoint trained on this cache",
-        )
+    check_upstream(
+        latent_datalist, "the latent cache", "meduet_vae", vae.get("sha256"), want,
+        f"the VAE of the latents ssl_ckpt {ssl_ckpt} was trained on",
+        "encode the cache with that VAE (meduet_vae inference) or use the meduet_ssl checkpoint trained on this cache",
+        recorded_from=vae.get("ckpt"), error=InputError,
+    )
 
 
 class FactorInferer(Inferer):
@@ -464,8 +463,6 @@ class FactorBankWriter:
         return rows
 
     def attach(self, engine: Evaluator) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.STARTED, lambda e: self.results.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self.write)

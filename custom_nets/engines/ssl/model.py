@@ -19,13 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from custom_nets.nets.meduet import MeDUET, meduet_config
-from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path, read_stage_meta, save_stage_checkpoint
-from custom_nets.utils.errors import CheckpointError, InputError
+from custom_nets.nets.meduet import STAGE, MeDUET, meduet_config
+from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path
+from custom_nets.utils.errors import CheckpointError
 from custom_nets.utils.io import jsonable, read_json
 from custom_nets.utils.parallel import unwrap
 
-STAGE = "meduet_ssl"
 logger = logging.getLogger(__name__)
 
 
@@ -53,7 +52,7 @@ def meduet_network_args(size: str = "paper", n_domains: int = 10, overrides: Map
 
 
 def build_meduet(args: Mapping[str, Any]) -> MeDUET:
-    """``MeDUET(**args)``, keeping ``args`` on the network for :func:`export_meduet`."""
+    """``MeDUET(**args)``, keeping ``args`` on the network for its export."""
     net = MeDUET(**copy.deepcopy(dict(args)))
     net.meduet_network_args = jsonable(dict(args))
     return net
@@ -82,60 +81,22 @@ def load_meduet_weights(network: nn.Module, ssl_ckpt: str | Path) -> dict[str, A
     return info
 
 
-def load_meduet(ssl_ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[MeDUET, dict[str, Any]]:
-    """Build the network recorded in ``model.json`` and load ``model.pt`` strictly (eval, no grad)."""
-    meta = read_stage_meta(ssl_ckpt, STAGE)
-    if "network" not in meta:
-        raise CheckpointError(f"{ssl_ckpt}: model.json has no 'network' arguments; re-export with meduet_ssl")
-    net = build_meduet(meta["network"])
-    load_meduet_weights(net, ssl_ckpt)
-    return net.to(device), meta
-
-
-def export_meduet(
+def meduet_metadata(
     network: nn.Module,
-    path: str | Path,
     network_args: Mapping[str, Any],
     domains: Sequence[str],
     vae_sha256: str | None,
     latent_channels: int,
-    **extra: Any,
 ) -> dict[str, Any]:
-    """Write a network's plain state_dict to ``path`` and the stage metadata beside it.
+    """What a meduet_ssl ``model.json`` records for the next stages.
 
     Args:
         network: a MeDUET (teacher or student; DDP unwrapped).
-        path: destination ``model.pt``.
         network_args: its constructor arguments.
         domains: domain names, index order of the domain classifiers.
         vae_sha256: sha256 of the VAE that encoded the training latents.
         latent_channels: latent channels.
-        extra: more facts (``weights``, ``epoch``, ``iteration``, ``val_rec`` ...).
-
-    Returns:
-        The metadata written.
     """
     net = unwrap(network)
-    return save_stage_checkpoint(
-        net.state_dict(), path, STAGE, network=jsonable(dict(network_args)), content_dim=int(net.content_dim),
-        style_dim=int(net.style_dim), domains=list(domains), vae_sha256=vae_sha256,
-        latent_channels=int(latent_channels), **extra,
-    )
-
-
-def check_vae_matches(vae_meta: Mapping[str, Any], latents: Mapping[str, Any], vae_ckpt: str | Path, source: str | Path) -> None:
-    """Refuse a VAE other than the one that encoded the latents (their sha256 differs).
-
-    Args:
-        vae_meta: the VAE checkpoint's model.json contents.
-        latents: the loaded latent datalist (its ``vae.sha256``).
-        vae_ckpt: VAE checkpoint path, for the message.
-        source: latent datalist path, for the message.
-    """
-    want = (latents.get("vae") or {}).get("sha256")
-    have = vae_meta.get("sha256")
-    if want and have and want != have:
-        raise InputError(
-            source, f"latents were encoded by the VAE with sha256 {want[:12]}..., but vae_ckpt {vae_ckpt} has "
-            f"{have[:12]}...; pass --vae_ckpt with the VAE that wrote the latent cache"
-        )
+    return dict(network=jsonable(dict(network_args)), content_dim=int(net.content_dim), style_dim=int(net.style_dim),
+                domains=list(domains), vae_sha256=vae_sha256, latent_channels=int(latent_channels))

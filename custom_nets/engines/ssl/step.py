@@ -10,8 +10,8 @@ activation checkpointing:
 - student: one B pass on the mixture and one 4B decoder pass on the dual streams and the swaps
   together, through ``student.forward`` (so that a DistributedDataParallel wrapper sees it); then
   the plain re-encoding of the two reconstructions and the two swaps (4B items), streamed in chunks
-  whose gradients are taken at once (:class:`StreamedReencodeLoss`: same gradients, the activation
-  memory of one chunk). The caller runs one backward per step.
+  whose gradients are taken at once (:mod:`custom_nets.engines.ssl.reencode`: same gradients, the
+  activation memory of one chunk). The caller runs one backward per step.
 
 Use from a MONAI ``SupervisedTrainer``: build the step, then pass ``iteration_update=step.iteration_update``
 (``iteration_update(engine, batchdata)`` reads ``batchdata["latent"]`` and ``batchdata["domain_index"]``,
@@ -26,9 +26,7 @@ import ctypes
 import logging
 import math
 import sys
-import warnings
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +36,8 @@ from torch.profiler import record_function
 
 from custom_nets.engines.common.ema import cosine_momentum, ema_update, make_teacher
 from custom_nets.engines.common.schedule import warmup_cosine_scheduler
+from custom_nets.engines.common.step import clip_and_step, precision_autocast, resolve_precision, scaled_backward
+from custom_nets.engines.ssl.reencode import streamed_reencode_loss
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.losses.domain import domain_loss
 from custom_nets.losses.mftd import mftd_row_targets, mftd_terms
@@ -49,11 +49,7 @@ __all__ = [
     "MeDUETTrainStep",
     "param_groups_no_decay",
     "build_optimizer",
-    "resolve_precision",
-    "cpu_has_native_bf16",
     "set_malloc_mmap_threshold",
-    "StreamedReencodeLoss",
-    "streamed_reencode_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,115 +112,6 @@ def set_malloc_mmap_threshold(threshold_bytes: int) -> bool:
         return bool(libc.mallopt(-3, int(threshold_bytes)))  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (AVX-512 BF16 / AMX) that oneDNN uses."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"fp32", "bf16" or "fp16" for ``device``.
-
-    "auto" picks bf16 on CUDA GPUs and CPUs with native bf16, fp32 on other CPUs. "fp16" (with
-    gradient scaling) is a CUDA option. "bf16" on a CPU without native bf16 runs, much slower than
-    fp32 (emulated matrix products), and warns.
-    """
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
-    cuda = device.type == "cuda"
-    if precision == "auto":
-        if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise ValueError("precision 'fp16' (with gradient scaling) needs a CUDA device; use 'bf16' or 'fp32'")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("this CPU has no native bfloat16 instructions: bf16 autocast will be slower than fp32", stacklevel=2)
-    return precision
-
-
-REENCODE_MODULES = ("encoder", "content_head", "style_head", "style_smooth")
-
-
-class StreamedReencodeLoss(torch.autograd.Function):
-    """Re-encode decoded latents in chunks, taking each chunk's loss gradient at once.
-
-    The student's re-encoding losses are sums over re-encoded items (MFTD per item with fixed
-    normalisers, SiQC per query with teacher keys that carry no gradient), so the gradient of their
-    sum is the sum of per-chunk gradients. The forward pass runs every chunk through the plain
-    encoder and heads (through detached aliases of the parameters, so that DistributedDataParallel's
-    hooks do not fire), back-propagates the chunk's loss to the chunk's input and to the aliases and
-    frees the chunk's activations; the backward pass hands the accumulated gradients to the real
-    inputs. Same gradients as one big graph, with the activation memory of one chunk and no
-    recomputation. ``grad_scale`` scales the inner backward like a GradScaler scales the outer one.
-    """
-
-    @staticmethod
-    def forward(ctx, model, grid, chunk_loss, chunk_items, grad_scale, autocast, names, pred, *params):  # type: ignore[override]
-        aliases = {name: p.detach().requires_grad_(p.requires_grad) for name, p in zip(names, params)}
-        leaves = [a for a in aliases.values() if a.requires_grad]
-        n = pred.shape[0]
-        size = chunk_items if chunk_items > 0 else n
-        grad_pred = torch.zeros(pred.shape, dtype=torch.float32, device=pred.device)
-        total = torch.zeros((), dtype=torch.float32, device=pred.device)
-        parts = None
-        with torch.enable_grad():
-            for start in range(0, n, size):
-                stop = min(start + size, n)
-                leaf = pred[start:stop].detach().requires_grad_()
-                with autocast():
-                    content, style = torch.func.functional_call(model, aliases, (model.unpatchify(leaf, grid),))
-                loss, chunk_parts = chunk_loss(content, style, start, stop)
-                torch.autograd.backward(loss * grad_scale, inputs=[leaf, *leaves])
-                grad_pred[start:stop] = leaf.grad
-                total += loss.detach()
-                parts = chunk_parts.detach() if parts is None else parts + chunk_parts.detach()
-        ctx.grad_pred, ctx.grad_params = grad_pred, [a.grad for a in aliases.values()]
-        ctx.grad_scale, ctx.pred_dtype = grad_scale, pred.dtype
-        ctx.mark_non_differentiable(parts)
-        return total, parts
-
-    @staticmethod
-    def backward(ctx, grad_total, grad_parts):  # type: ignore[override]
-        factor = grad_total.float() / ctx.grad_scale
-        grad_pred = ctx.grad_pred.mul_(factor).to(ctx.pred_dtype)
-        grads = [None if g is None else g.mul_(factor) for g in ctx.grad_params]
-        ctx.grad_pred = ctx.grad_params = None  # let autograd take the buffers without copies
-        return (None,) * 7 + (grad_pred, *grads)
-
-
-def streamed_reencode_loss(
-    model: nn.Module,
-    pred: torch.Tensor,
-    grid: tuple[int, int, int],
-    chunk_loss: Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]],
-    chunk_items: int = 2,
-    grad_scale: float = 1.0,
-    autocast: Callable[[], Any] = nullcontext,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of ``chunk_loss`` over chunks of re-encoded predictions (:class:`StreamedReencodeLoss`).
-
-    Args:
-        model: the (unwrapped) MeDUET network; its encoder and factor heads re-encode.
-        pred: (R, N, p^3 C) decoded latents (rows of the student's graph).
-        grid: token grid.
-        chunk_loss: ``(content (r, N, Dc), style (r, N, Ds), start, stop) -> (loss, parts)`` for
-            rows [start, stop); ``loss`` is this chunk's share of the total (a sum over rows).
-        chunk_items: rows per chunk (0: all at once).
-        grad_scale: loss scale of the surrounding backward (GradScaler), 1 without scaling.
-        autocast: context factory wrapped around the re-encoding.
-
-    Returns:
-        (loss with gradient to ``pred`` and the re-encoding parameters, summed parts without gradient).
-    """
-    named = [(n, p) for n, p in model.named_parameters() if n.split(".")[0] in REENCODE_MODULES]
-    names = [n for n, _ in named]
-    params = [p for _, p in named]
-    return StreamedReencodeLoss.apply(model, grid, chunk_loss, chunk_items, grad_scale, autocast, names, pred, *params)
 
 
 @dataclass
@@ -330,10 +217,7 @@ class MeDUETTrainStep:
     # ---------------------------------------------------------------- pieces
     def autocast(self):
         """Autocast context for the configured precision (a no-op for fp32)."""
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return precision_autocast(self.device, self.precision)
 
     @property
     def mftd_active(self) -> bool:
@@ -351,7 +235,7 @@ class MeDUETTrainStep:
 
         The student's re-encoding (MFTD reconstructions and SiQC swaps) runs in chunks of
         ``config.reencode_chunk`` items whose gradients are taken at once (see
-        :class:`StreamedReencodeLoss`); everything else stays in the autograd graph of the returned
+        :class:`~custom_nets.engines.ssl.reencode.StreamedReencodeLoss`); everything else stays in the autograd graph of the returned
         loss, on which the caller calls ``backward()`` once.
 
         Args:
@@ -468,17 +352,10 @@ class MeDUETTrainStep:
                 f"{k}={v:.4g}" for k, v in zip(parts, values)
             ))
         with record_function("meduet.backward"):
-            self.scaler.scale(total).backward()
+            scaled_backward(total, self.scaler)
         del total
         with record_function("meduet.optimizer"):
-            self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            grad_norm = clip_and_step(self.optimizer, self.model.parameters(), self.scaler, cfg.grad_clip, measure_norm=True)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
         momentum = cosine_momentum(self.step, cfg.total_steps, cfg.momentum_base, cfg.momentum_final)

@@ -27,11 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from custom_nets.engines.ssl.factor_bank import cube_starts, pad_latent, padded_shape
+from custom_nets.data.latent_cache import open_latent
 from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
+from custom_nets.engines.ssl.factor_bank import cube_starts, pad_latent, padded_shape
+from custom_nets.nets.meduet import gather_tokens, random_mix_mask, split_ids
 from custom_nets.nets.vae import decode_latent
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import save_nifti, write_json
+from custom_nets.utils.visualize import save_slice_montage
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +75,6 @@ def decode_factors(
     Returns:
         (B, C, X, Y, Z) predicted latents.
     """
-    from custom_nets.nets.meduet import gather_tokens, split_ids
-
     if mode not in DECODE_MODES:
         raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
     b, n = content.shape[:2]
@@ -95,8 +96,6 @@ def decode_factors(
 
 def random_half_mask(batch: int, n_tokens: int, generator: torch.Generator | None, device: Any) -> torch.Tensor:
     """(B, N) 0/1 mask with N // 2 ones per row (random positions)."""
-    from custom_nets.nets.meduet import random_mix_mask
-
     return random_mix_mask(batch, n_tokens, 0.5, generator, device)
 
 
@@ -205,8 +204,6 @@ def swap_latents(
     return {name: out[i * c : (i + 1) * c].contiguous() for i, name in enumerate(names)}
 
 
-
-
 def auto_pairs(items: Sequence[Mapping[str, Any]], count: int = 1) -> list[tuple[int, int]]:
     """Up to ``count`` distinct pairs (A, B) of item indices, B from another domain than A where
     one exists (else the next volume); a pair and its mirror (B, A) count as one."""
@@ -293,8 +290,6 @@ class SwapRunner:
         self.decode_mode, self.mask_draws = decode_mode, int(mask_draws)
 
     def _load(self, item: Mapping[str, Any]) -> torch.Tensor:
-        from custom_nets.data.latent_cache import open_latent
-
         return torch.from_numpy(np.asarray(open_latent(item["latent"]), dtype=np.float32))
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -302,8 +297,6 @@ class SwapRunner:
 
     def run(self) -> list[dict[str, Any]]:
         """Process every pair; returns the records written to ``swaps.json``."""
-        from custom_nets.utils.visualize import save_slice_montage
-
         check_output_dir(self.output_dir, [*self.inputs, *(it["latent"] for it in self.items)])
         records = []
         for ia, ib in self.pairs:

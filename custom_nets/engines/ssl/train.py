@@ -10,7 +10,8 @@ schedules and mixed precision live in the step). This module adds what the confi
   every bundle);
 - :class:`ValidationReconstruction`: the evaluator's iteration, the teacher's token-demixing
   reconstruction loss on validation crops with fixed masks (comparable across evaluations);
-- :class:`TeacherExporter`: writes ``models/model.pt`` + ``model.json`` (stage meduet_ssl);
+- :class:`TeacherExporter`: writes ``models/model.pt`` + ``model.json`` (stage meduet_ssl; the
+  shared :class:`~custom_nets.engines.common.export.StageExporter` policies);
 - :func:`tensorboard_scalars`: every loss term of the step's output as a TensorBoard scalar (the
   progress bar is :class:`custom_nets.engines.common.step.LossProgressBar`, shared by every bundle).
 """
@@ -26,7 +27,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from custom_nets.engines.common.step import first_item
-from custom_nets.engines.ssl.model import export_meduet
+from custom_nets.engines.common.export import StageExporter
+from custom_nets.engines.ssl.model import STAGE, meduet_metadata
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.utils.errors import InputError
 
@@ -94,8 +96,8 @@ class ValidationReconstruction:
         return {"val_rec": demix_reconstruction_loss(out["pred"], network.patchify(x), mask)}
 
 
-class TeacherExporter:
-    """Export the teacher as ``models/model.pt`` + ``model.json`` (stage meduet_ssl).
+class TeacherExporter(StageExporter):
+    """Export the EMA teacher (or the student) as ``models/model.pt`` + ``model.json`` (stage meduet_ssl).
 
     Args:
         step: the :class:`~custom_nets.engines.ssl.step.MeDUETTrainStep` (its ``teacher``,
@@ -105,8 +107,8 @@ class TeacherExporter:
         domains: domain names.
         vae_sha256: sha256 of the VAE of the training latents.
         latent_channels: latent channels.
-        on: ``"completed"`` (attach to the trainer: export when training ends) or ``"improved"``
-            (attach to the evaluator: export when the key metric reaches a new best).
+        policy: "best", "final" or "every N" (:class:`~custom_nets.engines.common.export.StageExporter`).
+        evaluator: the validation evaluator (its reconstruction loss decides "best").
         weights: ``"teacher"`` (default export) or ``"student"``.
         extra: more facts for model.json (e.g. ``pair_sampling``).
     """
@@ -119,31 +121,22 @@ class TeacherExporter:
         domains: Sequence[str],
         vae_sha256: str | None,
         latent_channels: int,
-        on: str = "completed",
+        policy: str = "final",
+        evaluator: Any | None = None,
         weights: str = "teacher",
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        if on not in ("completed", "improved"):
-            raise ValueError(f"on must be 'completed' or 'improved', got {on!r}")
         if weights not in ("teacher", "student"):
             raise ValueError(f"weights must be 'teacher' or 'student', got {weights!r}")
-        self.step, self.path, self.on, self.weights = step, Path(path), on, weights
+        super().__init__(None, path, STAGE, policy, evaluator, extra)
+        self.step, self.weights = step, weights
         self.network_args, self.domains = dict(network_args), list(domains)
-        self.vae_sha256, self.latent_channels, self.extra = vae_sha256, int(latent_channels), dict(extra or {})
+        self.vae_sha256, self.latent_channels = vae_sha256, int(latent_channels)
 
-    def attach(self, engine: Engine) -> None:
-        event = Events.COMPLETED if self.on == "completed" else Events.EPOCH_COMPLETED
-        engine.add_event_handler(event, self)
+    def exported_network(self) -> torch.nn.Module:
+        return self.step.teacher if self.weights == "teacher" else self.step.model
 
-    def __call__(self, engine: Engine) -> None:
-        facts: dict[str, Any] = {"weights": self.weights, "iteration": int(self.step.step), **self.extra}
-        if self.on == "improved":
-            # MONAI's evaluator updates best_metric before handlers attached later run
-            if engine.state.best_metric_epoch != engine.state.epoch:
-                return
-            facts.update(epoch=int(engine.state.epoch), val_rec=float(engine.state.best_metric))
-        else:
-            facts.update(epoch=int(engine.state.epoch))
-        net = self.step.teacher if self.weights == "teacher" else self.step.model
-        info = export_meduet(net, self.path, self.network_args, self.domains, self.vae_sha256, self.latent_channels, **facts)
-        logger.info("exported the %s to %s (epoch %s, sha256 %s...)", self.weights, self.path, facts["epoch"], info["sha256"][:12])
+    def metadata(self, network: torch.nn.Module) -> dict[str, Any]:
+        facts = meduet_metadata(network, self.network_args, self.domains, self.vae_sha256, self.latent_channels)
+        best = self.key_metric()
+        return {**facts, "weights": self.weights, **({} if best is None else {"val_rec": best})}

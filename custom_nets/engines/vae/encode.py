@@ -20,14 +20,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import SpatialResample
+from tqdm import tqdm
 
+from custom_nets.data.datalist import load_datalist
 from custom_nets.data.latent_cache import load_latent_datalist, open_latent, write_latent
 from custom_nets.engines.common.outputs import check_output_dir
 from custom_nets.nets.vae import DOWNSAMPLE, decode_latent, encode_volume, latent_affine
 from custom_nets.utils.checkpoint import read_stage_meta
-from custom_nets.utils.visualize import save_slice_montage
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import read_json, save_nifti, write_json
+from custom_nets.utils.visualize import save_slice_montage
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +100,6 @@ def datalist_items(datalist: str | Path, splits: Sequence[str] = ("training", "v
     Splits other than "training" may be absent. The datalist's ``domains`` are kept on each item
     (``"domains"``) so that the latent datalist can list them.
     """
-    from custom_nets.data.datalist import load_datalist
-
     data = load_datalist(datalist, keys=("training",) if "training" in splits else (), check_headers=check_headers)
     items = []
     for split in splits:
@@ -231,8 +233,6 @@ class LatentCacheEncoder:
         self.network.to(self.device).eval()
         bar = loader
         if self.progress:
-            from tqdm import tqdm
-
             bar = tqdm(loader, total=len(pending), desc="encoding", unit="volume")
         for index, data in zip(pending, bar):
             item, image = items[index], data["image"]
@@ -288,9 +288,6 @@ def to_intensity(x: np.ndarray, modality: str) -> np.ndarray:
 
 def resample_to_grid(image: np.ndarray, affine: Any, dst_affine: Any, dst_shape: Sequence[int]) -> np.ndarray:
     """Resample a 3-D image from its grid (``affine``) onto another grid (``dst_affine``, ``dst_shape``), bilinear."""
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
-
     src = MetaTensor(torch.as_tensor(image, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
     out = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
         src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=list(dst_shape)
@@ -353,8 +350,6 @@ class LatentCacheDecoder:
         written: list[Path] = []
         bar = items
         if self.progress:
-            from tqdm import tqdm
-
             bar = tqdm(items, desc="decoding", unit="volume")
         for item in bar:
             z = torch.from_numpy(np.asarray(open_latent(item["latent"]), dtype=np.float32))

@@ -16,12 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Events
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import PatchDiscriminator
 from monai.utils import CommonKeys
 
-from custom_nets.engines.common.step import scalars
+from custom_nets.engines.common.export import StageExporter
+from custom_nets.engines.common.step import optimizer_step, scalars
 from custom_nets.losses.vae import VAELoss
 from custom_nets.nets.vae import STAGE, decode_latent, encode_volume, load_maisi_weights, network_args
-from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path, save_stage_checkpoint
+from custom_nets.utils.checkpoint import load_stage_checkpoint, meta_path
 from custom_nets.utils.parallel import unwrap
 from custom_nets.utils.values import as_path
 from custom_nets.utils.visualize import save_slice_montage
@@ -31,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 def patch_discriminator(channels: int = 64, num_layers_d: int = 3, in_channels: int = 1) -> torch.nn.Module:
     """MONAI ``PatchDiscriminator`` as in MAISI's VAE training (3-D, instance norm, leaky ReLU)."""
-    from monai.networks.nets import PatchDiscriminator
-
     return PatchDiscriminator(spatial_dims=3, num_layers_d=num_layers_d, channels=channels, in_channels=in_channels,
                               out_channels=1, norm="INSTANCE")
 
@@ -102,7 +104,6 @@ class VAETrainStep:
     ) -> None:
         if discriminator is not None and disc_optimizer is None:
             raise ValueError("a discriminator needs disc_optimizer")
-        from monai.losses import PatchAdversarialLoss
 
         self.loss, self.discriminator, self.disc_optimizer = loss, discriminator, disc_optimizer
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
@@ -133,10 +134,7 @@ class VAETrainStep:
         if not torch.isfinite(loss_g):
             raise FloatingPointError(f"VAE loss is {loss_g.item()} at iteration {engine.state.iteration}; lower the "
                                      f"learning rate or check the input intensities (expected 0..1)")
-        loss_g.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
-        engine.optimizer.step()
+        optimizer_step(loss_g, engine.optimizer, engine.network.parameters(), grad_clip=self.grad_clip)
         disc_loss = torch.zeros((), device=images.device)
         if adversarial:
             unwrap(self.discriminator).requires_grad_(True)
@@ -147,8 +145,7 @@ class VAETrainStep:
             loss_fake = self.adv_loss(logits[:n], target_is_real=False, for_discriminator=True)
             loss_real = self.adv_loss(logits[n:], target_is_real=True, for_discriminator=True)
             disc_loss = 0.5 * (loss_fake + loss_real)
-            (self.adv_weight * disc_loss).backward()
-            self.disc_optimizer.step()
+            optimizer_step(self.adv_weight * disc_loss, self.disc_optimizer, self.discriminator.parameters())
         return {
             CommonKeys.IMAGE: images,
             CommonKeys.PRED: recon.detach(),
@@ -193,8 +190,6 @@ class ReconstructionMontageHandler:
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep_first)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
@@ -219,66 +214,23 @@ class ReconstructionMontageHandler:
         logger.info("saved %s", path)
 
 
-class VAEExporter:
-    """Export the VAE as ``model.pt`` + ``model.json`` (stage meduet_vae).
-
-    Exports whenever the evaluator's key metric improves (``export="best"``), and at the end of
-    training if no validation ever ran (or always, with ``export="final"``). "Improves" is the
-    evaluator's own best-metric bookkeeping, which a resumed run restores (see
-    :class:`custom_nets.engines.common.resume.ResumableCheckpoint`): a resumed run neither re-exports
-    a worse model nor replaces the best one by the final weights.
+class VAEExporter(StageExporter):
+    """Export the VAE as ``model.pt`` + ``model.json`` (stage meduet_vae), with its constructor
+    arguments, latent channels and the evaluator's last metrics.
 
     Args:
         network: the trained VAE (possibly DDP-wrapped).
         path: destination ``models/model.pt``.
         evaluator: the validation evaluator (its key metric decides "best").
-        export: "best" or "final".
+        policy: "best", "final" or "every N" (:class:`~custom_nets.engines.common.export.StageExporter`).
         extra: more metadata for model.json (e.g. crop size, data).
     """
 
     def __init__(self, network: torch.nn.Module, path: str | Path, evaluator: Any | None = None,
-                 export: str = "best", extra: Mapping[str, Any] | None = None) -> None:
-        if export not in ("best", "final"):
-            raise ValueError(f"export must be 'best' or 'final', got {export!r}")
-        self.network, self.path, self.evaluator = network, Path(path), evaluator
-        self.export, self.extra = export, dict(extra or {})
-        self.trainer: Any = None
+                 policy: str = "best", extra: Mapping[str, Any] | None = None) -> None:
+        super().__init__(network, path, STAGE, policy, evaluator, extra)
 
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        self.trainer = engine
-        if self.evaluator is not None and self.export == "best":
-            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._on_validation)
-        engine.add_event_handler(Events.COMPLETED, self._on_completed)
-
-    def _metrics(self) -> dict[str, float]:
-        if self.evaluator is None:
-            return {}
-        return {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
-
-    def _on_validation(self, evaluator: Any) -> None:
-        # MONAI's evaluator updates best_metric / best_metric_epoch before later handlers run
-        if evaluator.state.key_metric_name and evaluator.state.best_metric_epoch == evaluator.state.epoch:
-            self.save("best")
-
-    def _best_exported(self) -> bool:
-        if self.evaluator is None or self.export != "best":
-            return False
-        return int(getattr(self.evaluator.state, "best_metric_epoch", -1)) > 0
-
-    def _on_completed(self, engine: Any) -> None:
-        if self.export == "final" or not self._best_exported():
-            self.save("final")
-
-    def save(self, kind: str) -> dict[str, Any]:
-        """Write the checkpoint now. Returns the metadata written."""
-        net = unwrap(self.network)
-        trainer_state = self.trainer.state if self.trainer is not None else None
-        info = save_stage_checkpoint(
-            net.state_dict(), self.path, STAGE, network=network_args(net), latent_channels=int(net.latent_channels),
-            export=kind, epoch=int(getattr(trainer_state, "epoch", 0) or 0),
-            iteration=int(getattr(trainer_state, "iteration", 0) or 0), metrics=self._metrics(), **self.extra,
-        )
-        logger.info("exported %s VAE to %s (epoch %s, metrics %s)", kind, self.path, info["epoch"], info["metrics"])
-        return info
+    def metadata(self, network: torch.nn.Module) -> dict[str, Any]:
+        metrics = {} if self.evaluator is None else {
+            k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
+        return {"network": network_args(network), "latent_channels": int(network.latent_channels), "metrics": metrics}
