@@ -47,6 +47,7 @@ from custom_nets.utils.checkpoint import (
     read_stage_meta,
 )
 from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class LatentViTBackbone(nn.Module):
         self.encoder = LatentViTEncoder(**enc_args)
         self.embed_dim = self.encoder.embed_dim
         self.depth = len(self.encoder.blocks)
-        self.freeze_vae = bool(freeze_vae)
+        self.freeze_vae = as_bool(freeze_vae, "freeze_vae")
         self.latent_scale = float(latent_scale)
         if self.freeze_vae:
             self.vae.requires_grad_(False)
@@ -249,7 +250,7 @@ class LatentSegmenter(LatentViTBackbone):
             "vae": _jsonable(vae), "encoder": _jsonable({k: v for k, v in encoder.items() if k != "grid"}),
             "num_classes": self.num_classes, "roi_size": list(self.roi_size), "feature_size": int(feature_size),
             "skip_layers": list(skip_layers), "norm_name": _jsonable(norm_name),
-            "refine_channels": int(refine_channels), "freeze_vae": bool(freeze_vae), "latent_scale": float(latent_scale),
+            "refine_channels": int(refine_channels), "freeze_vae": self.freeze_vae, "latent_scale": float(latent_scale),
         }
         self.refine_channels = int(refine_channels)
         fs, d, c = int(feature_size), self.embed_dim, self.latent_channels

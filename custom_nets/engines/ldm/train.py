@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from custom_nets.engines.common.ema import ema_update, make_teacher
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
 from custom_nets.utils.errors import InputError, InputErrors
+from custom_nets.utils.flags import as_bool
 from custom_nets.utils.io import read_json
 
 logger = logging.getLogger(__name__)
@@ -578,7 +579,7 @@ class GeneratorExporter:
 def check_ssl_consistency(bank: FactorBank, ssl_ckpt: str | Path | None, init: bool) -> None:
     """Warn when the generator is initialised from another SSL model than the one whose factors
     condition it (on-the-fly factors at inference would then come from the wrong model)."""
-    if not (init and ssl_ckpt):
+    if not (as_bool(init, "init_from_ssl") and ssl_ckpt):
         return
     read_stage_meta(ssl_ckpt, "meduet_ssl")
     want = bank.meta.get("ssl_sha256")

@@ -32,6 +32,8 @@ from monai.networks.utils import pixelshuffle, pixelunshuffle
 from monai.utils import convert_to_dst_type
 from torch import nn
 
+from custom_nets.utils.flags import as_bool
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LatentSlidingWindowInferer", "SPACES", "inference_items"]
@@ -134,7 +136,7 @@ class LatentSlidingWindowInferer(Inferer):
         self.space = space
         self.vae_roi_size = max(self.roi_size) if vae_roi_size is None else int(vae_roi_size)
         self.vae_overlap = float(vae_overlap)
-        self.vae_exact = bool(vae_exact)
+        self.vae_exact = as_bool(vae_exact, "vae_exact")
         self.sw_device = sw_device
         self.device = device
         self.progress = progress

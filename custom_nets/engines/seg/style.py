@@ -22,6 +22,7 @@ from torch import nn
 
 from custom_nets.utils.checkpoint import check_state_dict, load_state_dict, read_stage_meta
 from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,8 @@ class StyleAugmentedStep:
 
 def style_step_or_none(enabled: bool, ssl_ckpt: str | Path | None, device: Any, **kwargs: Any) -> Callable | None:
     """Config helper: a :class:`StyleAugmentedStep` with the SSL checkpoint's MeDUET when ``enabled``, else None."""
-    if not enabled:
+    if not as_bool(enabled, "style_aug"):
+        logger.info("style augmentation off")
         return None
     if ssl_ckpt is None or str(ssl_ckpt).strip().lower() in ("", "none", "null"):
         raise ValueError("style augmentation needs the MeDUET model: set ssl_ckpt to a meduet_ssl checkpoint")
