@@ -33,6 +33,7 @@ from typing import Any
 from custom_nets.data.dicom import DicomSeries, convert_series, find_series_folders, is_dicom_file, scan_series
 from custom_nets.data.validate import check_items, image_suffix, strip_image_suffix
 from custom_nets.utils.errors import InputError, InputErrors
+from custom_nets.utils.flags import as_bool
 from custom_nets.utils.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -520,7 +521,7 @@ def load_datalist(
         InputError: one problem (e.g. an empty list, an unknown domain, a missing file).
         InputErrors: several problems, one per bad file.
     """
-    path = Path(path).resolve()
+    path, verify_data = Path(path).resolve(), as_bool(verify_data, "verify_data")
     data = read_json(path)
     if not isinstance(data, dict):
         raise InputError(path, "a datalist must be a JSON object with 'training', 'validation', 'testing', 'domains'")

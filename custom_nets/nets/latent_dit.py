@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from custom_nets.nets.vit import Block, init_vit_weights, patchify, sincos_pos_embed_3d, unpatchify
 from custom_nets.utils.checkpoint import load_state_dict, read_stage_meta
 from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -510,7 +511,7 @@ def init_from_meduet(dit: LatentDiT, ssl_ckpt: str | Path) -> list[str]:
 
 def maybe_init_from_meduet(dit: LatentDiT, ssl_ckpt: str | Path | None, enabled: bool = True) -> LatentDiT:
     """Config helper: :func:`init_from_meduet` when ``enabled`` and a checkpoint is named; returns ``dit``."""
-    if enabled and ssl_ckpt:
+    if as_bool(enabled, "init_from_ssl") and ssl_ckpt:
         init_from_meduet(dit, ssl_ckpt)
     else:
         logger.info("generator initialised at random (no MeDUET initialisation)")

@@ -37,6 +37,7 @@ from torch import nn
 
 from custom_nets.nets.vit import LatentViTEncoder, vit_encoder_config
 from custom_nets.utils.io import jsonable
+from custom_nets.utils.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class LatentViTBackbone(nn.Module):
         self.encoder = LatentViTEncoder(**enc_args)
         self.embed_dim = self.encoder.embed_dim
         self.depth = len(self.encoder.blocks)
-        self.freeze_vae = bool(freeze_vae)
+        self.freeze_vae = as_bool(freeze_vae, "freeze_vae")
         self.latent_scale = float(latent_scale)
         if self.freeze_vae:
             self.vae.requires_grad_(False)
@@ -223,7 +224,7 @@ class LatentSegmenter(LatentViTBackbone):
             "vae": jsonable(vae), "encoder": jsonable({k: v for k, v in encoder.items() if k != "grid"}),
             "num_classes": self.num_classes, "roi_size": list(self.roi_size), "feature_size": int(feature_size),
             "skip_layers": list(skip_layers), "norm_name": jsonable(norm_name),
-            "refine_channels": int(refine_channels), "freeze_vae": bool(freeze_vae), "latent_scale": float(latent_scale),
+            "refine_channels": int(refine_channels), "freeze_vae": self.freeze_vae, "latent_scale": float(latent_scale),
         }
         self.refine_channels = int(refine_channels)
         fs, d, c = int(feature_size), self.embed_dim, self.latent_channels

@@ -33,6 +33,7 @@ from monai.transforms import SaveImaged
 
 from custom_nets.utils.checkpoint import file_sha256
 from custom_nets.utils.errors import InputError
+from custom_nets.utils.flags import as_bool
 from custom_nets.utils.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class OutputLedger:
         self.path = self.output_dir / LEDGER_NAME
         self.settings = dict(settings or {})
         self.checkpoints = {k: v for k, v in (checkpoints or {}).items() if v not in (None, "")}
-        self.overwrite = bool(overwrite)
+        self.overwrite = as_bool(overwrite, "overwrite")
         self._key: str | None = None
         self._entries: dict[str, dict[str, Any]] | None = None
         self._described: dict[str, Any] = {}

@@ -41,6 +41,7 @@ from monai.handlers import CheckpointLoader
 
 from custom_nets.utils.checkpoint import save_torch
 from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.flags import as_bool
 from custom_nets.utils.parallel import rank as _rank
 from custom_nets.utils.values import as_path
 
@@ -48,18 +49,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["as_bool", "epoch_seed", "reseed", "latest_checkpoint", "AtomicDiskSaver", "EvaluatorBest",
            "ResumableCheckpoint"]
-
-
-def as_bool(value: bool | str | int | None) -> bool:
-    """A flag from a config or the command line (``--resume true`` arrives as the string 'true')."""
-    if value is None:
-        return False
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
-            raise ValueError(f"expected a boolean, got {value!r}")
-        return v in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -163,7 +152,7 @@ class ResumableCheckpoint:
         if evaluator is not None:
             self.objects["evaluator_best"] = EvaluatorBest(evaluator)
         self.save_interval, self.n_saved = int(save_interval), int(n_saved)
-        self.resume, self.resume_from = as_bool(resume), as_path(resume_from)
+        self.resume, self.resume_from = as_bool(resume, "resume"), as_path(resume_from)
         self.file_prefix, self.final_filename = file_prefix, final_filename
         self.seed = None if seed is None else int(seed)
         self.datasets = [d for d in datasets if d is not None]

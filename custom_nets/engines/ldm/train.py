@@ -25,6 +25,7 @@ from custom_nets.engines.common.step import engine_amp, optimizer_step
 from custom_nets.engines.ldm.objective import diffusion_loss, is_flow, scheduler_args
 from custom_nets.engines.ssl.factor_bank import FactorBank
 from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta
+from custom_nets.utils.flags import as_bool
 from custom_nets.utils.io import read_json
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class GeneratorExporter(StageExporter):
 def check_ssl_consistency(bank: FactorBank, ssl_ckpt: str | Path | None, init: bool) -> None:
     """Warn when the generator is initialised from another SSL model than the one whose factors
     condition it (on-the-fly factors at inference would then come from the wrong model)."""
-    if not (init and ssl_ckpt):
+    if not (as_bool(init, "init_from_ssl") and ssl_ckpt):
         return
     read_stage_meta(ssl_ckpt, "meduet_ssl")
     check_upstream(

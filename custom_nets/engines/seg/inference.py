@@ -30,11 +30,11 @@ from monai.data.utils import compute_importance_map
 from monai.inferers import Inferer, SlidingWindowInferer, sliding_window_inference
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 from monai.utils import convert_to_dst_type
-from torch import nn
 
 from custom_nets.data.datalist import folder_items, load_datalist
 from custom_nets.utils.parallel import unwrap
 from custom_nets.utils.values import as_path
+from custom_nets.utils.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class LatentSlidingWindowInferer(Inferer):
         self.space = space
         self.vae_roi_size = max(self.roi_size) if vae_roi_size is None else int(vae_roi_size)
         self.vae_overlap = float(vae_overlap)
-        self.vae_exact = bool(vae_exact)
+        self.vae_exact = as_bool(vae_exact, "vae_exact")
         self.sw_device = sw_device
         self.device = device
         self.progress = progress

@@ -26,6 +26,7 @@ from torch import nn
 from custom_nets.engines.common.step import clip_and_step, engine_amp, scaled_backward
 from custom_nets.nets.meduet import load_meduet
 from custom_nets.utils.values import as_path
+from custom_nets.utils.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,8 @@ class StyleAugmentedStep:
 
 def style_step_or_none(enabled: bool, ssl_ckpt: str | Path | None, device: Any, **kwargs: Any) -> Callable | None:
     """Config helper: a :class:`StyleAugmentedStep` with the SSL checkpoint's MeDUET when ``enabled``, else None."""
-    if not enabled:
+    if not as_bool(enabled, "style_aug"):
+        logger.info("style augmentation off")
         return None
     if as_path(ssl_ckpt) is None:
         raise ValueError("style augmentation needs the MeDUET model: set ssl_ckpt to a meduet_ssl checkpoint")

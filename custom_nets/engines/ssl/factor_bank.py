@@ -44,6 +44,7 @@ from monai.inferers import Inferer
 from custom_nets.engines.common.outputs import check_output_dir, settings_key
 from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta, save_torch
 from custom_nets.utils.errors import InputError, InputErrors
+from custom_nets.utils.flags import as_bool
 from custom_nets.utils.io import atomic_path, read_json, write_json
 from custom_nets.utils.visualize import save_factor_scatter
 
@@ -413,7 +414,8 @@ class FactorBankWriter:
         self.output_dir = Path(output_dir)
         self.items, self.domains, self.ssl_ckpt = list(items), list(domains), Path(ssl_ckpt)
         self.patch_size, self.overlap, self.token_size = patch_size, overlap, token_size
-        self.token_maps, self.overwrite, self.inputs = bool(token_maps), bool(overwrite), list(inputs)
+        self.token_maps, self.overwrite = as_bool(token_maps, "save_token_maps"), as_bool(overwrite, "overwrite")
+        self.inputs = list(inputs)
         self.results: dict[int, dict[str, Any]] = {}
         self.reused: dict[int, dict[str, Any]] = {}
         self._key: str | None = None

@@ -30,6 +30,7 @@ from custom_nets.engines.common.outputs import check_output_dir
 from custom_nets.nets.vae import DOWNSAMPLE, decode_latent, encode_volume, latent_affine
 from custom_nets.utils.checkpoint import read_stage_meta
 from custom_nets.utils.errors import InputError
+from custom_nets.utils.flags import as_bool
 from custom_nets.utils.io import read_json, save_nifti, write_json
 from custom_nets.utils.visualize import save_slice_montage
 
@@ -60,7 +61,8 @@ class TiledVAEEncoder:
 
     def __init__(self, roi: int | None = 128, overlap: float = 0.25, exact: bool = True,
                  store_dtype: str = "float32", progress: bool = False, granularity: str = "resolution") -> None:
-        self.roi, self.overlap, self.exact, self.progress = roi, float(overlap), bool(exact), bool(progress)
+        self.roi, self.overlap = roi, float(overlap)
+        self.exact, self.progress = as_bool(exact, "exact_tiling"), as_bool(progress, "progress")
         self.store_dtype, self.granularity = getattr(torch, store_dtype), granularity
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
@@ -80,7 +82,8 @@ class TiledVAEDecoder:
 
     def __init__(self, roi: int | None = 32, overlap: float = 0.25, exact: bool = True,
                  store_dtype: str = "float32", progress: bool = False, granularity: str = "block") -> None:
-        self.roi, self.overlap, self.exact, self.progress = roi, float(overlap), bool(exact), bool(progress)
+        self.roi, self.overlap = roi, float(overlap)
+        self.exact, self.progress = as_bool(exact, "exact_tiling"), as_bool(progress, "progress")
         self.store_dtype, self.granularity = getattr(torch, store_dtype), granularity
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
@@ -171,12 +174,13 @@ class LatentCacheEncoder:
         previews: bool = True,
     ) -> None:
         self.dataset, self.network, self.inferer = dataset, network, inferer
-        self.previews = bool(previews)
+        self.previews = as_bool(previews, "latent_previews")
         self.output_dir = Path(output_dir).resolve()
         self.vae_ckpt = Path(vae_ckpt)
         self.device = torch.device(device)
         self.latent_datalist = Path(latent_datalist) if latent_datalist else self.output_dir / "datalist.json"
-        self.overwrite, self.num_workers, self.progress = bool(overwrite), int(num_workers), bool(progress)
+        self.overwrite, self.num_workers = as_bool(overwrite, "overwrite"), int(num_workers)
+        self.progress = as_bool(progress, "progress")
 
     # the record beside each .npy: what the latent datalist needs, plus the VAE that wrote it
     def _record_path(self, item: Mapping[str, Any]) -> Path:
@@ -334,8 +338,8 @@ class LatentCacheDecoder:
         self.latent_datalist, self.network, self.inferer = Path(latent_datalist), network, inferer
         self.output_dir, self.vae_ckpt = Path(output_dir), Path(vae_ckpt)
         self.splits, self.max_items = tuple(splits), max_items
-        self.original_grid, self.intensity = bool(original_grid), intensity
-        self.device, self.progress = torch.device(device), bool(progress)
+        self.original_grid, self.intensity = as_bool(original_grid, "original_grid"), intensity
+        self.device, self.progress = torch.device(device), as_bool(progress, "progress")
 
     @torch.no_grad()
     def run(self) -> list[Path]:
