@@ -167,7 +167,7 @@ class LatentViTBackbone(nn.Module):
         return z_mu * self.latent_scale
 
     def encode_volume(self, image: torch.Tensor, roi_size: int | None = 96, overlap: float = 0.25,
-                      exact: bool = False) -> torch.Tensor:
+                      exact: bool = False, precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
         """Whole-volume tiled encoding (``custom_nets.nets.vae.encode_volume``), scaled like :meth:`encode_latent`.
 
         Args:
@@ -176,6 +176,8 @@ class LatentViTBackbone(nn.Module):
             overlap: tile overlap fraction (blended tiles).
             exact: whole-volume GroupNorm statistics (equal to one untiled pass) instead of blended
                 tiles whose statistics are those of each tile, like the training crops.
+            precision: VAE precision, "fp32", "bf16" (autocast) or "auto" (bf16 where native).
+            channels_last: run the VAE's convolutions with channels-last-3d weights.
 
         Returns:
             (B, C, X/f, Y/f, Z/f) latent.
@@ -184,7 +186,7 @@ class LatentViTBackbone(nn.Module):
 
         with torch.no_grad() if self.freeze_vae else torch.enable_grad():
             z = encode_volume(self.vae, image, roi=None if roi_size is None else int(roi_size), overlap=overlap,
-                              exact=exact)
+                              exact=exact, precision=precision, channels_last=channels_last)
         return z * self.latent_scale
 
     def tokens(self, latent: torch.Tensor, return_layers: Sequence[int] = ()) -> torch.Tensor | tuple:

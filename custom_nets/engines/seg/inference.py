@@ -32,6 +32,8 @@ from monai.networks.utils import pixelshuffle, pixelunshuffle
 from monai.utils import convert_to_dst_type
 from torch import nn
 
+from custom_nets.nets.vae import ENCODE_PRECISIONS
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LatentSlidingWindowInferer", "SPACES", "inference_items"]
@@ -99,6 +101,10 @@ class LatentSlidingWindowInferer(Inferer):
         vae_exact: encode with whole-volume GroupNorm statistics (equal to one untiled pass);
             the default blends tiles of ``vae_roi_size`` whose statistics, like those of the 96^3
             training crops, are computed per tile.
+        vae_precision: precision of the whole-volume VAE encoding: "fp32" (default), "bf16"
+            (autocast; latent within ``custom_nets.nets.vae.BF16_LATENT_TOLERANCE`` of float32, tested)
+            or "auto" (bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere).
+        vae_channels_last: run the VAE's convolutions with channels-last-3d weights (same values).
         sw_device: device for the windows (default: the input's).
         device: device of the stitched output (default: the input's).
         progress: tqdm bar over windows.
@@ -115,6 +121,8 @@ class LatentSlidingWindowInferer(Inferer):
         vae_roi_size: int | None = None,
         vae_overlap: float = 0.25,
         vae_exact: bool = False,
+        vae_precision: str = "fp32",
+        vae_channels_last: bool = False,
         sw_device: str | torch.device | None = None,
         device: str | torch.device | None = None,
         progress: bool = False,
@@ -135,6 +143,10 @@ class LatentSlidingWindowInferer(Inferer):
         self.vae_roi_size = max(self.roi_size) if vae_roi_size is None else int(vae_roi_size)
         self.vae_overlap = float(vae_overlap)
         self.vae_exact = bool(vae_exact)
+        if vae_precision not in ENCODE_PRECISIONS:
+            raise ValueError(f"vae_precision must be one of {ENCODE_PRECISIONS}, got {vae_precision!r}")
+        self.vae_precision = vae_precision
+        self.vae_channels_last = bool(vae_channels_last)
         self.sw_device = sw_device
         self.device = device
         self.progress = progress
@@ -163,7 +175,8 @@ class LatentSlidingWindowInferer(Inferer):
         # pad (zero = bottom of the 0..1 intensity range) to whole latent voxels and at least one window
         target = [max(-(-s // f) * f, r) for s, r in zip(image.shape[2:], self.roi_size)]
         x, crop = _pad_to(image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else image, target)
-        latent = net.encode_volume(x, roi_size=self.vae_roi_size, overlap=self.vae_overlap, exact=self.vae_exact)
+        latent = net.encode_volume(x, roi_size=self.vae_roi_size, overlap=self.vae_overlap, exact=self.vae_exact,
+                                   precision=self.vae_precision, channels_last=self.vae_channels_last)
         latent = latent.to(x.device, x.dtype)
         c = latent.shape[1]
         needs_image = bool(getattr(net, "needs_image", False))
