@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -643,7 +643,8 @@ def vae_runtime(vae: torch.nn.Module, precision: str = "fp32", channels_last: bo
 
     Args:
         vae: the network (its parameters tell the device).
-        precision: "fp32" or "bf16" (see :func:`resolve_encode_precision`).
+        precision: "fp32" (as the caller runs: no autocast is added), "bf16" or "auto" (see
+            :func:`resolve_encode_precision`).
         channels_last: convert 5-D weights to ``torch.channels_last_3d``.
     """
     device = next(vae.parameters()).device
@@ -658,8 +659,10 @@ def vae_runtime(vae: torch.nn.Module, precision: str = "fp32", channels_last: bo
                  if isinstance(m, torch.nn.GroupNorm)]
     if convert:
         vae.to(memory_format=torch.channels_last_3d)
+    # fp32 adds no context: an outer autocast (the bundle evaluator's amp on CUDA) still applies
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with cast:
             yield
     finally:
         if convert:
