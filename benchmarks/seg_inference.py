@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--vae-exact", action="store_true",
                    help="latent mode: whole-volume VAE statistics (stage-wise exact tiling) instead of blended tiles")
+    p.add_argument("--vae-granularity", choices=("resolution", "block", "norm"), default="resolution",
+                   help="with --vae-exact: stage split (norm: every convolution once, most memory)")
+    p.add_argument("--vae-store-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="with --vae-exact: dtype of the stored whole-volume stage outputs")
     p.add_argument("--vae-precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="latent mode: precision of the VAE encode only (default fp32)")
     p.add_argument("--vae-channels-last", action="store_true",
@@ -201,7 +205,9 @@ def run(args: argparse.Namespace) -> dict:
     else:
         inferer = LatentSlidingWindowInferer(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
                                              space=args.mode, vae_exact=args.vae_exact, vae_precision=vae_precision,
-                                             vae_channels_last=args.vae_channels_last)
+                                             vae_channels_last=args.vae_channels_last,
+                                             vae_granularity=args.vae_granularity,
+                                             vae_store_dtype=args.vae_store_dtype)
     timings = {"encode_s": 0.0, "encode_cpu_s": 0.0, "windows": 0}
     if args.mode == "latent":
         encode = net.encode_volume
@@ -284,6 +290,8 @@ def run(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "sw_batch_size": args.sw_batch_size,
         "vae_exact": bool(args.vae_exact) if args.mode == "latent" else None,
+        "vae_granularity": args.vae_granularity if args.mode == "latent" and args.vae_exact else None,
+        "vae_store_dtype": args.vae_store_dtype if args.mode == "latent" and args.vae_exact else None,
         "precision": args.precision,
         "vae_precision": vae_precision if args.mode == "latent" else None,
         "vae_channels_last": bool(args.vae_channels_last) if args.mode == "latent" else None,

@@ -380,6 +380,49 @@ def _has_norm(block: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.GroupNorm) for m in block.modules())
 
 
+class ResBlockFirstHalf(torch.nn.Module):
+    """First half of a MAISI ResBlock as its own stage unit: ``x -> cat[conv1(silu(norm1(x))), x]``.
+
+    The block input rides along in the channels so that :class:`ResBlockSecondHalf` can add the
+    residual; the two halves compute exactly what the block computes.
+    """
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = block.norm1, block.conv1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(torch.nn.functional.silu(self.norm1(x)))
+        return torch.cat([h, x], dim=1)  # promoted to the wider dtype: the residual is not rounded
+
+
+class ResBlockSecondHalf(torch.nn.Module):
+    """Second half of a MAISI ResBlock: ``cat[h, x] -> shortcut(x) + conv2(silu(norm2(h)))``."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm2, self.conv2 = block.norm2, block.conv2
+        self.hidden = int(block.out_channels)  # channels of h in the stored cat[h, x]
+        self.shortcut = block.nin_shortcut if block.in_channels != block.out_channels else torch.nn.Identity()
+
+    def forward(self, hx: torch.Tensor) -> torch.Tensor:
+        h, x = hx[:, : self.hidden], hx[:, self.hidden :]
+        return self.shortcut(x) + self.conv2(torch.nn.functional.silu(self.norm2(h)))
+
+
+def split_res_blocks(blocks: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The block list with every MAISI ResBlock replaced by its two halves (one GroupNorm each)."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiResBlock
+
+    out: list[torch.nn.Module] = []
+    for blk in blocks:
+        out += [ResBlockFirstHalf(blk), ResBlockSecondHalf(blk)] if isinstance(blk, MaisiResBlock) else [blk]
+    return out
+
+
+GRANULARITIES = ("resolution", "block", "norm")
+
+
 def split_stages(blocks: Sequence[torch.nn.Module], granularity: str = "resolution") -> list[list[torch.nn.Module]]:
     """Split a MAISI block list into stages for :func:`run_stage_exact`.
 
@@ -394,13 +437,18 @@ def split_stages(blocks: Sequence[torch.nn.Module], granularity: str = "resoluti
             stage holds at most one block with GroupNorm layers, blocks without any attach to the
             stage before them; statistics passes then recompute at most one block (about 3x less
             compute on the paper-size decoder), at the price of whole volumes stored at the
-            resolution and width of each block's output.
+            resolution and width of each block's output. ``"norm"``: ``"block"`` after splitting
+            each ResBlock in two (:func:`split_res_blocks`), so that every stage starts at its
+            only GroupNorm: no convolution after the first is computed twice, at the price of
+            storing the ResBlock input beside the first half's output (twice the width).
 
     Returns:
         The stages, in order.
     """
-    if granularity not in ("resolution", "block"):
-        raise ValueError(f"granularity must be 'resolution' or 'block', got {granularity!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "norm":
+        blocks, granularity = split_res_blocks(blocks), "block"
     stages: list[list[torch.nn.Module]] = [[]]
     for blk in blocks:
         if granularity == "block":

@@ -79,7 +79,8 @@ def test_channels_last_keeps_the_float32_latent_and_restores_the_layout() -> Non
     hook.remove()
     assert conv.conv.weight.is_contiguous()  # the layout is restored on exit
     with vae_runtime(vae, channels_last=True):
-        assert conv.conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.conv.weight.is_contiguous()
+        weight = conv.conv.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
     assert conv.conv.weight.is_contiguous()
 
 

@@ -32,7 +32,7 @@ from monai.networks.utils import pixelshuffle, pixelunshuffle
 from monai.utils import convert_to_dst_type
 from torch import nn
 
-from custom_nets.nets.vae import ENCODE_PRECISIONS
+from custom_nets.nets.vae import ENCODE_PRECISIONS, GRANULARITIES
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ class LatentSlidingWindowInferer(Inferer):
             (autocast; latent within ``custom_nets.nets.vae.BF16_LATENT_TOLERANCE`` of float32, tested)
             or "auto" (bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere).
         vae_channels_last: run the VAE's convolutions with channels-last-3d weights (same values).
+        vae_granularity: stage split of ``vae_exact`` (``custom_nets.nets.vae.split_stages``):
+            "resolution" (least memory), "block", or "norm" (every convolution computed once, each
+            voxel encoded once up to halos; stores twice-wide full-resolution volumes).
+        vae_store_dtype: dtype name of the whole-volume stage outputs ``vae_exact`` stores
+            ("float32", or "bfloat16": half the memory, latent within the bf16 tolerance).
         sw_device: device for the windows (default: the input's).
         device: device of the stitched output (default: the input's).
         progress: tqdm bar over windows.
@@ -123,6 +128,8 @@ class LatentSlidingWindowInferer(Inferer):
         vae_exact: bool = False,
         vae_precision: str = "fp32",
         vae_channels_last: bool = False,
+        vae_granularity: str = "resolution",
+        vae_store_dtype: str = "float32",
         sw_device: str | torch.device | None = None,
         device: str | torch.device | None = None,
         progress: bool = False,
@@ -147,6 +154,11 @@ class LatentSlidingWindowInferer(Inferer):
             raise ValueError(f"vae_precision must be one of {ENCODE_PRECISIONS}, got {vae_precision!r}")
         self.vae_precision = vae_precision
         self.vae_channels_last = bool(vae_channels_last)
+        if vae_granularity not in GRANULARITIES:
+            raise ValueError(f"vae_granularity must be one of {GRANULARITIES}, got {vae_granularity!r}")
+        if vae_store_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"vae_store_dtype must be 'float32' or 'bfloat16', got {vae_store_dtype!r}")
+        self.vae_granularity, self.vae_store_dtype = vae_granularity, getattr(torch, vae_store_dtype)
         self.sw_device = sw_device
         self.device = device
         self.progress = progress
@@ -176,7 +188,8 @@ class LatentSlidingWindowInferer(Inferer):
         target = [max(-(-s // f) * f, r) for s, r in zip(image.shape[2:], self.roi_size)]
         x, crop = _pad_to(image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else image, target)
         latent = net.encode_volume(x, roi_size=self.vae_roi_size, overlap=self.vae_overlap, exact=self.vae_exact,
-                                   precision=self.vae_precision, channels_last=self.vae_channels_last)
+                                   precision=self.vae_precision, channels_last=self.vae_channels_last,
+                                   granularity=self.vae_granularity, store_dtype=self.vae_store_dtype)
         latent = latent.to(x.device, x.dtype)
         c = latent.shape[1]
         needs_image = bool(getattr(net, "needs_image", False))
