@@ -142,7 +142,8 @@ class LatentViTBackbone(nn.Module):
         return z_mu * self.latent_scale
 
     def encode_volume(self, image: torch.Tensor, roi_size: int | None = 96, overlap: float = 0.25,
-                      exact: bool = False) -> torch.Tensor:
+                      exact: bool = False, precision: str = "fp32", channels_last: bool = False,
+                      granularity: str = "resolution", store_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Whole-volume tiled encoding (``custom_nets.nets.vae.encode_volume``), scaled like :meth:`encode_latent`.
 
         Args:
@@ -151,6 +152,11 @@ class LatentViTBackbone(nn.Module):
             overlap: tile overlap fraction (blended tiles).
             exact: whole-volume GroupNorm statistics (equal to one untiled pass) instead of blended
                 tiles whose statistics are those of each tile, like the training crops.
+            precision: VAE precision, "fp32", "bf16" (autocast) or "auto" (bf16 where native).
+            channels_last: run the VAE's convolutions with channels-last-3d weights.
+            granularity: stage split of the exact mode (``custom_nets.nets.vae.split_stages``):
+                "resolution" stores least, "norm" computes each convolution once.
+            store_dtype: dtype of the exact mode's stored whole-volume stage outputs.
 
         Returns:
             (B, C, X/f, Y/f, Z/f) latent.
@@ -159,7 +165,8 @@ class LatentViTBackbone(nn.Module):
 
         with torch.no_grad() if self.freeze_vae else torch.enable_grad():
             z = encode_volume(self.vae, image, roi=None if roi_size is None else int(roi_size), overlap=overlap,
-                              exact=exact)
+                              exact=exact, precision=precision, channels_last=channels_last,
+                              granularity=granularity, store_dtype=store_dtype)
         return z * self.latent_scale
 
     def tokens(self, latent: torch.Tensor, return_layers: Sequence[int] = ()) -> torch.Tensor | tuple:

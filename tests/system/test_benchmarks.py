@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -58,3 +60,44 @@ def test_run_logged_appends_each_run_under_its_header(tmp_path: Path) -> None:
     assert bad.returncode == 3 and bad.output.strip() == "partial"
     text = log.read_text()
     assert text.index("===== ok run") < text.index("last line") < text.index("===== bad run") < text.index("partial")
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make bench-gpu`'s script at its tiny size: one JSON line per measurement, each with its figures."""
+    import gpu_bench
+
+    out = tmp_path / "gpu_bench.jsonl"
+    assert gpu_bench.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert [json.loads(ln) for ln in out.read_text().splitlines()] == lines  # every line is also saved
+    assert not [ln for ln in lines if "error" in ln]
+    ssl = [ln for ln in lines if ln["bench"] == "ssl_step"]
+    assert [ln["passes"] for ln in ssl] == ["project", "reference"]
+    assert all(ln["precision"] == "bf16" and ln["batch"] == 2 and ln["step_s_median"] > 0 for ln in ssl)
+    gen = [ln for ln in lines if ln["bench"] == "generator"]
+    assert [ln["precision"] for ln in gen] == ["fp32", "bf16"]
+    for ln in gen:
+        assert ln["samples_per_s"] == pytest.approx(ln["batch"] / (ln["s_per_step"] * ln["num_steps"]), rel=1e-2)
+    seg = [ln for ln in lines if ln["bench"] == "seg_whole_ct"]
+    assert [(ln["mode"], ln["precision"]) for ln in seg] == [
+        ("latent", "fp32"), ("latent", "bf16"), ("swinunetr", "fp32"), ("swinunetr", "bf16")]
+    for ln in seg:
+        assert ln["seconds"] >= ln["inference_s"] > 0 and ln["windows"] >= 2
+        assert ln["original_shape"] == [64, 64, 40]  # the mask came back on the CT's own grid
+    assert seg[0]["vae_encode_s"] > 0 and seg[2]["vae_encode_s"] is None
+    assert len(lines) == 8 and all(ln["device"] == "cpu" for ln in lines)
+
+
+def test_gpu_benchmark_halves_the_batch_on_out_of_memory() -> None:
+    import gpu_bench
+
+    def fits_at_16(batch: int) -> dict:
+        if batch > 16:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: tried batch {batch}")
+        return {"batch": batch}
+
+    assert gpu_bench.largest_batch(fits_at_16, 64) == {"batch": 16, "batch_tried": [64, 32, 16]}
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        gpu_bench.largest_batch(fits_at_16, 64, smallest=32)
+    with pytest.raises(ValueError, match="not memory"):  # other errors are not retried
+        gpu_bench.largest_batch(lambda b: (_ for _ in ()).throw(ValueError("not memory")), 64)

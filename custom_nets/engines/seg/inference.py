@@ -32,9 +32,10 @@ from monai.networks.utils import pixelshuffle, pixelunshuffle
 from monai.utils import convert_to_dst_type
 
 from custom_nets.data.datalist import folder_items, load_datalist
+from custom_nets.nets.vae import ENCODE_PRECISIONS, GRANULARITIES
+from custom_nets.utils.flags import as_bool
 from custom_nets.utils.parallel import unwrap
 from custom_nets.utils.values import as_path
-from custom_nets.utils.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,15 @@ class LatentSlidingWindowInferer(Inferer):
         vae_exact: encode with whole-volume GroupNorm statistics (equal to one untiled pass);
             the default blends tiles of ``vae_roi_size`` whose statistics, like those of the 96^3
             training crops, are computed per tile.
+        vae_precision: precision of the whole-volume VAE encoding: "fp32" (default), "bf16"
+            (autocast; latent within ``custom_nets.nets.vae.BF16_LATENT_TOLERANCE`` of float32, tested)
+            or "auto" (bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere).
+        vae_channels_last: run the VAE's convolutions with channels-last-3d weights (same values).
+        vae_granularity: stage split of ``vae_exact`` (``custom_nets.nets.vae.split_stages``):
+            "resolution" (least memory), "block", or "norm" (every convolution computed once, each
+            voxel encoded once up to halos; stores twice-wide full-resolution volumes).
+        vae_store_dtype: dtype name of the whole-volume stage outputs ``vae_exact`` stores
+            ("float32", or "bfloat16": half the memory, latent within the bf16 tolerance).
         sw_device: device for the windows (default: the input's).
         device: device of the stitched output (default: the input's).
         progress: tqdm bar over windows.
@@ -112,6 +122,10 @@ class LatentSlidingWindowInferer(Inferer):
         vae_roi_size: int | None = None,
         vae_overlap: float = 0.25,
         vae_exact: bool = False,
+        vae_precision: str = "fp32",
+        vae_channels_last: bool = False,
+        vae_granularity: str = "resolution",
+        vae_store_dtype: str = "float32",
         sw_device: str | torch.device | None = None,
         device: str | torch.device | None = None,
         progress: bool = False,
@@ -132,6 +146,15 @@ class LatentSlidingWindowInferer(Inferer):
         self.vae_roi_size = max(self.roi_size) if vae_roi_size is None else int(vae_roi_size)
         self.vae_overlap = float(vae_overlap)
         self.vae_exact = as_bool(vae_exact, "vae_exact")
+        if vae_precision not in ENCODE_PRECISIONS:
+            raise ValueError(f"vae_precision must be one of {ENCODE_PRECISIONS}, got {vae_precision!r}")
+        self.vae_precision = vae_precision
+        self.vae_channels_last = as_bool(vae_channels_last, "vae_channels_last")
+        if vae_granularity not in GRANULARITIES:
+            raise ValueError(f"vae_granularity must be one of {GRANULARITIES}, got {vae_granularity!r}")
+        if vae_store_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"vae_store_dtype must be 'float32' or 'bfloat16', got {vae_store_dtype!r}")
+        self.vae_granularity, self.vae_store_dtype = vae_granularity, getattr(torch, vae_store_dtype)
         self.sw_device = sw_device
         self.device = device
         self.progress = progress
@@ -160,7 +183,9 @@ class LatentSlidingWindowInferer(Inferer):
         # pad (zero = bottom of the 0..1 intensity range) to whole latent voxels and at least one window
         target = [max(-(-s // f) * f, r) for s, r in zip(image.shape[2:], self.roi_size)]
         x, crop = _pad_to(image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else image, target)
-        latent = net.encode_volume(x, roi_size=self.vae_roi_size, overlap=self.vae_overlap, exact=self.vae_exact)
+        latent = net.encode_volume(x, roi_size=self.vae_roi_size, overlap=self.vae_overlap, exact=self.vae_exact,
+                                   precision=self.vae_precision, channels_last=self.vae_channels_last,
+                                   granularity=self.vae_granularity, store_dtype=self.vae_store_dtype)
         latent = latent.to(x.device, x.dtype)
         c = latent.shape[1]
         needs_image = bool(getattr(net, "needs_image", False))
