@@ -15,9 +15,18 @@ Decoder (``fs`` = feature_size, ``D`` = ViT width; the ViT grid ``g`` is latent 
                      --UnetrUpBlock(+ block 6 skip)------------------> 4fs   @ 2g
                      --UnetrUpBlock(+ block 3 skip)------------------> 2fs   @ 4g
                      --cat(latent skip)--UnetrBasicBlock-------------> fs    @ 4g (latent grid)
-    head: 1x1 conv to classes @ 4g, trilinear x4 to the image grid;
-    or, with ``refine_channels > 0``: features trilinear x4, concatenated with a light convolutional
-    path on the image at full resolution, one residual conv block, then the 1x1 conv.
+    decoder "progressive" (default): features resampled to half resolution + image skip at half
+        resolution (stride-2 conv block) -> conv block -> resampled to full resolution + image skip at
+        full resolution -> conv block -> 1x1 conv (UNETR's encoder1/encoder2 pattern);
+    decoder "paper": 1x1 conv to classes @ 4g, upsampled x4 to the image grid (the paper's head);
+    decoder "refine": features upsampled x4, concatenated with a light convolutional path on the
+        image at full resolution, one residual conv block, then the 1x1 conv.
+
+Alignment: a MAISI latent voxel k sits over image voxel 4k + 3 (each downsampling pads (0, 1) before
+a stride-2 convolution; :mod:`custom_nets.nets.latent_grid`), not 4k + 1.5 as trilinear upsampling
+with ``align_corners=False`` assumes. With ``align_latent`` (default) every latent -> image
+resampling uses the encoder's measured grid; ``align_latent=False`` reproduces the old x4 trilinear
+upsampling (1.5 voxels off per axis).
 
 The split between :meth:`LatentSegmenter.encode_latent` and :meth:`LatentSegmenter.forward_latent`
 lets whole-volume inference encode each volume once (tiled VAE encoding) and slide windows over
@@ -31,20 +40,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
+from custom_nets.nets.latent_grid import Grid, encoder_latent_grid, resample_grid
 from custom_nets.nets.vit import LatentViTEncoder, vit_encoder_config
 from custom_nets.utils.io import jsonable
 from custom_nets.utils.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
+DECODERS = ("progressive", "paper", "refine")
+
 __all__ = [
     "LatentViTBackbone",
     "LatentSegmenter",
     "LatentClassifier",
+    "DECODERS",
     "segmenter_config",
 ]
 
@@ -116,6 +128,8 @@ class LatentViTBackbone(nn.Module):
                 f"roi_size {self.roi_size} must be divisible by VAE factor x patch size = {unit}"
             )
         self.latent_roi = tuple(s // self.vae_factor for s in self.roi_size)
+        # where latent voxels sit on the image grid (origin, spacing), from the encoder's layers
+        self.encoder_grid: Grid = encoder_latent_grid(self.vae)
         enc_args["grid"] = tuple(s // self.patch_size for s in self.latent_roi)
         self.encoder = LatentViTEncoder(**enc_args)
         self.embed_dim = self.encoder.embed_dim
@@ -192,9 +206,14 @@ class LatentSegmenter(LatentViTBackbone):
         skip_layers: 1-based ViT blocks feeding the three token skips (default: depth/4, depth/2,
             3*depth/4, i.e. 3, 6, 9 for 12 blocks); the last block enters through the final norm.
         norm_name: decoder normalisation (MONAI name, e.g. "instance").
-        refine_channels: width of the optional full-resolution image path (0 = off).
+        refine_channels: width of the full-resolution image path of the "refine" decoder (> 0
+            with decoder "paper" selects "refine", as before decoders were named).
         freeze_vae: keep the VAE fixed.
         latent_scale: factor applied to the VAE posterior mean.
+        decoder: "progressive" (image skips at full and half resolution), "paper" (latent-grid
+            logits upsampled x4) or "refine" (see the module docstring).
+        align_latent: place latent voxels where the VAE encoder read them (True) or where
+            ``align_corners=False`` trilinear upsampling assumes (False, 1.5 voxels off).
     """
 
     def __init__(
@@ -209,6 +228,8 @@ class LatentSegmenter(LatentViTBackbone):
         refine_channels: int = 0,
         freeze_vae: bool = True,
         latent_scale: float = 1.0,
+        decoder: str = "progressive",
+        align_latent: bool = True,
     ) -> None:
         super().__init__(vae, encoder, roi_size=roi_size, freeze_vae=freeze_vae, latent_scale=latent_scale)
         if num_classes < 1:
@@ -217,6 +238,12 @@ class LatentSegmenter(LatentViTBackbone):
             raise ValueError(f"feature_size must be >= 1, got {feature_size}")
         if refine_channels < 0:
             raise ValueError(f"refine_channels must be >= 0, got {refine_channels}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if decoder == "paper" and refine_channels > 0:
+            decoder = "refine"
+        if decoder == "refine" and refine_channels < 1:
+            raise ValueError("decoder 'refine' needs refine_channels >= 1")
         if self.patch_size != 4:
             raise ValueError(f"the decoder climbs two x2 steps from tokens to latents: patch_size must be 4, got {self.patch_size}")
         if skip_layers is None:
@@ -232,8 +259,12 @@ class LatentSegmenter(LatentViTBackbone):
             "num_classes": self.num_classes, "roi_size": list(self.roi_size), "feature_size": int(feature_size),
             "skip_layers": list(skip_layers), "norm_name": jsonable(norm_name),
             "refine_channels": int(refine_channels), "freeze_vae": self.freeze_vae, "latent_scale": float(latent_scale),
+            "decoder": decoder, "align_latent": bool(align_latent),
         }
-        self.refine_channels = int(refine_channels)
+        self.decoder = decoder
+        self.refine_channels = int(refine_channels) if decoder == "refine" else 0
+        f = float(self.vae_factor)
+        self.latent_grid: Grid = self.encoder_grid if align_latent else ((f - 1.0) / 2.0, f)
         fs, d, c = int(feature_size), self.embed_dim, self.latent_channels
         kw = dict(spatial_dims=3, kernel_size=3, norm_name=norm_name, res_block=True)
         up = dict(upsample_kernel_size=2)
@@ -248,18 +279,33 @@ class LatentSegmenter(LatentViTBackbone):
         self.up_mid = UnetrUpBlock(in_channels=8 * fs, out_channels=4 * fs, **kw, **up)
         self.up_hi = UnetrUpBlock(in_channels=4 * fs, out_channels=2 * fs, **kw, **up)
         self.fuse_latent = UnetrBasicBlock(in_channels=3 * fs, out_channels=fs, stride=1, **kw)
-        if self.refine_channels:
+        if decoder == "refine":
             rc = self.refine_channels
             self.refine_image = UnetrBasicBlock(in_channels=self.image_channels, out_channels=rc, stride=1, **kw)
             self.refine_fuse = UnetrBasicBlock(in_channels=fs + rc, out_channels=rc, stride=1, **kw)
             self.out = UnetOutBlock(spatial_dims=3, in_channels=rc, out_channels=self.num_classes)
+        elif decoder == "progressive":
+            # UNETR's encoder1 / encoder2: image features at full and half resolution
+            self.image_full = UnetrBasicBlock(in_channels=self.image_channels, out_channels=fs, stride=1, **kw)
+            self.image_half = UnetrBasicBlock(in_channels=fs, out_channels=2 * fs, stride=2, **kw)
+            self.decode_half = UnetrBasicBlock(in_channels=3 * fs, out_channels=2 * fs, stride=1, **kw)
+            self.decode_full = UnetrBasicBlock(in_channels=3 * fs, out_channels=fs, stride=1, **kw)
+            self.out = UnetOutBlock(spatial_dims=3, in_channels=fs, out_channels=self.num_classes)
         else:
             self.out = UnetOutBlock(spatial_dims=3, in_channels=fs, out_channels=self.num_classes)
 
+    # a 3^3 stride-2 convolution with padding 1 centres half-resolution voxel j on image voxel 2j
+    HALF_GRID: Grid = (0.0, 2.0)
+
     @property
     def needs_image(self) -> bool:
-        """Whether :meth:`forward_latent` needs the image too (full-resolution refinement on)."""
-        return self.refine_channels > 0
+        """Whether :meth:`forward_latent` needs the image too (decoders "refine" and "progressive")."""
+        return self.decoder != "paper"
+
+    @property
+    def output_conv(self) -> nn.Module:
+        """The final 1x1 convolution (its bias holds the class prior, see ``engines.seg.recipe``)."""
+        return next(m for m in self.out.modules() if isinstance(m, nn.Conv3d))
 
     def _grid_volume(self, tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """(B, N, D) tokens -> (B, D, gx, gy, gz) in the token order of :mod:`custom_nets.nets.vit`."""
@@ -291,15 +337,21 @@ class LatentSegmenter(LatentViTBackbone):
         """
         feats = self.decode_features(latent)
         size = [s * self.vae_factor for s in latent.shape[2:]]
-        if not self.refine_channels:
-            return F.interpolate(self.out(feats), size=size, mode="trilinear", align_corners=False)
+        if self.decoder == "paper":
+            return resample_grid(self.out(feats), size, self.latent_grid, (0.0, 1.0))
         if image is None:
-            raise ValueError("this segmenter refines at full resolution: forward_latent needs the image window")
+            raise ValueError(f"decoder {self.decoder!r} reads the image at full resolution: forward_latent needs the image window")
         if list(image.shape[2:]) != size:
             raise ValueError(f"image window {tuple(image.shape[2:])} does not match latent window x{self.vae_factor} {tuple(size)}")
-        up = F.interpolate(feats, size=size, mode="trilinear", align_corners=False)
-        fused = self.refine_fuse(torch.cat([up, self.refine_image(image)], dim=1))
-        return self.out(fused)
+        if self.decoder == "refine":
+            up = resample_grid(feats, size, self.latent_grid, (0.0, 1.0))
+            return self.out(self.refine_fuse(torch.cat([up, self.refine_image(image)], dim=1)))
+        full = self.image_full(image)
+        half = self.image_half(full)
+        x = resample_grid(feats, half.shape[2:], self.latent_grid, self.HALF_GRID)
+        x = self.decode_half(torch.cat([x, half], dim=1))
+        x = resample_grid(x, size, self.HALF_GRID, (0.0, 1.0))
+        return self.out(self.decode_full(torch.cat([x, full], dim=1)))
 
     def forward(self, image: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
         """(B, Ci, X, Y, Z) image crop -> (B, num_classes, X, Y, Z) logits.
@@ -312,7 +364,7 @@ class LatentSegmenter(LatentViTBackbone):
         """
         if latent is None:
             latent = self.encode_latent(image)
-        return self.forward_latent(latent, image if self.refine_channels else None)
+        return self.forward_latent(latent, image if self.needs_image else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,9 +432,9 @@ def segmenter_config(size: str = "paper", num_classes: int = 14) -> dict[str, An
 
     if size == "paper":
         return dict(vae=vae_config("paper"), encoder=vit_encoder_config("B"), num_classes=num_classes,
-                    roi_size=[96, 96, 96], feature_size=16, refine_channels=0)
+                    roi_size=[96, 96, 96], feature_size=16, refine_channels=0, decoder="progressive")
     if size == "demo":
         enc = dict(in_channels=4, patch_size=4, embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0)
         return dict(vae=vae_config("demo"), encoder=enc, num_classes=num_classes,
-                    roi_size=[64, 64, 64], feature_size=8, refine_channels=0)
+                    roi_size=[64, 64, 64], feature_size=8, refine_channels=0, decoder="progressive")
     raise ValueError(f"unknown segmenter size {size!r}; expected 'paper' or 'demo'")

@@ -22,10 +22,10 @@ ENC = dict(in_channels=4, patch_size=4, embed_dim=48, depth=4, num_heads=4, mlp_
 ROI = 32  # image crop -> latent 8^3 -> token grid 2^3: the paper's 96 -> 24 -> 6 path, smaller
 
 
-def tiny(refine: int = 0, num_classes: int = 3) -> LatentSegmenter:
+def tiny(decoder: str = "paper", num_classes: int = 3) -> LatentSegmenter:
     torch.manual_seed(0)
     return LatentSegmenter(vae=vae_config("demo"), encoder=ENC, num_classes=num_classes, roi_size=ROI,
-                           feature_size=4, refine_channels=refine)
+                           feature_size=4, refine_channels=4 if decoder == "refine" else 0, decoder=decoder)
 
 
 def smooth_volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -33,9 +33,10 @@ def smooth_volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return F.avg_pool3d(torch.rand(1, 1, *shape, generator=g), 5, 1, 2)
 
 
-@pytest.mark.parametrize("refine", [0, 4])
-def test_shapes(refine: int) -> None:
-    net = tiny(refine)
+@pytest.mark.parametrize("decoder", ["paper", "refine", "progressive"])
+def test_shapes(decoder: str) -> None:
+    net = tiny(decoder)
+    refine = net.needs_image
     x = torch.rand(2, 1, ROI, ROI, ROI)
     assert net(x).shape == (2, 3, ROI, ROI, ROI)
     latent = net.encode_latent(x)
@@ -128,11 +129,12 @@ def test_vae_loading_and_args_from_upstream(tmp_path) -> None:
     assert network_args_from_upstream({"encoder": {"embed_dim": 12}}, None, "none")["encoder"] == {"embed_dim": 12}
 
 
-@pytest.mark.parametrize("refine", [0, 4])
-def test_latent_windows_equal_encode_whole_then_window(refine: int) -> None:
+@pytest.mark.parametrize("decoder", ["paper", "refine", "progressive"])
+def test_latent_windows_equal_encode_whole_then_window(decoder: str) -> None:
     """With whole-volume VAE statistics (vae_exact), latent-space windows must equal image-space windows
     whose latent is cut from the whole volume's latent: same positions, same full-resolution weights."""
-    net = tiny(refine).eval()
+    net = tiny(decoder).eval()
+    refine = net.needs_image
     image = smooth_volume((48, 40, 32))
     with torch.no_grad():
         latent = net.vae.encode(image)[0]
@@ -181,8 +183,9 @@ def test_latent_and_image_windows_agree() -> None:
     assert rel_s > rel and corr_s < corr
 
 
-def test_torchscript_trace_matches_eager() -> None:
-    net = tiny().eval()
+@pytest.mark.parametrize("decoder", ["paper", "progressive"])
+def test_torchscript_trace_matches_eager(decoder: str) -> None:
+    net = tiny(decoder).eval()
     x = torch.rand(1, 1, ROI, ROI, ROI)
     with torch.no_grad():
         traced = torch.jit.trace(net, x, check_trace=False)

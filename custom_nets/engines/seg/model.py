@@ -61,7 +61,11 @@ def network_args_from_upstream(
         if not isinstance(net, Mapping):
             raise CheckpointError(f"{meta_path(model_ckpt)}: no 'network' arguments recorded")
         logger.info("segmenter arguments from %s", meta_path(model_ckpt))
-        return dict(net)
+        net = dict(net)
+        # checkpoints from before decoders were named: the paper head, upsampled align_corners=False
+        net.setdefault("decoder", "paper")
+        net.setdefault("align_latent", False)
+        return net
     if as_path(vae_ckpt) is not None and meta_path(vae_ckpt).is_file():
         meta = read_stage_meta(vae_ckpt, "meduet_vae")
         if isinstance(meta.get("network"), Mapping):
