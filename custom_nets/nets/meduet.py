@@ -44,6 +44,7 @@ from custom_nets.nets.vit import (
 __all__ = ["MeDUET", "meduet_config", "random_mix_mask", "split_ids", "gather_tokens", "mix_tokens"]
 
 CHECKPOINT_PARTS = ("mixture", "decoder")
+STYLE_MODES = ("token", "global")
 
 # --------------------------------------------------------------------------------------------
 # Sizes
@@ -160,6 +161,10 @@ class MeDUET(nn.Module):
         mix_ratio: fraction of tokens a sample takes from its partner in token demixing.
         grl_lambda: gradient-reversal strength in front of the content domain classifier.
         style_kernel: kernel of the depthwise style smoothing along the token sequence (odd).
+        style_mode: ``"token"`` (the paper: one style vector per token, smoothed along the
+            sequence) or ``"global"``: one style vector per volume (per source of a mixture), the
+            mean of the style head over that volume's tokens, given to every token. A global style
+            cannot carry spatial (anatomical) detail, which the decoder must then take from content.
 
     Submodules: ``encoder``, ``content_head``, ``style_head``, ``style_smooth``, ``fusion``,
     ``decoder_embed``, ``mask_token``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``,
@@ -182,8 +187,12 @@ class MeDUET(nn.Module):
         mix_ratio: float = 0.5,
         grl_lambda: float = 1.0,
         style_kernel: int = 3,
+        style_mode: str = "token",
     ) -> None:
         super().__init__()
+        if style_mode not in STYLE_MODES:
+            raise ValueError(f"style_mode must be one of {STYLE_MODES}, got {style_mode!r}")
+        self.style_mode = style_mode
         enc_args = dict(meduet_config("B")["encoder"] if encoder is None else encoder)
         if not 0.0 < style_ratio <= 1.0:
             raise ValueError(f"style_ratio must be in (0, 1], got {style_ratio}")
@@ -283,8 +292,12 @@ class MeDUET(nn.Module):
             z: (B, N, D) encoder output.
 
         Returns:
-            content (B, N, Dc), style (B, N, Ds) (smoothed).
+            content (B, N, Dc), style (B, N, Ds) (smoothed; with ``style_mode="global"`` the
+            per-volume mean given to every token).
         """
+        if self.style_mode == "global":
+            style = self.style_head(z)
+            return self.content_head(z), style.mean(dim=1, keepdim=True).expand_as(style)
         return self.content_head(z), self.smooth_style(self.style_head(z))
 
     def factorize_mixture(
@@ -303,6 +316,11 @@ class MeDUET(nn.Module):
         """
         content = self.content_head(z)
         style = self.style_head(z)
+        if self.style_mode == "global":  # each source's mean style over its own tokens
+            s1, s2 = gather_tokens(style, ids1), gather_tokens(style, ids2)
+            s1 = s1.mean(dim=1, keepdim=True).expand_as(s1)
+            s2 = s2.mean(dim=1, keepdim=True).expand_as(s2)
+            return gather_tokens(content, ids1), s1, gather_tokens(content, ids2), s2
         m = mask.unsqueeze(-1).to(style.dtype)
         smoothed = self.smooth_style(torch.cat([style * (1.0 - m), style * m], dim=0))
         s_one, s_two = smoothed.chunk(2, dim=0)
