@@ -217,6 +217,8 @@ class MeDUET(nn.Module):
             self.style_dim, self.style_dim, style_kernel, padding=style_kernel // 2, groups=self.style_dim, bias=False
         )
         self.fusion = nn.Linear(self.content_dim + self.style_dim, dim)
+        if style_mode == "global":  # unused there; frozen so that DistributedDataParallel expects no gradient
+            self.style_smooth.requires_grad_(False)
 
         # mask-token decoder
         self.decoder_embed = nn.Linear(dim, decoder_embed_dim)

@@ -234,3 +234,13 @@ def test_token_map_retrieval_finds_the_anatomy_across_styles() -> None:
     assert res["accuracy"] == 1.0 and res["queries"] == 16 * 3 * 2 and res["chance"] == 0.125
     shuffled = token_map_retrieval(torch.randn(48, 3, 4, 4, 4), anat, sty, candidates=8)
     assert shuffled["accuracy"] < 0.5
+
+
+def test_global_style_leaves_no_trainable_parameter_without_gradient() -> None:
+    """DistributedDataParallel fails on trainable parameters that get no gradient."""
+    x, d = batch()
+    step = MeDUETTrainStep(demo_net(style_mode="global"), step_config())
+    total, _ = step.compute_losses(x, d)
+    total.backward()
+    missing = [n for n, p in step.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
