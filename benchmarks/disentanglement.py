@@ -91,6 +91,14 @@ ARMS: dict[str, dict[str, Any]] = {
     "domain_weight_0": {**PAPER, "domain_weight": 0.0},
     **{f"paper+{name}": {**PAPER, **sw} for name, sw in ADDITIONS.items()},
 }
+#: not in the issue's list: a direct, non-adversarial invariance loss (the batch's between-domain
+#: variance share of the pooled clean content), tried because the adversaries are fooled while a
+#: fresh linear probe still reads the domain (see REPORT.md)
+DOMAIN_SHARE = {"domain_share_weight": 1.0}
+ARMS.update({"paper+domain_share": {**PAPER, **DOMAIN_SHARE}, "combined+domain_share": {**ARMS["combined"], **DOMAIN_SHARE}})
+#: arms also trained ``--long-epochs`` epochs (same switches; does training length change the verdict?)
+LONG = {"paper_long": "paper", "combined_long": "combined"}
+ARMS.update({k: ARMS[v] for k, v in LONG.items()})
 BASELINES = ("raw", "random_init")
 CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "decorrelation",
               "swap_cycle_content", "swap_cycle_style")
@@ -236,16 +244,16 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_arm(out: Path, arm: str, seed: int, switches: dict[str, Any], latent_datalist: Path,
-              args: argparse.Namespace) -> Path:
-    """Pretrain one arm (resuming an interrupted run); returns the exported teacher."""
+              args: argparse.Namespace, epochs: int) -> Path:
+    """Pretrain one arm for ``epochs`` epochs (resuming an interrupted run); returns the exported teacher."""
     run_dir = out / "runs" / f"{arm}_s{seed}"
     ckpt = run_dir / "models" / "model.pt"
     if (run_dir / "done").is_file() and ckpt.is_file():
         return ckpt
     run_dir.mkdir(parents=True, exist_ok=True)
     overlay = {"network_overrides": NETWORK, "crop": CROP, "batch_size": args.batch_size, "val_batch_size": 2,
-               "max_epochs": args.epochs, "val_interval": args.epochs, "save_interval": max(1, args.epochs // 8),
-               "warmup_epochs": max(1, args.epochs // 20), "mftd_start_epoch": args.epochs // 5,
+               "max_epochs": epochs, "val_interval": epochs, "save_interval": max(1, epochs // 8),
+               "warmup_epochs": max(1, epochs // 20), "mftd_start_epoch": epochs // 5,
                "learning_rate": 5e-4, "start_lr": 1e-5, "final_lr": 1e-4, "seed": seed, "resume": True,
                "latent_datalist": str(latent_datalist), "output_dir": str(run_dir), "model_path": str(ckpt),
                **switches}
@@ -515,15 +523,21 @@ def run_arm(out: Path, arm: str, seed: int, data: dict[str, Any], args: argparse
             torch.manual_seed(seed)
             net = build_meduet(meduet_network_args("demo", len(data["styles"]), NETWORK)).eval().requires_grad_(False)
         else:
-            ckpt = train_arm(out, arm, seed, ARMS[arm], data["latent_datalist"], args)
+            ckpt = train_arm(out, arm, seed, ARMS[arm], data["latent_datalist"], args, arm_epochs(arm, args))
             net, _ = load_meduet(ckpt)
             curves = loss_curves(ckpt.parents[1])
         res = evaluate(data, NetworkFactors(net, seed), args, f"{arm}_s{seed}", figures)
-    record = {"entry": entry(arm, seed, res), "detail": res, "curves": curves, "switches": ARMS.get(arm, {}),
+    record = {"entry": {**entry(arm, seed, res), "epochs": arm_epochs(arm, args) if arm not in BASELINES else 0},
+              "detail": res, "curves": curves, "switches": ARMS.get(arm, {}),
               "seconds": time.perf_counter() - t0}
     write_json(path, record)
     log(f"{arm} seed {seed}: {json.dumps(record['entry'])}")
     return record
+
+
+def arm_epochs(arm: str, args: argparse.Namespace) -> int:
+    """Training epochs of an arm: ``--long-epochs`` for the long arms, ``--epochs`` otherwise."""
+    return args.long_epochs if arm in LONG else args.epochs
 
 
 def arm_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -532,6 +546,9 @@ def arm_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     plan = [("raw", 0), ("random_init", 0), ("paper", 0), ("combined", 0)]
     plan += [(a, s) for s in seeds[1:] for a in ("paper", "combined")]
     plan += [("domain_weight_0", 0)] + [(f"paper+{a}", 0) for a in ADDITIONS]
+    plan += [("paper+domain_share", 0), ("combined+domain_share", 0)]
+    if args.long_epochs > 0:
+        plan += [(a, 0) for a in LONG]
     wanted = set(args.arms.split(",")) if args.arms else None
     return [(a, s) for a, s in plan if wanted is None or a in wanted]
 
@@ -615,6 +632,8 @@ def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: a
     done = [k for k in (f"{a}_s{s}" for a, s in plan) if k in records]
     missing = [k for k in (f"{a}_s{s}" for a, s in plan) if k not in records]
     f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    per_epoch = args.train_anatomies * len(STYLES) // args.batch_size
+    steps = lambda e: e.get("epochs", 0 if e["arm"] in BASELINES else args.epochs) * per_epoch  # noqa: E731
     lines = [SECTION, "", f"Command (resumable; finished arms are kept in `<out>/arms` and skipped): `{command}`", "",
              f"Machine: {machine()}; this invocation {seconds / 60:.1f} min (shared cores).", "",
              "Setting. Phantoms 64^3 at 1.5 mm in 4 styles in which the anatomy stays equally visible: ct_sharp, "
@@ -627,18 +646,19 @@ def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: a
              "4 x 16^3. Network (CPU scale): crop 8, patch 2, 64 tokens of 32 latent values, width 72 (>= 2 x 32), "
              "4 encoder blocks, 2 decoder blocks, content 72, style 18. "
              f"Training: meduet_ssl train.json + demo.json, batch {args.batch_size}, {args.epochs} epochs of "
-             f"{args.train_anatomies * 4 // args.batch_size} steps, lr 5e-4.", "",
+             f"{args.train_anatomies * 4 // args.batch_size} steps ({args.long_epochs} for the `_long` arms), lr 5e-4 "
+             "warm-up then cosine to 1e-4, MFTD from a fifth of training.", "",
              "Arms: `raw` = the latent itself (32 values per token; pooled = channel-patch means), `random_init` = "
              "an untrained network, `paper` = the paper's objective (random pairing, all additions off), "
              "`domain_weight_0` = paper with L_dom weight 0, `paper+X` = one addition, `combined` = all additions "
              "(switches in bundles/meduet_ssl/docs/README.md). Probes on held-out anatomies only; domain probes: "
              "4 folds split by anatomy; anatomy probes: leave one style out; map retrieval: 8 candidates, chance 0.125.", "",
-             "| arm | seed | domain\\|content acc | CE (nats) | between-domain share | domain\\|style acc | "
+             "| arm | seed | steps | domain\\|content acc | CE (nats) | between-domain share | domain\\|style acc | "
              "anatomy\\|content | anatomy\\|style | map retrieval | rebuild / B unchanged | swap beats both decoded | "
-             "beats both raw |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "beats both raw |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in done:
         e = records[key]["entry"]
-        lines.append(f"| {e['arm']} | {e['seed']} | {f(e['domain_from_content_acc'])} | {f(e['domain_from_content_ce'])} | "
+        lines.append(f"| {e['arm']} | {e['seed']} | {steps(e)} | {f(e['domain_from_content_acc'])} | {f(e['domain_from_content_ce'])} | "
                      f"{f(e['content_between_domain_variance_share'])} | {f(e['domain_from_style_acc'])} | "
                      f"{f(e['anatomy_from_content_acc'])} | {f(e['anatomy_from_style_acc'])} | "
                      f"{f(e['content_map_retrieval_acc'])} | {f(e['rebuild_over_b_unchanged'])} | "
@@ -733,6 +753,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gt-draws", type=int, default=4, help="noise draws averaged into the swap truth")
     p.add_argument("--epochs", type=int, default=60, help="meduet_ssl epochs per arm")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--long-epochs", type=int, default=0, help="also train paper and combined this long (0: not)")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the paper and combined arms")
     p.add_argument("--max-pairs", type=int, default=48)
     p.add_argument("--data-seed", type=int, default=0)

@@ -14,6 +14,7 @@ from custom_nets.engines.ssl.disentangle import between_group_variance_share, gr
 from custom_nets.engines.ssl.step import MeDUETStepConfig, MeDUETTrainStep
 from custom_nets.losses.clean_domain import CleanDomainAdversary, dann_lambda
 from custom_nets.losses.decorrelation import cross_correlation_loss
+from custom_nets.losses.domain_variance import between_domain_share_loss
 from custom_nets.losses.swap_cycle import swap_cycle_targets, swap_cycle_terms
 from custom_nets.nets.meduet import MeDUET, meduet_config, random_mix_mask
 
@@ -155,13 +156,14 @@ def test_off_equals_the_paper() -> None:
     train = json.loads((ROOT / "bundles/meduet_ssl/configs/train.json").read_text())
     assert train["style_mode"] == "token" and train["domain_weight"] == 0.2
     assert train["clean_domain_weight"] == train["decorrelation_weight"] == train["swap_cycle_weight"] == 0.0
+    assert train["domain_share_weight"] == 0.0 and cfg.domain_share_weight == 0
     assert train["pair_sampling"] in ("random", "cross_domain")
 
 
 @pytest.mark.parametrize(
     "switch, parts",
     [("decorrelation_weight", ("decorrelation",)), ("swap_cycle_weight", ("swap_cycle_content", "swap_cycle_style")),
-     ("clean_domain_weight", ("clean_domain_token", "clean_domain_pooled"))],
+     ("clean_domain_weight", ("clean_domain_token", "clean_domain_pooled")), ("domain_share_weight", ("domain_share",))],
 )
 def test_each_addition_adds_exactly_its_weighted_term(switch: str, parts: tuple[str, ...]) -> None:
     x, d = batch()
@@ -244,3 +246,19 @@ def test_global_style_leaves_no_trainable_parameter_without_gradient() -> None:
     total.backward()
     missing = [n for n, p in step.model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+def test_between_domain_share_loss_extremes_and_descent() -> None:
+    d = torch.tensor([0, 0, 1, 1, 2, 2])
+    by_domain = torch.tensor([[0.0], [0.0], [1.0], [1.0], [3.0], [3.0]])
+    assert between_domain_share_loss(by_domain, d).item() == pytest.approx(1.0, abs=1e-4)
+    within = torch.tensor([[0.0], [1.0], [0.0], [1.0], [0.0], [1.0]])
+    assert between_domain_share_loss(within, d).item() == pytest.approx(0.0, abs=1e-6)
+    assert between_domain_share_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long)).item() == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    z = (torch.randn(6, 2, 4) + 2 * d.view(6, 1, 1).float()).requires_grad_()  # tokens, pooled inside
+    before = between_domain_share_loss(z, d)
+    (g,) = torch.autograd.grad(before, z)
+    assert between_domain_share_loss(z - 0.5 * g, d) < before
+    with pytest.raises(ValueError, match="disagree"):
+        between_domain_share_loss(torch.randn(5, 3), d)

@@ -42,6 +42,7 @@ from custom_nets.losses.clean_domain import CleanDomainAdversary, dann_lambda
 from custom_nets.losses.decorrelation import cross_correlation_loss
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.losses.domain import domain_loss
+from custom_nets.losses.domain_variance import between_domain_share_loss
 from custom_nets.losses.mftd import mftd_row_targets, mftd_terms
 from custom_nets.losses.siqc import pool_groups, pool_tokens, quadruplet_ids, supcon_row_losses
 from custom_nets.losses.swap_cycle import swap_cycle_targets, swap_cycle_terms
@@ -255,6 +256,8 @@ class MeDUETStepConfig:
             token and pooled (:mod:`custom_nets.losses.clean_domain`); 0 (the paper) disables it.
         clean_domain_lr: learning rate of the adversary's own AdamW (no weight decay).
         clean_domain_gamma: steepness of its DANN reversal ramp over ``total_steps``.
+        domain_share_weight: weight of the between-domain variance share of the student's pooled clean
+            content in the batch (:mod:`custom_nets.losses.domain_variance`); 0: off (paper).
         decorrelation_weight: weight of the batch cross-correlation loss between the pooled content
             and style of the mixture's sources (:mod:`custom_nets.losses.decorrelation`); 0: off (paper).
         swap_cycle_weight: weight of swap cycle consistency on the re-encoded style swaps
@@ -288,6 +291,7 @@ class MeDUETStepConfig:
     clean_domain_gamma: float = 10.0
     decorrelation_weight: float = 0.0
     swap_cycle_weight: float = 0.0
+    domain_share_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -298,7 +302,7 @@ class MeDUETStepConfig:
             raise ValueError(f"mftd_start_step must be >= 0, got {self.mftd_start_step}")
         if self.reencode_chunk < 0:
             raise ValueError(f"reencode_chunk must be >= 0, got {self.reencode_chunk}")
-        for name in ("clean_domain_weight", "decorrelation_weight", "swap_cycle_weight"):
+        for name in ("clean_domain_weight", "decorrelation_weight", "swap_cycle_weight", "domain_share_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.swap_cycle_weight > 0 and not self.siqc:
@@ -413,7 +417,8 @@ class MeDUETTrainStep:
                          if (mftd or siqc or cycle) else {})
             with record_function("meduet.student"):
                 s_out = self.student(x, mask, swap_styles=siqc)
-                clean_content = self.student(x)[0] if self.adversary is not None else None
+                clean = self.adversary is not None or cfg.domain_share_weight > 0
+                clean_content = self.student(x)[0] if clean else None
         # losses in float32 (outside autocast)
         l_rec = demix_reconstruction_loss(s_out["pred"], self.model.patchify(x), mask)
         l_dom, l_dom_c, l_dom_s = domain_loss(s_out["domain_content"], s_out["domain_style"], d)
@@ -425,6 +430,10 @@ class MeDUETTrainStep:
             total = total + cfg.clean_domain_weight * (ce_tok + ce_pool)
             extra.update(clean_domain_token=ce_tok, clean_domain_pooled=ce_pool,
                          clean_domain_reversal=torch.tensor(reversal, device=self.device))
+        if cfg.domain_share_weight > 0:
+            l_share = between_domain_share_loss(clean_content, d)
+            total = total + cfg.domain_share_weight * l_share
+            extra["domain_share"] = l_share
         if cfg.decorrelation_weight > 0:
             l_decor = cross_correlation_loss(torch.cat([s_out["content1"], s_out["content2"]]),
                                              torch.cat([s_out["style1"], s_out["style2"]]))
