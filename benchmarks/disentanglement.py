@@ -96,8 +96,9 @@ ARMS: dict[str, dict[str, Any]] = {
 #: fresh linear probe still reads the domain (see REPORT.md)
 DOMAIN_SHARE = {"domain_share_weight": 1.0}
 ARMS.update({"paper+domain_share": {**PAPER, **DOMAIN_SHARE}, "combined+domain_share": {**ARMS["combined"], **DOMAIN_SHARE}})
-#: arms also trained ``--long-epochs`` epochs (same switches; does training length change the verdict?)
-LONG = {"paper_long": "paper", "combined_long": "combined"}
+#: every arm also exists trained ``--long-epochs`` epochs as ``<arm>_long`` (same switches: does the
+#: training length change the verdict?)
+LONG = {f"{k}_long": k for k in ARMS}
 ARMS.update({k: ARMS[v] for k, v in LONG.items()})
 BASELINES = ("raw", "random_init")
 CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "decorrelation",
@@ -453,7 +454,7 @@ def swap_test(data: dict[str, Any], factors: NetworkFactors, latents: dict[str, 
                       "b_raw": mse(torch.from_numpy(data["images"][ib["name"]]), gt_img_t)},
             "latent": {"swap": mse(swap_lat, gt_lat), "a_rebuilt": mse(rec_a, gt_lat), "b_rebuilt": mse(rec_b, gt_lat),
                        "a_raw": mse(latents[ia["name"]], gt_lat), "b_raw": mse(latents[ib["name"]], gt_lat),
-                       "truth_rebuilt": mse(rec_gt, gt_lat)},
+                       "truth_rebuilt": mse(rec_gt, gt_lat), "truth_raw": mse(latents[it_gt["name"]], gt_lat)},
         }
         rows.append(row)
         if example is None:
@@ -548,7 +549,7 @@ def arm_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     plan += [("domain_weight_0", 0)] + [(f"paper+{a}", 0) for a in ADDITIONS]
     plan += [("paper+domain_share", 0), ("combined+domain_share", 0)]
     if args.long_epochs > 0:
-        plan += [(a, 0) for a in LONG]
+        plan += [(f"{a}_long", 0) for a in args.long_arms.split(",") if a]
     wanted = set(args.arms.split(",")) if args.arms else None
     return [(a, s) for a, s in plan if wanted is None or a in wanted]
 
@@ -681,13 +682,13 @@ def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: a
     if swap_rows:
         lines += ["", "Swap test, image MSE against the noise-averaged truth (mean over pairs), and latent MSE of the "
                       "truth's own rebuild against 'B unchanged':", "",
-                  "| arm | swap | A rebuilt | B rebuilt | A raw | B raw | latent: truth rebuilt | latent: B raw |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| arm | swap | A rebuilt | B rebuilt | A raw | B raw | latent: truth rebuilt | latent: B raw | "
+                  "latent: truth's own rendering (no network) |", "|---|---|---|---|---|---|---|---|---|"]
         for k in swap_rows:
             m = records[k]["detail"]["swap"]["mean"]
             lines.append(f"| {k} | {m['image']['swap']:.4f} | {m['image']['a_rebuilt']:.4f} | {m['image']['b_rebuilt']:.4f} | "
                          f"{m['image']['a_raw']:.4f} | {m['image']['b_raw']:.4f} | {m['latent']['truth_rebuilt']:.4f} | "
-                         f"{m['latent']['b_raw']:.4f} |")
+                         f"{m['latent']['b_raw']:.4f} | {f(m['latent'].get('truth_raw'), 4)} |")
     lines += ["", "Final training losses (mean of the last tenth of the logged curve; the content head's CE near "
                   "ln 4 = 1.386 means it is fooled, which the probe above can contradict):", "",
               "| arm | rec | domain_content CE | domain_style CE | clean adversary pooled CE |", "|---|---|---|---|---|"]
@@ -753,7 +754,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gt-draws", type=int, default=4, help="noise draws averaged into the swap truth")
     p.add_argument("--epochs", type=int, default=60, help="meduet_ssl epochs per arm")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--long-epochs", type=int, default=0, help="also train paper and combined this long (0: not)")
+    p.add_argument("--long-epochs", type=int, default=0, help="also train the --long-arms this long (0: not)")
+    p.add_argument("--long-arms", default="paper,combined", help="arms also trained --long-epochs epochs")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the paper and combined arms")
     p.add_argument("--max-pairs", type=int, default=48)
     p.add_argument("--data-seed", type=int, default=0)
