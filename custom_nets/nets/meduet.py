@@ -450,7 +450,9 @@ class MeDUET(nn.Module):
         """Plain factors of decoded latents: (b, N, p^3 C) predictions -> content (b, N, Dc), style (b, N, Ds)."""
         return self.encode_factors(self.unpatchify(pred, grid))
 
-    def forward_pretrain(self, x: torch.Tensor, mask: torch.Tensor, swap_styles: bool = True) -> dict[str, torch.Tensor]:
+    def forward_pretrain(
+        self, x: torch.Tensor, mask: torch.Tensor, swap_styles: bool = True, with_clean: bool = False
+    ) -> dict[str, torch.Tensor]:
         """The student's pass of one pretraining step up to the decoded latents.
 
         Re-encoding the reconstructions (MFTD) and the swaps (SiQC) is left to the caller
@@ -461,6 +463,8 @@ class MeDUET(nn.Module):
             x: (B, C, X, Y, Z) latent crops; sample i is paired with B-1-i.
             mask: (B, N) mixing mask (:meth:`random_mix_mask`).
             swap_styles: also decode the style swaps (SiQC).
+            with_clean: also the clean (unmixed) factors "content", "style" (B, N, .), from the same
+                2B encoder pass as the mixture (the clean-pass domain losses need them).
 
         Returns:
             dict with "ids1", "ids2" (B, n); "content1", "style1", "content2", "style2" (B, n, .)
@@ -470,7 +474,7 @@ class MeDUET(nn.Module):
             decoded as one batch.
         """
         grid = self.encoder.grid_of(x.shape[2:])
-        out = self.encode_mixture(x, mask)
+        out = self.encode_mixture(x, mask, with_clean=with_clean)
         c_logits, s_logits = self.domain_logits(
             torch.cat([out["content1"], out["content2"]], dim=0), torch.cat([out["style1"], out["style2"]], dim=0)
         )
@@ -505,11 +509,11 @@ class MeDUET(nn.Module):
         return out
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, swap_styles: bool = True
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, swap_styles: bool = True, with_clean: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
         """Without ``mask``: :meth:`encode_factors` (content, style tokens). With ``mask``:
         :meth:`forward_pretrain` (the training pass goes through ``forward`` so that a
         DistributedDataParallel wrapper sees it)."""
         if mask is None:
             return self.encode_factors(x)
-        return self.forward_pretrain(x, mask, swap_styles)
+        return self.forward_pretrain(x, mask, swap_styles, with_clean)

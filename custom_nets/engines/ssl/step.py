@@ -416,9 +416,11 @@ class MeDUETTrainStep:
                 t_out = (self.teacher.forward_teacher(x, 1.0 - mask, clean=mftd or cycle, swap=siqc)
                          if (mftd or siqc or cycle) else {})
             with record_function("meduet.student"):
-                s_out = self.student(x, mask, swap_styles=siqc)
+                # the clean-pass losses take the clean content from the mixture's own 2B encoder pass
+                # (one forward through the wrapper, as DistributedDataParallel requires)
                 clean = self.adversary is not None or cfg.domain_share_weight > 0
-                clean_content = self.student(x)[0] if clean else None
+                s_out = self.student(x, mask, swap_styles=siqc, with_clean=clean)
+                clean_content = s_out.get("content")
         # losses in float32 (outside autocast)
         l_rec = demix_reconstruction_loss(s_out["pred"], self.model.patchify(x), mask)
         l_dom, l_dom_c, l_dom_s = domain_loss(s_out["domain_content"], s_out["domain_style"], d)
