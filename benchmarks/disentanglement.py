@@ -1,54 +1,52 @@
-"""Disentanglement of MeDUET factors on synthetic phantoms, where content and style are known.
+"""Disentanglement of MeDUET factors on phantoms with known content and style: arms, baselines, verdicts.
 
-Pipeline (one command):
-1. Phantoms: ``--subjects`` anatomies, each rendered in every style of ``--styles`` (each style
-   is a domain), 64^3 voxels at 1.5 mm; the last quarter of the subjects is held out of
-   pretraining (validation split).
-2. Tokenizer (``--tokenizer``):
-   - ``pool`` (default): a fixed, training-free 4x "latent": per 4^3 block the mean intensity, the
-     standard deviation, the mean in-plane gradient magnitude and the mean through-plane gradient
-     magnitude (4 channels, the VAE's latent shape); decoding = trilinear upsampling of the mean
-     channel. Anatomy lives in the spatial pattern, style in tissue contrast (mean), noise (std)
-     and resolution / slice thickness (gradients). Used because a demo VAE trained for minutes on
-     a 2-core CPU reconstructs too little to carry either factor.
-   - ``vae``: the meduet_vae checkpoint given by ``--vae-ckpt`` (posterior mean; VAE decoding), or,
-     without one, a demo-size VAE trained here through the meduet_vae bundle (``--vae-epochs``).
-3. Latents: each phantom preprocessed as the VAE bundle does (RAS, 1.5 mm, per-modality intensity
-   normalisation, pad to a multiple of 4) but without foreground cropping, so every rendering of
-   an anatomy shares one grid; a latent cache + latent datalist in the contract's format.
-4. MeDUET pretraining through the meduet_ssl bundle (train.json + demo.json), once with random
-   mixing pairs and once with cross-domain pairs, same seed and epochs.
-5. For each run, with the exported EMA teacher:
-   - global content and style vectors of every volume (the factor bank's recipe);
-   - linear-probe domain accuracy from content and from style, logistic regression, 4 folds
-     split by subject (no anatomy in both train and test); and the converse, anatomy (subject)
-     accuracy from content and from style with folds split by style;
-   - swap error on held-out subjects: content of A (anatomy a, style s) with style of B
-     (anatomy b != a, style t != s) against the ground truth, anatomy a rendered in style t; next
-     to the trivial answers "A unchanged" and "B unchanged" and to the decoder's reconstruction of
-     the ground truth from its own factors (the floor). In latent space (MSE over latent voxels)
-     and in image space (MSE of the VAE decodings against the preprocessed ground-truth image; the
-     trivial answers are the real images of A and B).
+One resumable command runs the whole comparison:
 
-    python benchmarks/disentanglement.py --out outputs/disentanglement [--quick] [--vae-ckpt FILE]
-        [--report benchmarks/REPORT.md]
+    python benchmarks/disentanglement.py --out outputs/disentanglement --report benchmarks/REPORT.md \
+        --results benchmarks/results/disentanglement.json
 
-``--quick`` shrinks everything (8 subjects, 3 styles, fewer epochs) for a smoke run. Results go to
-``<out>/results.json``, figures to ``<out>/*.png``; ``--report`` writes (or replaces) the
-"## Disentanglement" section of the given Markdown file and copies the figures beside it.
+Setting (chosen so that a domain-invariant content exists at all, see REPORT.md):
+- Phantoms 64^3 at 1.5 mm in 4 styles in which every organ stays visible: ct_sharp,
+  ct_smooth_noisy, mr_t1like, mr_t2like, all without bias field (a bias field is a spatial style
+  that any anatomy-keeping content must also keep); ct_lowdose is left out (organ contrast 10-26 HU
+  under ~9 HU of per-block noise). Each style is a domain.
+- ``--train-anatomies`` anatomies (noise seed 0) for pretraining; ``--test-anatomies`` other
+  anatomies for every test, rendered with a fresh noise seed (1). For the swap test the first
+  ``--swap-anatomies`` test anatomies are also rendered with ``--gt-draws`` further noise seeds in
+  every style; their average is the ground truth (noise cannot be predicted from a swap).
+- Latents: the training-free 4x pooling tokenizer (per 4^3 block mean, standard deviation,
+  in-plane and through-plane gradient magnitude, standardised over the training images):
+  4 x 16^3 latents, decoded by trilinear upsampling of the mean channel.
+- Network (CPU scale, :data:`NETWORK`): crop 8, patch 2 -> 64 tokens of 2^3 x 4 = 32 latent values;
+  width 72 (2.25 x 32: the fused token can hold a patch, unlike the demo size's 60 for 256),
+  4 encoder blocks, 2 decoder blocks 72 wide; content 72, style 18.
+
+Arms (meduet_ssl train.json + demo.json + the network overlay + the arm's switches, same data,
+seed and steps): baselines ``raw`` (the latent itself), ``random_init`` (an untrained network),
+``domain_weight_0``; ``paper`` (random pairing, all additions off); each addition alone on top of
+the paper; ``combined`` (all). ``paper`` and ``combined`` run with ``--seeds``. Each finished
+arm+seed is stored in ``<out>/arms/<arm>_s<seed>.json`` and skipped when the command is rerun; a
+training run interrupted mid-way resumes from its last checkpoint.
+
+Per arm, on the held-out anatomies: domain from pooled content (accuracy and cross-validated
+cross-entropy; 4 folds split by anatomy), the between-domain variance share of pooled content,
+domain from pooled style, anatomy from pooled content across styles (leave-one-style-out folds),
+anatomy retrieval from content token maps across styles (8 candidates), the training curves of
+the domain losses, and the swap test against the noise-averaged ground truth with the
+reconstruction precondition.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,72 +57,89 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from meduet_demo.phantoms import DOMAIN_STYLES, write_phantom_collection  # noqa: E402
-from custom_nets.engines.ssl.disentangle import mse, probe_accuracy  # noqa: E402
-from custom_nets.engines.ssl.factor_bank import meduet_factor_fn, volume_factors  # noqa: E402
-from custom_nets.engines.ssl.swap import A_CONTENT_B_STYLE, A_SELF, swap_latents  # noqa: E402
+from custom_nets.engines.ssl.disentangle import (  # noqa: E402
+    between_group_variance_share,
+    group_kfold,
+    probe_scores,
+    token_map_retrieval,
+)
 from custom_nets.utils.io import write_json  # noqa: E402
-from report_tools import write_report  # noqa: E402  (same folder)
+from report_tools import machine, write_report  # noqa: E402  (same folder)
 
-MODES = ("random", "cross_domain")
 SECTION = "## Disentanglement"
+STYLES = ("ct_sharp", "ct_smooth_noisy", "mr_t1like", "mr_t2like")
+SHAPE = (64, 64, 64)
+CROP = 8
+#: the CPU-scale network (meduet_ssl ``network_overrides`` on top of the demo size)
+NETWORK = {
+    "encoder": {"in_channels": 4, "patch_size": 2, "embed_dim": 72, "depth": 4, "num_heads": 6, "mlp_ratio": 4.0,
+                "grid": [4, 4, 4]},
+    "decoder_embed_dim": 72, "decoder_depth": 2, "decoder_num_heads": 6,
+}
+#: switches of each trained arm (meduet_ssl train.json keys); the paper's values are the defaults
+ADDITIONS = {
+    "cross_domain": {"pair_sampling": "cross_domain"},
+    "clean_adversary": {"clean_domain_weight": 0.5},
+    "global_style": {"style_mode": "global"},
+    "decorrelation": {"decorrelation_weight": 1.0},
+    "swap_cycle": {"swap_cycle_weight": 1.0},
+}
+PAPER = {"pair_sampling": "random"}
+ARMS: dict[str, dict[str, Any]] = {
+    "paper": PAPER,
+    "combined": {**PAPER, **{k: v for a in ADDITIONS.values() for k, v in a.items()}},
+    "domain_weight_0": {**PAPER, "domain_weight": 0.0},
+    **{f"paper+{name}": {**PAPER, **sw} for name, sw in ADDITIONS.items()},
+}
+#: not in the issue's list: a direct, non-adversarial invariance loss (the batch's between-domain
+#: variance share of the pooled clean content), tried because the adversaries are fooled while a
+#: fresh linear probe still reads the domain (see REPORT.md)
+DOMAIN_SHARE = {"domain_share_weight": 1.0}
+ARMS.update({"paper+domain_share": {**PAPER, **DOMAIN_SHARE}, "combined+domain_share": {**ARMS["combined"], **DOMAIN_SHARE}})
+#: every arm also exists trained ``--long-epochs`` epochs as ``<arm>_long`` (same switches: does the
+#: training length change the verdict?)
+LONG = {f"{k}_long": k for k in ARMS}
+ARMS.update({k: ARMS[v] for k, v in LONG.items()})
+BASELINES = ("raw", "random_init")
+CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "decorrelation",
+              "swap_cycle_content", "swap_cycle_style")
 
 
 def log(msg: str) -> None:
-    print(f"[disentanglement] {msg}", flush=True)
-
-
-def bundle_run(bundle: str, configs: Sequence[str], logfile: Path, **overrides: Any) -> float:
-    """Run ``python -m monai.bundle run`` for a bundle (as a user would); returns seconds. Raises on failure."""
-    files = [f"bundles/{bundle}/configs/{c}" for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", f"bundles/{bundle}"]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
-    log(" ".join(cmd))
-    t0 = time.perf_counter()
-    with open(logfile, "a") as f:
-        f.write("\n$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "\n".join(logfile.read_text().splitlines()[-30:])
-        raise SystemExit(f"{bundle} run failed (exit {proc.returncode}); see {logfile}:\n{tail}")
-    return time.perf_counter() - t0
+    print(f"[disentanglement {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
-# Data: phantoms, VAE, latents
+# Data: phantoms, tokenizer, latents
 # --------------------------------------------------------------------------------------------
 
 
-def make_phantoms(out: Path, subjects: int, styles: Sequence[str], seed: int) -> dict[str, Any]:
-    path = out / "phantoms" / "datalist.json"
-    if not path.is_file():
-        write_phantom_collection(out / "phantoms", subjects, styles, shape=(64, 64, 64), spacing=1.5, seed=seed,
-                                 all_styles=True, val_fraction=0.25)
-    datalist = json.loads(path.read_text())
-    for split in ("training", "validation"):
-        for it in datalist[split]:
-            it["image"] = str((path.parent / it["image"]).resolve())
-            if it.get("label"):
-                it["label"] = str((path.parent / it["label"]).resolve())
-    return datalist
+def achievable_styles() -> list[Any]:
+    """The registered styles of :data:`STYLES` without bias field (named ``<style>_nobias``)."""
+    from meduet_demo.phantoms import get_style
+
+    return [dataclasses.replace(get_style(s), name=f"{s}_nobias", bias_strength=0.0) for s in STYLES]
+
+
+def normalise(image: np.ndarray, modality: str) -> np.ndarray:
+    """The preprocessing's intensity rule (CT window / MR percentiles -> 0..1), on an array."""
+    from custom_nets.data.transforms import NormalizeIntensityByModalityd
+
+    out = NormalizeIntensityByModalityd(["image"])({"image": torch.from_numpy(image)[None], "modality": modality})
+    return np.asarray(out["image"][0], dtype=np.float32)
 
 
 class PoolTokenizer:
-    """Training-free 4x tokenizer (module docstring): image (X, Y, Z) -> latent (4, X/4, Y/4, Z/4).
+    """Training-free 4x tokenizer: image (X, Y, Z) -> latent (4, X/4, Y/4, Z/4).
 
-    Channels are standardised with the mean and standard deviation of each feature over all
-    phantoms (:meth:`fit`), so that, like VAE latents, they have unit scale: the reconstruction
-    loss then weighs against the other MeDUET losses as it does on VAE latents.
+    Channels: per 4^3 block the mean, the standard deviation, the mean in-plane and through-plane
+    gradient magnitudes, standardised with statistics of the training images (unit scale, like VAE
+    latents). Decoding upsamples the mean channel (trilinear).
     """
 
-    name = "pool4"
-    latent_channels = 4
-
-    def __init__(self) -> None:
-        self.mean = torch.zeros(4, 1, 1, 1)
-        self.std = torch.ones(4, 1, 1, 1)
+    def __init__(self, mean: Sequence[float] = (0, 0, 0, 0), std: Sequence[float] = (1, 1, 1, 1)) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(4, 1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).reshape(4, 1, 1, 1)
 
     @staticmethod
     @torch.no_grad()
@@ -136,19 +151,17 @@ class PoolTokenizer:
         d = [torch.diff(x, dim=k, append=x.narrow(k, x.shape[k] - 1, 1)).abs() for k in (2, 3, 4)]
         return torch.cat([mean, std, pool(d[0] + d[1]), pool(d[2])], dim=1)[0]
 
-    def fit(self, images: Sequence[torch.Tensor]) -> PoolTokenizer:
-        """Per-channel mean and standard deviation of the features of ``images``."""
-        f = torch.stack([self.features(im) for im in images])
-        self.mean = f.mean(dim=(0, 2, 3, 4)).reshape(4, 1, 1, 1)
-        self.std = f.std(dim=(0, 2, 3, 4)).clamp_min(1e-6).reshape(4, 1, 1, 1)
-        return self
+    @classmethod
+    def fit(cls, images: Sequence[np.ndarray]) -> PoolTokenizer:
+        f = torch.stack([cls.features(torch.from_numpy(im)) for im in images])
+        return cls(f.mean(dim=(0, 2, 3, 4)).tolist(), f.std(dim=(0, 2, 3, 4)).clamp_min(1e-6).tolist())
 
     def record(self) -> dict[str, Any]:
         return {"pooling": 4, "channel_mean": self.mean.flatten().tolist(), "channel_std": self.std.flatten().tolist()}
 
     @torch.no_grad()
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        return (self.features(image) - self.mean) / self.std
+    def encode(self, image: np.ndarray) -> torch.Tensor:
+        return (self.features(torch.from_numpy(image)) - self.mean) / self.std
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -156,196 +169,390 @@ class PoolTokenizer:
         return torch.nn.functional.interpolate(z, scale_factor=4, mode="trilinear", align_corners=False)[0, 0]
 
 
-class VaeTokenizer:
-    """A meduet_vae checkpoint: posterior-mean encoding, untiled decoding (64^3 phantoms are small)."""
+def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Render, normalise and tokenize every phantom once (cached in ``<out>/data``).
 
-    latent_channels = 4
-
-    def __init__(self, ckpt: Path) -> None:
-        from custom_nets.nets.vae import load_vae
-
-        self.vae, self.meta = load_vae(ckpt, "cpu")
-        self.name = f"vae:{ckpt}"
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        from custom_nets.nets.vae import encode_volume
-
-        return encode_volume(self.vae, image.reshape(1, *image.shape[-3:]), roi=None)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        from custom_nets.nets.vae import decode_latent
-
-        return decode_latent(self.vae, latent, roi=None)[0]
-
-
-def get_tokenizer(args: argparse.Namespace, out: Path, logfile: Path) -> tuple[Any, dict[str, Any], str]:
-    """The tokenizer, its latent-datalist "vae" record and a sentence saying what it is."""
-    if args.tokenizer == "pool":
-        return PoolTokenizer(), {"ckpt": None, "sha256": "pool4-mean-std-gradients", "latent_channels": 4}, (
-            "the training-free 4x pooling tokenizer of benchmarks/disentanglement.py (per 4^3 block: mean, standard "
-            "deviation, in-plane and through-plane gradient magnitude, each channel standardised over all phantoms; "
-            "decoded by trilinear upsampling of the mean)")
-    from custom_nets.utils.checkpoint import file_sha256
-
-    ckpt, note = get_vae(args, out, logfile)
-    tok = VaeTokenizer(ckpt)
-    return tok, {"ckpt": str(ckpt), "sha256": file_sha256(ckpt), "latent_channels": int(tok.meta.get("latent_channels", 4)),
-                 "network": tok.meta.get("network", {})}, note
-
-
-def get_vae(args: argparse.Namespace, out: Path, logfile: Path) -> tuple[Path, str]:
-    """The VAE checkpoint to use and a sentence saying where it came from."""
-    if args.vae_ckpt:
-        return Path(args.vae_ckpt), f"the given VAE checkpoint `{args.vae_ckpt}`"
-    ckpt = out / "vae" / "model.pt"
-    if not ckpt.is_file():
-        bundle_run("meduet_vae", ["train.json", "demo.json"], logfile, datalist=out / "phantoms" / "datalist.json",
-                   output_dir=out / "vae", ckpt_dir=out / "vae" / "checkpoints", model_path=ckpt,
-                   max_epochs=args.vae_epochs, val_interval=max(1, args.vae_epochs // 2), seed=args.seed)
-    return ckpt, (f"a demo-size MAISI-architecture VAE trained here on the phantoms through the meduet_vae bundle "
-                  f"(train.json + demo.json, {args.vae_epochs} epochs)")
-
-
-def encode_phantoms(datalist: dict[str, Any], tokenizer: Any, vae_record: dict[str, Any], out: Path
-                    ) -> tuple[Path, dict[str, np.ndarray]]:
-    """Latent cache + latent datalist of every phantom; returns it and the preprocessed images by name."""
+    Returns:
+        {"latent_datalist": path, "eval": [items], "tokenizer": PoolTokenizer, "images": {name: image},
+         "gt": {(anatomy, style): (image, latent)}, "styles": [names]}.
+    """
     from custom_nets.data.latent_cache import write_latent
-    from custom_nets.data.transforms import preprocess_transforms
     from custom_nets.nets.vae import latent_affine
+    from meduet_demo.phantoms import content_seed_for_subject, make_anatomy, phantom_affine, render, render_seed
 
-    pre = preprocess_transforms(crop_foreground=False, min_size=64)
-    domains = list(datalist["domains"])
-    lat_dir = out / "latents"
-    images: dict[str, np.ndarray] = {}
-    affines: dict[str, list] = {}
-    for split in ("training", "validation"):
-        for it in datalist[split]:
-            name = Path(it["image"]).name.split(".")[0]
-            img = pre({"image": it["image"], "modality": it.get("modality", "CT")})["image"]
-            images[name] = np.asarray(img[0], dtype=np.float32)
-            affines[name] = np.asarray(img.affine, dtype=np.float64).tolist()
-    if hasattr(tokenizer, "fit"):
-        tokenizer.fit([torch.from_numpy(v) for v in images.values()])
-        vae_record = {**vae_record, "network": tokenizer.record()}
-    latent_list: dict[str, Any] = {"training": [], "validation": [], "domains": domains, "vae": vae_record}
-    for split in ("training", "validation"):
-        for it in datalist[split]:
-            name = Path(it["image"]).name.split(".")[0]
-            path = lat_dir / f"{name}.npy"
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    styles = achievable_styles()
+    names = [s.name for s in styles]
+    n_train, n_test = args.train_anatomies, args.test_anatomies
+    cache = data / "images.npz"
+    if not cache.is_file():
+        log(f"rendering {n_train} + {n_test} anatomies x {len(styles)} styles (+ ground truth draws)")
+        arrays: dict[str, np.ndarray] = {}
+        for i in range(n_train + n_test):
+            seed = content_seed_for_subject(args.data_seed, i)
+            label = make_anatomy(seed, SHAPE)
+            held_out = i >= n_train
+            draws = [1] if held_out else [0]  # held-out anatomies: a fresh noise seed
+            if held_out and i - n_train < args.swap_anatomies:
+                draws += list(range(2, 2 + args.gt_draws))
+            for st in styles:
+                for k in draws:
+                    img = render(label, st, render_seed(seed, st.name, k))
+                    arrays[f"a{i:03d}_{st.name}_n{k}"] = normalise(img, st.modality)
+        np.savez(cache, **arrays)
+    arrays = dict(np.load(cache))
+    train_images = [v for k, v in arrays.items() if k.endswith("_n0")]
+    tokenizer = PoolTokenizer.fit(train_images)
+    affine = phantom_affine(SHAPE, 1.5).tolist()
+    lat_items: dict[str, list[dict[str, Any]]] = {"training": [], "validation": []}
+    eval_items: list[dict[str, Any]] = []
+    gt: dict[tuple[str, str], tuple[np.ndarray, torch.Tensor]] = {}
+    for i in range(n_train + n_test):
+        anatomy = f"a{i:03d}"
+        for d, st in enumerate(styles):
+            k = 0 if i < n_train else 1
+            key = f"{anatomy}_{st.name}_n{k}"
+            path = data / f"{key}.npy"
             if not path.is_file():
-                write_latent(path, tokenizer.encode(torch.from_numpy(images[name])))
-            z = np.load(path, mmap_mode="r")
-            affine = affines[name]
-            latent_list[split].append({
-                "latent": path.name, "domain": it["domain"], "domain_index": domains.index(it["domain"]),
-                "image": it["image"], "label": it.get("label"), "modality": it.get("modality", "CT"),
-                "spacing": [1.5, 1.5, 1.5], "original_affine": affine, "affine": affine,
-                "latent_affine": latent_affine(affine), "shape": list(z.shape),
-                "content_id": it["content_id"], "style": it["style"],
-            })
-    path = write_json(lat_dir / "datalist.json", latent_list)
-    return path, images
+                write_latent(path, tokenizer.encode(arrays[key]))
+            item = {"latent": path.name, "domain": st.name, "domain_index": d, "modality": st.modality,
+                    "spacing": [1.5, 1.5, 1.5], "original_affine": affine, "affine": affine,
+                    "latent_affine": latent_affine(affine), "shape": [4, *(s // 4 for s in SHAPE)],
+                    "content_id": anatomy, "style": st.name}
+            if i < n_train:
+                lat_items["training"].append(item)
+                if i < 2:  # the bundle's reconstruction check; not used for any verdict
+                    lat_items["validation"].append(item)
+            else:
+                eval_items.append(dict(item, name=key, latent_path=str(path)))
+                gt_keys = [f"{anatomy}_{st.name}_n{j}" for j in range(2, 2 + args.gt_draws)]
+                if gt_keys[0] in arrays:
+                    imgs = [arrays[g] for g in gt_keys]
+                    gt[(anatomy, st.name)] = (np.mean(imgs, 0), torch.stack([tokenizer.encode(m) for m in imgs]).mean(0))
+    datalist = {**lat_items, "domains": names,
+                "vae": {"ckpt": None, "sha256": "pool4-mean-std-gradients", "latent_channels": 4,
+                        "network": tokenizer.record()}}
+    path = write_json(data / "datalist.json", datalist)
+    images = {it["name"]: arrays[it["name"]] for it in eval_items}
+    return {"latent_datalist": path, "eval": eval_items, "tokenizer": tokenizer, "images": images, "gt": gt,
+            "styles": names}
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation of one pretrained network
+# Training one arm through the meduet_ssl bundle
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate(ssl_ckpt: Path, latent_datalist: Path, images: dict[str, np.ndarray], tokenizer: Any, max_pairs: int,
-             crop: int, seed: int, out: Path, tag: str) -> dict[str, Any]:
-    from custom_nets.data.latent_cache import load_latent_datalist
-    from custom_nets.nets.meduet import load_meduet
-    from custom_nets.utils.visualize import save_slice_montage
+def train_arm(out: Path, arm: str, seed: int, switches: dict[str, Any], latent_datalist: Path,
+              args: argparse.Namespace, epochs: int) -> Path:
+    """Pretrain one arm for ``epochs`` epochs (resuming an interrupted run); returns the exported teacher."""
+    run_dir = out / "runs" / f"{arm}_s{seed}"
+    ckpt = run_dir / "models" / "model.pt"
+    if (run_dir / "done").is_file() and ckpt.is_file():
+        return ckpt
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overlay = {"network_overrides": NETWORK, "crop": CROP, "batch_size": args.batch_size, "val_batch_size": 2,
+               "max_epochs": epochs, "val_interval": epochs, "save_interval": max(1, epochs // 8),
+               "warmup_epochs": max(1, epochs // 20), "mftd_start_epoch": epochs // 5,
+               "learning_rate": 5e-4, "start_lr": 1e-5, "final_lr": 1e-4, "seed": seed, "resume": True,
+               "latent_datalist": str(latent_datalist), "output_dir": str(run_dir), "model_path": str(ckpt),
+               **switches}
+    cfg = write_json(run_dir / "arm.json", overlay)
+    files = ["bundles/meduet_ssl/configs/train.json", "bundles/meduet_ssl/configs/demo.json", str(cfg)]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", "bundles/meduet_ssl"]
+    log(f"training {arm} seed {seed}: {json.dumps(switches)}")
+    with open(run_dir / "train.log", "a") as f:
+        f.write("\n$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join((run_dir / "train.log").read_text().splitlines()[-30:])
+        raise SystemExit(f"meduet_ssl run {arm} seed {seed} failed (exit {proc.returncode}); see {run_dir}/train.log:\n{tail}")
+    (run_dir / "done").write_text("ok\n")
+    return ckpt
 
-    net, meta = load_meduet(ssl_ckpt)
-    lat = load_latent_datalist(latent_datalist, keys=("training", "validation"))
-    items = [dict(it, split=s) for s in ("training", "validation") for it in lat[s]]
-    name = lambda it: Path(it["latent"]).stem  # noqa: E731
-    z = {name(it): torch.from_numpy(np.load(it["latent"]).astype(np.float32)) for it in items}
-    fn = meduet_factor_fn(net)
 
-    # --- linear probes on global factors (all volumes; folds split by subject)
-    content, style = [], []
+def loss_curves(run_dir: Path, points: int = 40) -> dict[str, list[list[float]]]:
+    """Training curves of the logged losses (TensorBoard events), averaged into ``points`` bins."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags().get("scalars", []))
+    curves = {}
+    for key in CURVE_KEYS:
+        tag = f"loss/{key}"
+        if tag not in tags:
+            continue
+        ev = acc.Scalars(tag)
+        steps = np.array([e.step for e in ev], dtype=float)
+        vals = np.array([e.value for e in ev], dtype=float)
+        bins = np.array_split(np.arange(len(ev)), min(points, len(ev)))
+        curves[key] = [[float(steps[b].mean()), float(vals[b].mean())] for b in bins if len(b)]
+    return curves
+
+
+# --------------------------------------------------------------------------------------------
+# Representations: factor maps and decoding
+# --------------------------------------------------------------------------------------------
+
+
+class NetworkFactors:
+    """Content/style token maps of whole 4 x 16^3 latents from a MeDUET, by non-overlapping crops,
+    and decoding of (content, style) maps back to latents in the decoder's training regime."""
+
+    def __init__(self, net: torch.nn.Module, seed: int = 0) -> None:
+        self.net = net.eval()
+        self.p = net.patch_size
+        self.seed = seed
+
+    def crops(self, latent: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        s = latent.shape[-3:]
+        starts = [(a, b, c) for a in range(0, s[0], CROP) for b in range(0, s[1], CROP) for c in range(0, s[2], CROP)]
+        return torch.stack([latent[:, a:a + CROP, b:b + CROP, c:c + CROP] for a, b, c in starts]), starts
+
+    @torch.no_grad()
+    def factors(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, X, Y, Z) latent -> content (K, n, Dc), style (K, n, Ds) tokens of its K crops."""
+        cubes, _ = self.crops(latent.float())
+        return self.net.encode_factors(cubes)
+
+    def token_map(self, tokens: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """(K, n, D) crop tokens -> (D, gx, gy, gz) map of the whole latent."""
+        g = CROP // self.p
+        grid = [s // self.p for s in spatial]
+        out = torch.zeros(tokens.shape[-1], *grid)
+        starts = [(a, b, c) for a in range(0, spatial[0], CROP) for b in range(0, spatial[1], CROP)
+                  for c in range(0, spatial[2], CROP)]
+        for (a, b, c), t in zip(starts, tokens):
+            ta, tb, tc = a // self.p, b // self.p, c // self.p
+            out[:, ta:ta + g, tb:tb + g, tc:tc + g] = t.T.reshape(-1, g, g, g)
+        return out
+
+    @torch.no_grad()
+    def decode(self, content: torch.Tensor, style: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """Crop tokens (K, n, .) -> (C, X, Y, Z) latent (complementary halves, the training regime)."""
+        from custom_nets.engines.ssl.swap import decode_factors
+
+        g = CROP // self.p
+        gen = torch.Generator().manual_seed(self.seed)
+        cubes = decode_factors(self.net, content, style, (g, g, g), "complementary", draws=2, generator=gen)
+        out = torch.zeros(cubes.shape[1], *spatial)
+        starts = [(a, b, c) for a in range(0, spatial[0], CROP) for b in range(0, spatial[1], CROP)
+                  for c in range(0, spatial[2], CROP)]
+        for (a, b, c), cube in zip(starts, cubes):
+            out[:, a:a + CROP, b:b + CROP, c:c + CROP] = cube
+        return out
+
+
+def raw_token_map(latent: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """The latent itself as a token map: (C, X, Y, Z) -> (p^3 C, X/p, Y/p, Z/p) (patch values per token)."""
+    c, x, y, z = latent.shape
+    t = latent.reshape(c, x // patch, patch, y // patch, patch, z // patch, patch)
+    return t.permute(2, 4, 6, 0, 1, 3, 5).reshape(patch**3 * c, x // patch, y // patch, z // patch)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation of one representation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(data: dict[str, Any], factors: NetworkFactors | None, args: argparse.Namespace, tag: str,
+             figures: Path) -> dict[str, Any]:
+    """Every measure of one arm on the held-out anatomies (``factors`` None: the raw latent)."""
+    items = data["eval"]
+    latents = {it["name"]: torch.from_numpy(np.load(it["latent_path"]).astype(np.float32)) for it in items}
+    spatial = next(iter(latents.values())).shape[1:]
+    c_maps, s_maps, tokens = [], [], {}
     for it in items:
-        f = volume_factors(fn, z[name(it)], patch=crop, overlap=0.25, token=net.encoder.patch_size)
-        content.append(f["content"])
-        style.append(f["style"])
-    content_t, style_t = torch.stack(content), torch.stack(style)
-    labels = [it["domain_index"] for it in items]
-    groups = [it["content_id"] for it in items]
-    n_dom = len(lat["domains"])
-    subjects = sorted(set(groups))
-    subject_idx = [subjects.index(g) for g in groups]
+        z = latents[it["name"]]
+        if factors is None:
+            m = raw_token_map(z)
+            c_maps.append(m)
+            s_maps.append(m)
+        else:
+            c, s = factors.factors(z)
+            tokens[it["name"]] = (c, s)
+            c_maps.append(factors.token_map(c, spatial))
+            s_maps.append(factors.token_map(s, spatial))
+    c_maps_t, s_maps_t = torch.stack(c_maps), torch.stack(s_maps)
+    content, style = c_maps_t.flatten(2).mean(2), s_maps_t.flatten(2).mean(2)
+    domain = [it["domain_index"] for it in items]
+    anatomy = [it["content_id"] for it in items]
     styles = [it["style"] for it in items]
-    n_styles = len(set(styles))
-    probe = {
-        # domain from each factor, folds split by anatomy
-        "content": probe_accuracy(content_t, labels, groups, n_dom),
-        "style": probe_accuracy(style_t, labels, groups, n_dom),
-        # anatomy from each factor, folds split by style (recognise an anatomy in an unseen style)
-        "anatomy_from_content": probe_accuracy(content_t, subject_idx, styles, len(subjects), k=n_styles),
-        "anatomy_from_style": probe_accuracy(style_t, subject_idx, styles, len(subjects), k=n_styles),
+    anatomies = sorted(set(anatomy))
+    n_dom = len(data["styles"])
+    by_anatomy = group_kfold(anatomy, 4)
+    by_style = group_kfold(styles, len(set(styles)))  # leave one style out
+    anatomy_idx = [anatomies.index(a) for a in anatomy]
+    res: dict[str, Any] = {
+        "domain_from_content": probe_scores(content, domain, by_anatomy, n_dom),
+        "domain_from_style": probe_scores(style, domain, by_anatomy, n_dom),
+        "content_between_domain_variance_share": between_group_variance_share(content, domain),
+        "style_between_domain_variance_share": between_group_variance_share(style, domain),
+        "anatomy_from_content": probe_scores(content, anatomy_idx, by_style, len(anatomies)),
+        "anatomy_from_style": probe_scores(style, anatomy_idx, by_style, len(anatomies)),
+        "content_map_retrieval": token_map_retrieval(c_maps_t, anatomy, styles, 8),
+        "anatomies": len(anatomies), "volumes": len(items),
     }
+    res["projection"] = projection(content, style)
+    res["projection_labels"] = {"domain": domain, "anatomy": anatomy_idx}
+    res["swap"] = swap_test(data, factors, latents, tokens, spatial, args, tag, figures) if factors is not None else None
+    return res
 
-    # --- swaps on held-out subjects
-    val = [it for it in items if it["split"] == "validation"]
-    by_key = {(it["content_id"], it["style"]): it for it in val}
-    pairs = [(a, b) for a in val for b in val if a["content_id"] != b["content_id"] and a["style"] != b["style"]
-             and (a["content_id"], b["style"]) in by_key]
-    rng = np.random.default_rng(seed)
-    if len(pairs) > max_pairs:
-        pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), max_pairs, replace=False))]
-    decoded: dict[str, torch.Tensor] = {}
 
-    def dec(key: str, latent: torch.Tensor) -> torch.Tensor:
-        if key not in decoded:
-            decoded[key] = tokenizer.decode(latent)
-        return decoded[key]
+def projection(content: torch.Tensor, style: torch.Tensor) -> dict[str, list[list[float]]]:
+    """First two principal components of the standardised pooled content and style (for the figure)."""
+    out = {}
+    for name, x in (("content", content), ("style", style)):
+        x = x.double()
+        x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
+        _, _, v = torch.linalg.svd(x, full_matrices=False)
+        out[name] = (x @ v[:2].T).tolist()
+    return out
+
+
+def swap_test(data: dict[str, Any], factors: NetworkFactors, latents: dict[str, torch.Tensor],
+              tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], spatial: Sequence[int], args: argparse.Namespace,
+              tag: str, figures: Path) -> dict[str, Any]:
+    """Content of A with style of B against the noise-averaged truth (A's anatomy in B's style).
+
+    Next to it: the trivial answers raw (the images of A and of B) and decoded (the network's own
+    rebuild of A and of B, so the decoder's blur is on both sides), and the precondition: the
+    rebuild of the truth's own rendering, in latent space, must be within half of 'B unchanged'.
+    """
+    tok = data["tokenizer"]
+    gt = data["gt"]
+    eval_by = {(it["content_id"], it["style"]): it for it in data["eval"]}
+    pairs = [(a, b) for a in eval_by for b in eval_by
+             if a[0] != b[0] and a[1] != b[1] and (a[0], b[1]) in gt]
+    rng = np.random.default_rng(0)
+    pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), min(args.max_pairs, len(pairs)), replace=False))]
+    rebuilt: dict[str, torch.Tensor] = {}
+
+    def rebuild(name: str) -> torch.Tensor:
+        if name not in rebuilt:
+            rebuilt[name] = factors.decode(*tokens[name], spatial)
+        return rebuilt[name]
 
     rows = []
     example = None
     for a, b in pairs:
-        gt = by_key[(a["content_id"], b["style"])]
-        za, zb, zg = z[name(a)], z[name(b)], z[name(gt)]
-        s = swap_latents(net, za, zb, patch=crop, overlap=0.25, with_self=True)
-        g_self = swap_latents(net, zg, zg, patch=crop, overlap=0.25, with_self=True)[A_SELF]
-        s_all = swap_latents(net, za, zb, patch=crop, overlap=0.25, decode_mode="all_visible")
-        g_all = swap_latents(net, zg, zg, patch=crop, overlap=0.25, with_self=True, decode_mode="all_visible")[A_SELF]
-        img_gt = torch.from_numpy(images[name(gt)])
-        swap_img = tokenizer.decode(s[A_CONTENT_B_STYLE])
-        # style change the swap makes (vs the decoder's own rebuild of A) against the true change
-        true_change = zg - za
-        explained = lambda change: 1.0 - mse(change, true_change) / max(float(true_change.pow(2).mean()), 1e-12)  # noqa: E731
-        rows.append({
-            "style_change_r2": {"swap": explained(s[A_CONTENT_B_STYLE] - s[A_SELF]), "b_unchanged": explained(zb - za),
-                                "a_unchanged": 0.0},
-            "latent": {"swap": mse(s[A_CONTENT_B_STYLE], zg), "a_unchanged": mse(za, zg), "b_unchanged": mse(zb, zg),
-                       "floor": mse(g_self, zg), "swap_all_visible": mse(s_all[A_CONTENT_B_STYLE], zg),
-                       "floor_all_visible": mse(g_all, zg)},
-            "image": {"swap": mse(swap_img, img_gt), "a_unchanged": mse(torch.from_numpy(images[name(a)]), img_gt),
-                      "b_unchanged": mse(torch.from_numpy(images[name(b)]), img_gt),
-                      "floor": mse(dec("self:" + name(gt), g_self), img_gt),
-                      "tokenizer_floor": mse(dec(name(gt), zg), img_gt)},
-        })
+        ia, ib, it_gt = eval_by[a], eval_by[b], eval_by[(a[0], b[1])]
+        gt_img, gt_lat = gt[(a[0], b[1])]
+        gt_img_t = torch.from_numpy(gt_img)
+        swap_lat = factors.decode(tokens[ia["name"]][0], tokens[ib["name"]][1], spatial)
+        rec_a, rec_b, rec_gt = rebuild(ia["name"]), rebuild(ib["name"]), rebuild(it_gt["name"])
+        img = lambda z: tok.decode(z)  # noqa: E731
+        mse = lambda p, q: float((p.float() - q.float()).pow(2).mean())  # noqa: E731
+        swap_img = img(swap_lat)
+        row = {
+            "image": {"swap": mse(swap_img, gt_img_t), "a_rebuilt": mse(img(rec_a), gt_img_t),
+                      "b_rebuilt": mse(img(rec_b), gt_img_t),
+                      "a_raw": mse(torch.from_numpy(data["images"][ia["name"]]), gt_img_t),
+                      "b_raw": mse(torch.from_numpy(data["images"][ib["name"]]), gt_img_t)},
+            "latent": {"swap": mse(swap_lat, gt_lat), "a_rebuilt": mse(rec_a, gt_lat), "b_rebuilt": mse(rec_b, gt_lat),
+                       "a_raw": mse(latents[ia["name"]], gt_lat), "b_raw": mse(latents[ib["name"]], gt_lat),
+                       "truth_rebuilt": mse(rec_gt, gt_lat), "truth_raw": mse(latents[it_gt["name"]], gt_lat)},
+        }
+        rows.append(row)
         if example is None:
-            example = (a, b, gt, swap_img)
-    spaces = ("latent", "image", "style_change_r2")
-    summary = {space: {k: float(np.mean([r[space][k] for r in rows])) for k in rows[0][space]} for space in spaces}
-    sds = {space: {k: float(np.std([r[space][k] for r in rows])) for k in rows[0][space]} for space in spaces}
-    wins = {space: float(np.mean([r[space]["swap"] < min(r[space]["a_unchanged"], r[space]["b_unchanged"]) for r in rows]))
-            for space in ("latent", "image")}
+            example = (ia, ib, swap_img, img(rec_a), img(rec_b), gt_img_t)
+    mean = {sp: {k: float(np.mean([r[sp][k] for r in rows])) for k in rows[0][sp]} for sp in ("image", "latent")}
+    beats_decoded = float(np.mean([r["image"]["swap"] < min(r["image"]["a_rebuilt"], r["image"]["b_rebuilt"]) for r in rows]))
+    beats_raw = float(np.mean([r["image"]["swap"] < min(r["image"]["a_raw"], r["image"]["b_raw"]) for r in rows]))
+    ratio = mean["latent"]["truth_rebuilt"] / mean["latent"]["b_raw"]
     montage = None
     if example is not None:
-        a, b, gt, swap_img = example
-        montage = out / f"disentanglement_swap_{tag}.png"
-        save_slice_montage(montage, [torch.from_numpy(images[name(a)]), torch.from_numpy(images[name(b)]), swap_img,
-                                     torch.from_numpy(images[name(gt)])],
-                           titles=[f"A {a['content_id']} {a['style']}", f"B {b['content_id']} {b['style']}",
-                                   "A content / B style", f"truth {gt['content_id']} {gt['style']}"])
-    return {"probe": probe, "swap_mean": summary, "swap_sd": sds, "swap_beats_both_trivial": wins,
-            "pairs": len(rows), "volumes": len(items), "ssl_sha256": meta["sha256"],
+        from custom_nets.utils.visualize import save_slice_montage
+
+        ia, ib, swap_img, ra, rb, g = example
+        montage = figures / f"disentanglement_swap_{tag}.png"
+        save_slice_montage(montage, [torch.from_numpy(data["images"][ia["name"]]), torch.from_numpy(data["images"][ib["name"]]),
+                                     swap_img, g, ra, rb],
+                           titles=[f"A {ia['content_id']} {ia['style']}", f"B {ib['content_id']} {ib['style']}",
+                                   "swap: A content, B style", "truth (noise-averaged)", "A rebuilt", "B rebuilt"])
+    return {"pairs": len(rows), "mean": mean, "swap_beats_both_decoded": beats_decoded, "swap_beats_both_raw": beats_raw,
+            "rebuild_over_b_unchanged": ratio, "precondition_met": bool(ratio <= 0.5),
             "montage": str(montage) if montage else None}
+
+
+# --------------------------------------------------------------------------------------------
+# Arms
+# --------------------------------------------------------------------------------------------
+
+
+def entry(arm: str, seed: int, res: dict[str, Any]) -> dict[str, Any]:
+    """The results-file entry of one arm+seed (the fields the issue names first)."""
+    sw = res["swap"] or {}
+    return {
+        "arm": arm, "seed": seed,
+        "domain_from_content_acc": res["domain_from_content"]["accuracy"],
+        "domain_from_content_ce": res["domain_from_content"]["cross_entropy"],
+        "domain_from_style_acc": res["domain_from_style"]["accuracy"],
+        "anatomy_from_content_acc": res["anatomy_from_content"]["accuracy"],
+        "swap_beats_both_decoded": sw.get("swap_beats_both_decoded"),
+        "rebuild_over_b_unchanged": sw.get("rebuild_over_b_unchanged"),
+        "domain_chance": res["domain_from_content"]["chance"],
+        "anatomy_chance": res["anatomy_from_content"]["chance"],
+        "domain_chance_ce": res["domain_from_content"]["chance_cross_entropy"],
+        "content_between_domain_variance_share": res["content_between_domain_variance_share"],
+        "content_map_retrieval_acc": res["content_map_retrieval"]["accuracy"],
+        "content_map_retrieval_chance": res["content_map_retrieval"]["chance"],
+        "anatomy_from_style_acc": res["anatomy_from_style"]["accuracy"],
+        "swap_beats_both_raw": sw.get("swap_beats_both_raw"),
+        "anatomies": res["anatomies"],
+    }
+
+
+def run_arm(out: Path, arm: str, seed: int, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Train (if needed) and evaluate one arm+seed; stored in ``<out>/arms`` and reused when present."""
+    path = out / "arms" / f"{arm}_s{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    curves: dict[str, Any] = {}
+    if arm == "raw":
+        res = evaluate(data, None, args, f"{arm}_s{seed}", figures)
+    else:
+        from custom_nets.engines.ssl.model import build_meduet, meduet_network_args
+        from custom_nets.nets.meduet import load_meduet
+
+        if arm == "random_init":
+            torch.manual_seed(seed)
+            net = build_meduet(meduet_network_args("demo", len(data["styles"]), NETWORK)).eval().requires_grad_(False)
+        else:
+            ckpt = train_arm(out, arm, seed, ARMS[arm], data["latent_datalist"], args, arm_epochs(arm, args))
+            net, _ = load_meduet(ckpt)
+            curves = loss_curves(ckpt.parents[1])
+        res = evaluate(data, NetworkFactors(net, seed), args, f"{arm}_s{seed}", figures)
+    record = {"entry": {**entry(arm, seed, res), "epochs": arm_epochs(arm, args) if arm not in BASELINES else 0},
+              "detail": res, "curves": curves, "switches": ARMS.get(arm, {}),
+              "seconds": time.perf_counter() - t0}
+    write_json(path, record)
+    log(f"{arm} seed {seed}: {json.dumps(record['entry'])}")
+    return record
+
+
+def arm_epochs(arm: str, args: argparse.Namespace) -> int:
+    """Training epochs of an arm: ``--long-epochs`` for the long arms, ``--epochs`` otherwise."""
+    return args.long_epochs if arm in LONG else args.epochs
+
+
+def arm_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """Order of the runs: what decides the verdict first (baselines, paper, combination), then the rest."""
+    seeds = list(range(args.seeds))
+    plan = [("raw", 0), ("random_init", 0), ("paper", 0), ("combined", 0)]
+    plan += [(a, s) for s in seeds[1:] for a in ("paper", "combined")]
+    plan += [("domain_weight_0", 0)] + [(f"paper+{a}", 0) for a in ADDITIONS]
+    plan += [("paper+domain_share", 0), ("combined+domain_share", 0)]
+    if args.long_epochs > 0:
+        plan += [(f"{a}_long", 0) for a in args.long_arms.split(",") if a]
+    wanted = set(args.arms.split(",")) if args.arms else None
+    return [(a, s) for a, s in plan if wanted is None or a in wanted]
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,123 +560,184 @@ def evaluate(ssl_ckpt: Path, latent_datalist: Path, images: dict[str, np.ndarray
 # --------------------------------------------------------------------------------------------
 
 
-def plot_summary(results: dict[str, Any], path: Path) -> Path:
+def plot_projection(records: dict[str, Any], keys: Sequence[str], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in MODES if m in results["runs"]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
-    x = np.arange(len(modes))
-    probes = (("content", "domain | content"), ("style", "domain | style"),
-              ("anatomy_from_content", "anatomy | content"), ("anatomy_from_style", "anatomy | style"))
-    for k, (key, label) in enumerate(probes):
-        axes[0].bar(x + (k - 1.5) * 0.2, [results["runs"][m]["probe"][key]["accuracy"] for m in modes], 0.2, label=label)
-    axes[0].axhline(results["runs"][modes[0]]["probe"]["content"]["chance"], color="k", ls="--", lw=1, label="domain chance")
-    axes[0].axhline(results["runs"][modes[0]]["probe"]["anatomy_from_content"]["chance"], color="grey", ls=":", lw=1,
-                    label="anatomy chance")
-    axes[0].set_xticks(x, modes)
-    axes[0].set_ylim(0, 1.05)
-    axes[0].set_title("linear-probe accuracy")
-    axes[0].legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    for ax, space in zip(axes[1:], ("latent", "image")):
-        keys = ["swap", "a_unchanged", "b_unchanged", "floor"]
-        for k, key in enumerate(keys):
-            ax.bar(x + (k - 1.5) * 0.2, [results["runs"][m]["swap_mean"][space][key] for m in modes], 0.2,
-                   yerr=[results["runs"][m]["swap_sd"][space][key] for m in modes], label=key.replace("_", " "), capsize=2)
-        ax.set_xticks(x, modes)
-        ax.set_title(f"swap MSE vs ground truth ({space})")
-        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig, axes = plt.subplots(len(keys), 4, figsize=(14, 3.4 * len(keys)), squeeze=False)
+    for row, key in zip(axes, keys):
+        d = records[key]["detail"]
+        for k, (factor, colour) in enumerate([(f, c) for f in ("content", "style") for c in ("domain", "anatomy")]):
+            xy = np.asarray(d["projection"][factor])
+            lab = np.asarray(d["projection_labels"][colour])
+            row[k].scatter(xy[:, 0], xy[:, 1], c=lab, cmap="tab10" if colour == "domain" else "nipy_spectral", s=14)
+            row[k].set_title(f"{key}: {factor}, by {colour}", fontsize=9)
+            row[k].set_xticks([])
+            row[k].set_yticks([])
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
-def report_section(results: dict[str, Any], command: str, figures: dict[str, str]) -> str:
-    s = results["settings"]
-    lines = [SECTION, "",
-             f"Command: `{command}`", "",
-             f"Machine: {s['machine']}; wall time {results['seconds'] / 60:.1f} min. Phantoms: {s['subjects']} anatomies x "
-             f"{len(s['styles'])} styles ({', '.join(s['styles'])}; each style a domain), 64^3 at 1.5 mm, "
-             f"{s['held_out_subjects']} anatomies held out of pretraining. Latents: {s['vae']}. "
-             f"MeDUET: bundle demo overlay (demo-size network, crop {s['crop']}), {s['ssl_epochs']} epochs, seed {s['seed']}, "
-             f"once per pairing mode.", "",
-             "Linear probes (logistic regression on the global vectors of every volume). Domain: 4 folds split "
-             "by anatomy; a disentangled content should sit near chance and style near 1. Anatomy (which subject): "
-             "folds split by style, i.e. recognise an anatomy rendered in a style the probe never saw; content "
-             "should be high and style low:", "",
-             "| pairing | domain from content | domain from style | domain chance | anatomy from content | "
-             "anatomy from style | anatomy chance |", "|---|---|---|---|---|---|---|"]
-    for m in MODES:
-        if m in results["runs"]:
-            p = results["runs"][m]["probe"]
-            lines.append(f"| {m} | {p['content']['accuracy']:.3f} | {p['style']['accuracy']:.3f} | "
-                         f"{p['content']['chance']:.3f} | {p['anatomy_from_content']['accuracy']:.3f} | "
-                         f"{p['anatomy_from_style']['accuracy']:.3f} | {p['anatomy_from_content']['chance']:.3f} |")
-    lines += ["", "Swap error on held-out anatomies: content of A with style of B against the ground truth (A's anatomy "
-              "rendered in B's style), mean (sd) over pairs; 'floor' = the ground truth rebuilt from its own factors; "
-              "'beats both' = fraction of pairs where the swap is closer to the truth than both trivial answers:", "",
-              "| pairing | space | swap | A unchanged | B unchanged | floor | beats both |", "|---|---|---|---|---|---|---|"]
-    for m in MODES:
-        if m not in results["runs"]:
+def plot_curves(records: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("rec", "domain_content", "domain_style", "clean_domain_pooled")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
+    for ax, key in zip(axes, keys):
+        for name, rec in records.items():
+            c = rec.get("curves", {}).get(key)
+            if c:
+                c = np.asarray(c)
+                ax.plot(c[:, 0], c[:, 1], label=name, lw=1)
+        ax.set_title(f"training {key}", fontsize=9)
+        ax.set_xlabel("step")
+    axes[1].axhline(math.log(4), color="k", ls="--", lw=0.8)
+    axes[-1].axhline(math.log(4), color="k", ls="--", lw=0.8)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def verdicts(e: dict[str, Any], raw_retrieval: float | None, retrieval: float) -> list[tuple[str, bool | None, str]]:
+    """The issue's thresholds for one entry: (criterion, passed, numbers)."""
+    out = [
+        ("domain from content <= chance + 0.15", e["domain_from_content_acc"] <= e["domain_chance"] + 0.15,
+         f"{e['domain_from_content_acc']:.3f} vs {e['domain_chance'] + 0.15:.3f}"),
+        ("domain CE >= 1.0 nat", e["domain_from_content_ce"] >= 1.0, f"{e['domain_from_content_ce']:.3f}"),
+        ("domain from style >= 0.95", e["domain_from_style_acc"] >= 0.95, f"{e['domain_from_style_acc']:.3f}"),
+        ("anatomy from content >= 0.5 (>= 24 anatomies)", e["anatomy_from_content_acc"] >= 0.5 and e["anatomies"] >= 24,
+         f"{e['anatomy_from_content_acc']:.3f} over {e['anatomies']}"),
+        ("map retrieval >= raw latent's", None if raw_retrieval is None else retrieval >= raw_retrieval,
+         f"{retrieval:.3f} vs {raw_retrieval if raw_retrieval is not None else float('nan'):.3f}"),
+    ]
+    if e["rebuild_over_b_unchanged"] is not None:
+        met = e["rebuild_over_b_unchanged"] <= 0.5
+        out.append(("rebuild <= 0.5 x B unchanged", met, f"{e['rebuild_over_b_unchanged']:.3f}"))
+        # no swap verdict without the precondition: a network that cannot rebuild can beat its own
+        # (equally bad) rebuilds by chance
+        out.append(("swap beats both decoded in >= 75 %", (e["swap_beats_both_decoded"] >= 0.75) if met else None,
+                    f"{e['swap_beats_both_decoded']:.2f}" + ("" if met else ", no verdict: precondition not met")))
+    return out
+
+
+def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: argparse.Namespace, command: str,
+                   figs: dict[str, str], seconds: float) -> str:
+    done = [k for k in (f"{a}_s{s}" for a, s in plan) if k in records]
+    missing = [k for k in (f"{a}_s{s}" for a, s in plan) if k not in records]
+    f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    per_epoch = args.train_anatomies * len(STYLES) // args.batch_size
+    steps = lambda e: e.get("epochs", 0 if e["arm"] in BASELINES else args.epochs) * per_epoch  # noqa: E731
+    lines = [SECTION, "", f"Command (resumable; finished arms are kept in `<out>/arms` and skipped): `{command}`", "",
+             f"Machine: {machine()}; this invocation {seconds / 60:.1f} min (shared cores).", "",
+             "Setting. Phantoms 64^3 at 1.5 mm in 4 styles in which the anatomy stays equally visible: ct_sharp, "
+             "ct_smooth_noisy, mr_t1like and mr_t2like, each **without bias field** (a spatial style: any content "
+             "that keeps the anatomy would also keep it); ct_lowdose left out (organ contrast 10-26 HU under ~9 HU "
+             f"of per-block noise). {args.train_anatomies} anatomies for pretraining, **{args.test_anatomies} other "
+             "anatomies for every test**, rendered with a fresh noise seed; the swap truth is the average of "
+             f"{args.gt_draws} further noise draws of the same anatomy and style ({args.swap_anatomies} anatomies). "
+             "Latents: training-free 4x pooling tokenizer (block mean, sd, in-plane and through-plane gradient), "
+             "4 x 16^3. Network (CPU scale): crop 8, patch 2, 64 tokens of 32 latent values, width 72 (>= 2 x 32), "
+             "4 encoder blocks, 2 decoder blocks, content 72, style 18. "
+             f"Training: meduet_ssl train.json + demo.json, batch {args.batch_size}, {args.epochs} epochs of "
+             f"{args.train_anatomies * 4 // args.batch_size} steps ({args.long_epochs} for the `_long` arms), lr 5e-4 "
+             "warm-up then cosine to 1e-4, MFTD from a fifth of training.", "",
+             "Arms: `raw` = the latent itself (32 values per token; pooled = channel-patch means), `random_init` = "
+             "an untrained network, `paper` = the paper's objective (random pairing, all additions off), "
+             "`domain_weight_0` = paper with L_dom weight 0, `paper+X` = one addition, `combined` = all additions "
+             "(switches in bundles/meduet_ssl/docs/README.md). Probes on held-out anatomies only; domain probes: "
+             "4 folds split by anatomy; anatomy probes: leave one style out; map retrieval: 8 candidates, chance 0.125.", "",
+             "| arm | seed | steps | domain\\|content acc | CE (nats) | between-domain share | domain\\|style acc | "
+             "anatomy\\|content | anatomy\\|style | map retrieval | rebuild / B unchanged | swap beats both decoded | "
+             "beats both raw |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in done:
+        e = records[key]["entry"]
+        lines.append(f"| {e['arm']} | {e['seed']} | {steps(e)} | {f(e['domain_from_content_acc'])} | {f(e['domain_from_content_ce'])} | "
+                     f"{f(e['content_between_domain_variance_share'])} | {f(e['domain_from_style_acc'])} | "
+                     f"{f(e['anatomy_from_content_acc'])} | {f(e['anatomy_from_style_acc'])} | "
+                     f"{f(e['content_map_retrieval_acc'])} | {f(e['rebuild_over_b_unchanged'])} | "
+                     f"{f(e['swap_beats_both_decoded'], 2)} | {f(e['swap_beats_both_raw'], 2)} |")
+    first = records[done[0]]["entry"] if done else None
+    if first:
+        lines += ["", f"Chance: domain {first['domain_chance']:.3f} (CE ln 4 = {first['domain_chance_ce']:.3f} nats), "
+                      f"anatomy {first['anatomy_chance']:.3f} ({first['anatomies']} anatomies), map retrieval 0.125."]
+    raw = records.get("raw_s0")
+    raw_ret = raw["entry"]["content_map_retrieval_acc"] if raw else None
+    lines += ["", "Thresholds of the issue per trained arm (pass / FAIL, numbers):", ""]
+    for key in done:
+        e = records[key]["entry"]
+        if e["arm"] in BASELINES:
             continue
-        r = results["runs"][m]
-        for space in ("latent", "image"):
-            mean, sd = r["swap_mean"][space], r["swap_sd"][space]
-            cell = lambda k: f"{mean[k]:.4f} ({sd[k]:.4f})"  # noqa: E731
-            lines.append(f"| {m} | {space} | {cell('swap')} | {cell('a_unchanged')} | {cell('b_unchanged')} | "
-                         f"{cell('floor')} | {r['swap_beats_both_trivial'][space]:.2f} |")
-    lines += ["", "Style change reproduced (latent space, independent of how sharply the decoder rebuilds a volume): "
-                  "R^2 = 1 - |predicted change - true change|^2 / |true change|^2, where the true change is ground "
-                  "truth minus A and the swap's change is the swap minus the decoder's rebuild of A from its own "
-                  "factors; 'B unchanged' predicts the change B - A, 'A unchanged' predicts no change (R^2 = 0):", "",
-              "| pairing | swap | B unchanged | A unchanged |", "|---|---|---|---|"]
-    for m in MODES:
-        if m in results["runs"]:
-            r2, sd = results["runs"][m]["swap_mean"]["style_change_r2"], results["runs"][m]["swap_sd"]["style_change_r2"]
-            lines.append(f"| {m} | {r2['swap']:.3f} ({sd['swap']:.3f}) | {r2['b_unchanged']:.3f} ({sd['b_unchanged']:.3f}) | 0 |")
-    lines += ["", "Decoding regime of the swap (latent MSE; the config default is 'complementary': two passes with "
-                  "complementary random halves of the fused tokens visible, each token taken from the pass where it "
-                  "was hidden, the decoder's training regime; 'all visible': one pass, no mask tokens):", "",
-              "| pairing | swap, complementary | swap, all visible | floor, complementary | floor, all visible |",
-              "|---|---|---|---|---|"]
-    for m in MODES:
-        if m in results["runs"]:
-            lat = results["runs"][m]["swap_mean"]["latent"]
-            lines.append(f"| {m} | {lat['swap']:.4f} | {lat['swap_all_visible']:.4f} | {lat['floor']:.4f} | "
-                         f"{lat['floor_all_visible']:.4f} |")
-    first = next(iter(results["runs"].values()))
-    lines += ["", f"Tokenizer reconstruction error of the ground truth itself (image MSE): "
-                  f"{first['swap_mean']['image']['tokenizer_floor']:.4f}; no latent-space answer can go below it in image space."]
-    lines += ["", "Reading: " + " ".join(reading(results))]
-    lines += [""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
+        v = verdicts(e, raw_ret, e["content_map_retrieval_acc"])
+        lines.append(f"- {key}: " + "; ".join(f"{name} {'pass' if ok else ('n/a' if ok is None else 'FAIL')} ({num})"
+                                             for name, ok, num in v))
+    swap_rows = [k for k in done if records[k]["detail"].get("swap")]
+    if swap_rows:
+        lines += ["", "Swap test, image MSE against the noise-averaged truth (mean over pairs), and latent MSE of the "
+                      "truth's own rebuild against 'B unchanged':", "",
+                  "| arm | swap | A rebuilt | B rebuilt | A raw | B raw | latent: truth rebuilt | latent: B raw | "
+                  "latent: truth's own rendering (no network) |", "|---|---|---|---|---|---|---|---|---|"]
+        for k in swap_rows:
+            m = records[k]["detail"]["swap"]["mean"]
+            lines.append(f"| {k} | {m['image']['swap']:.4f} | {m['image']['a_rebuilt']:.4f} | {m['image']['b_rebuilt']:.4f} | "
+                         f"{m['image']['a_raw']:.4f} | {m['image']['b_raw']:.4f} | {m['latent']['truth_rebuilt']:.4f} | "
+                         f"{m['latent']['b_raw']:.4f} | {f(m['latent'].get('truth_raw'), 4)} |")
+    lines += ["", "Final training losses (mean of the last tenth of the logged curve; the content head's CE near "
+                  "ln 4 = 1.386 means it is fooled, which the probe above can contradict):", "",
+              "| arm | rec | domain_content CE | domain_style CE | clean adversary pooled CE |", "|---|---|---|---|---|"]
+    for k in done:
+        c = records[k].get("curves") or {}
+        if not c:
+            continue
+        last = lambda key: f(np.mean([v for _, v in c[key][-max(1, len(c[key]) // 10):]])) if key in c else "n/a"  # noqa: E731
+        lines.append(f"| {k} | {last('rec')} | {last('domain_content')} | {last('domain_style')} | {last('clean_domain_pooled')} |")
+    if missing:
+        lines += ["", f"Not finished in this sitting: {', '.join(missing)}. The command above resumes them."]
+    if args.reading and args.reading.is_file():
+        lines += ["", args.reading.read_text().strip()]
+    lines += [""]
+    lines += [f"![{k}]({v})" for k, v in figs.items()] + [""]
     return "\n".join(lines)
 
 
-def reading(results: dict[str, Any]) -> list[str]:
-    """Plain sentences computed from the numbers (what they show, and how far one run goes)."""
-    s, runs = results["settings"], results["runs"]
-    out = [f"One seed, a demo-size network and {s['ssl_epochs']} epochs on a CPU (the paper: ~105 M parameters, "
-           f"~200k steps on 4 GPUs), so these figures test the pipeline and compare the pairings at this scale only."]
-    for m, r in runs.items():
-        p = r["probe"]
-        dc, ch = p["content"]["accuracy"], p["content"]["chance"]
-        ac, ach = p["anatomy_from_content"]["accuracy"], p["anatomy_from_content"]["chance"]
-        lat = r["swap_mean"]["latent"]
-        verdict = "invariant to the domain" if dc < ch + 0.5 * (1 - ch) else "still linearly predictive of the domain"
-        swap_vs = ("closer to the truth than both trivial answers" if lat["swap"] < min(lat["a_unchanged"], lat["b_unchanged"])
-                   else "not closer to the truth than the better trivial answer")
-        out.append(f"{m} pairing: content is {verdict} (probe {dc:.2f}, chance {ch:.2f}); it identifies the anatomy "
-                   f"across styles at {ac:.2f} (chance {ach:.2f}); the swap is on average {swap_vs} "
-                   f"(latent MSE {lat['swap']:.3f} vs {lat['a_unchanged']:.3f} / {lat['b_unchanged']:.3f}).")
-    if all(m in runs for m in MODES):
-        a, b = (runs[m]["swap_mean"]["latent"]["swap"] for m in MODES)
-        sd = max(runs[m]["swap_sd"]["latent"]["swap"] for m in MODES)
-        out.append(f"Swap error, cross-domain minus random pairing: {b - a:+.3f} (pair-to-pair sd up to {sd:.3f}).")
-    return out
+def publish(out: Path, records: dict[str, Any], plan: list[tuple[str, int]], args: argparse.Namespace, command: str,
+            seconds: float) -> None:
+    import shutil
+
+    entries = [records[f"{a}_s{s}"]["entry"] for a, s in plan if f"{a}_s{s}" in records]
+    if args.results:
+        write_json(args.results, {"command": command, "entries": entries,
+                                  "pending": [f"{a}_s{s}" for a, s in plan if f"{a}_s{s}" not in records]})
+    figs: dict[str, Path] = {}
+    proj_keys = [k for k in ("raw_s0", "paper_s0", "combined_s0") if k in records]
+    if proj_keys:
+        figs["content and style projections (PCA), by domain and by anatomy"] = plot_projection(
+            records, proj_keys, out / "figures" / "disentanglement_projection.png")
+    figs["training curves of the losses"] = plot_curves({k: v for k, v in records.items() if v.get("curves")},
+                                                        out / "figures" / "disentanglement_curves.png")
+    for k in ("paper_s0", "combined_s0"):
+        if k in records and records[k]["detail"].get("swap", {}) and records[k]["detail"]["swap"].get("montage"):
+            figs[f"swap ({k}): A, B, swap, truth, A rebuilt, B rebuilt"] = Path(records[k]["detail"]["swap"]["montage"])
+    if not args.report:
+        return
+    fig_dir = args.report.parent / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    rel = {}
+    for k, src in figs.items():
+        dst = fig_dir / Path(src).name
+        if Path(src).resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        rel[k] = os.path.relpath(dst, args.report.parent)
+    write_report(args.report, report_section(records, plan, args, command, rel, seconds))
+    log(f"wrote the {SECTION[3:]} section of {args.report}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,26 +748,29 @@ def reading(results: dict[str, Any]) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "disentanglement")
-    p.add_argument("--quick", action="store_true", help="8 subjects, 3 styles, few epochs (smoke run)")
-    p.add_argument("--subjects", type=int, default=None, help="anatomies (default 16; --quick 8)")
-    p.add_argument("--styles", default=None, help="comma-separated styles (default all; --quick 3)")
-    p.add_argument("--tokenizer", choices=["pool", "vae"], default="pool", help="latents: fixed pooling or a VAE")
-    p.add_argument("--vae-ckpt", default=None, help="with --tokenizer vae: meduet_vae model.pt (default: train a demo VAE)")
-    p.add_argument("--vae-epochs", type=int, default=None, help="demo VAE epochs (default 20; --quick 4)")
-    p.add_argument("--ssl-epochs", type=int, default=None, help="MeDUET epochs (default 150; --quick 20)")
-    p.add_argument("--max-pairs", type=int, default=None, help="swap pairs evaluated (default 40; --quick 12)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 + 8 anatomies, 2 epochs, 2 arms")
+    p.add_argument("--train-anatomies", type=int, default=24)
+    p.add_argument("--test-anatomies", type=int, default=24)
+    p.add_argument("--swap-anatomies", type=int, default=8, help="held-out anatomies with a noise-averaged truth")
+    p.add_argument("--gt-draws", type=int, default=4, help="noise draws averaged into the swap truth")
+    p.add_argument("--epochs", type=int, default=60, help="meduet_ssl epochs per arm")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--long-epochs", type=int, default=0, help="also train the --long-arms this long (0: not)")
+    p.add_argument("--long-arms", default="paper,combined", help="arms also trained --long-epochs epochs")
+    p.add_argument("--seeds", type=int, default=2, help="seeds of the paper and combined arms")
+    p.add_argument("--max-pairs", type=int, default=48)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--arms", default=None, help="comma-separated subset of arms (default: all)")
     p.add_argument("--report", type=Path, default=None, help="Markdown file whose Disentanglement section is (re)written")
-    p.add_argument("--from-results", action="store_true",
-                   help="only redraw the summary figure and rewrite the report section from <out>/results.json")
+    p.add_argument("--results", type=Path, default=None, help="results JSON (benchmarks/results/disentanglement.json)")
+    p.add_argument("--reading", type=Path, default=None, help="Markdown paragraph(s) inserted as the section's reading")
+    p.add_argument("--publish-only", action="store_true",
+                   help="train and evaluate nothing: rewrite results, figures and report from the finished arms")
     args = p.parse_args(argv)
-    defaults = dict(subjects=16, styles=",".join(DOMAIN_STYLES), vae_epochs=20, ssl_epochs=150, max_pairs=40)
     if args.quick:
-        defaults.update(subjects=8, styles="ct_sharp,ct_lowdose,mr_t1like", vae_epochs=4, ssl_epochs=20, max_pairs=12)
-    for k, v in defaults.items():  # explicit options win over --quick
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+        args.train_anatomies, args.test_anatomies, args.swap_anatomies = 8, 8, 3
+        args.gt_draws, args.epochs, args.seeds, args.max_pairs = 2, 2, 1, 6
+        args.arms = args.arms or "raw,random_init,paper,combined"
     return args
 
 
@@ -508,62 +779,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if args.from_results:
-        results = json.loads((out / "results.json").read_text())
-        publish(results, args, out, results["command"])
-        return results
-    logfile = out / "runs.log"
-    styles = [s for s in args.styles.split(",") if s]
-    datalist = make_phantoms(out, args.subjects, styles, args.seed)
-    tokenizer, vae_record, vae_note = get_tokenizer(args, out, logfile)
-    latent_datalist, images = encode_phantoms(datalist, tokenizer, vae_record, out)
-    log(f"latent cache: {latent_datalist}")
-    crop = 16
-    modes = [m for m in args.modes.split(",") if m]
-    runs = {}
-    for mode in modes:
-        run_dir = out / f"ssl_{mode}"
-        ckpt = run_dir / "models" / "model.pt"
-        if not ckpt.is_file():
-            bundle_run("meduet_ssl", ["train.json", "demo.json"], logfile, latent_datalist=latent_datalist,
-                       output_dir=run_dir, model_path=ckpt, pair_sampling=mode, seed=args.seed,
-                       max_epochs=args.ssl_epochs, val_interval=max(1, args.ssl_epochs // 5),
-                       save_interval=args.ssl_epochs, mftd_start_epoch=args.ssl_epochs // 5,
-                       warmup_epochs=max(1, args.ssl_epochs // 50))
-        log(f"evaluating {mode}")
-        runs[mode] = evaluate(ckpt, latent_datalist, images, tokenizer, args.max_pairs, crop, args.seed, out, mode)
-        log(json.dumps(runs[mode]["probe"]))
-    results = {
-        "settings": {"subjects": args.subjects, "styles": styles, "held_out_subjects": args.subjects - round(args.subjects * 0.75),
-                     "vae": vae_note, "ssl_epochs": args.ssl_epochs, "crop": crop, "seed": args.seed,
-                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"},
-        "runs": runs, "seconds": time.perf_counter() - t0,
-    }
-    results["command"] = ("python benchmarks/disentanglement.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    write_json(out / "results.json", results)
-    publish(results, args, out, results["command"])
-    log(f"done in {results['seconds'] / 60:.1f} min; results in {out / 'results.json'}")
-    return results
-
-
-def publish(results: dict[str, Any], args: argparse.Namespace, out: Path, command: str) -> None:
-    """Summary figure, and with ``--report`` the report section with the figures copied beside it."""
-    summary_png = plot_summary(results, out / "disentanglement_summary.png")
-    if not args.report:
-        return
-    fig_dir = args.report.parent / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    figures = {"summary": summary_png}
-    runs = results["runs"]
-    figures.update({f"swap example ({m})": Path(runs[m]["montage"]) for m in runs if runs[m]["montage"]})
-    rel = {}
-    for k, src in figures.items():
-        dst = fig_dir / Path(src).name
-        if Path(src).resolve() != dst.resolve():
-            shutil.copyfile(src, dst)
-        rel[k] = os.path.relpath(dst, args.report.parent)
-    write_report(args.report, report_section(results, command, rel))
-    log(f"wrote the {SECTION[3:]} section of {args.report}")
+    command = ("python benchmarks/disentanglement.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    plan = arm_plan(args)
+    records: dict[str, Any] = {}
+    if args.publish_only:
+        for arm, seed in plan:
+            path = out / "arms" / f"{arm}_s{seed}.json"
+            if path.is_file():
+                records[f"{arm}_s{seed}"] = json.loads(path.read_text())
+        publish(out, records, plan, args, command, time.perf_counter() - t0)
+        return records
+    data = build_data(out, args)
+    for arm, seed in plan:
+        records[f"{arm}_s{seed}"] = run_arm(out, arm, seed, data, args)
+        publish(out, records, plan, args, command, time.perf_counter() - t0)
+    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min")
+    return records
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from custom_nets.nets.vit import (
 __all__ = ["MeDUET", "load_meduet", "meduet_config", "random_mix_mask", "split_ids", "gather_tokens", "mix_tokens"]
 
 CHECKPOINT_PARTS = ("mixture", "decoder")
+STYLE_MODES = ("token", "global")
 
 # --------------------------------------------------------------------------------------------
 # Sizes
@@ -166,6 +167,10 @@ class MeDUET(nn.Module):
         mix_ratio: fraction of tokens a sample takes from its partner in token demixing.
         grl_lambda: gradient-reversal strength in front of the content domain classifier.
         style_kernel: kernel of the depthwise style smoothing along the token sequence (odd).
+        style_mode: ``"token"`` (the paper: one style vector per token, smoothed along the
+            sequence) or ``"global"``: one style vector per volume (per source of a mixture), the
+            mean of the style head over that volume's tokens, given to every token. A global style
+            cannot carry spatial (anatomical) detail, which the decoder must then take from content.
 
     Submodules: ``encoder``, ``content_head``, ``style_head``, ``style_smooth``, ``fusion``,
     ``decoder_embed``, ``mask_token``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``,
@@ -188,8 +193,12 @@ class MeDUET(nn.Module):
         mix_ratio: float = 0.5,
         grl_lambda: float = 1.0,
         style_kernel: int = 3,
+        style_mode: str = "token",
     ) -> None:
         super().__init__()
+        if style_mode not in STYLE_MODES:
+            raise ValueError(f"style_mode must be one of {STYLE_MODES}, got {style_mode!r}")
+        self.style_mode = style_mode
         enc_args = dict(meduet_config("B")["encoder"] if encoder is None else encoder)
         if not 0.0 < style_ratio <= 1.0:
             raise ValueError(f"style_ratio must be in (0, 1], got {style_ratio}")
@@ -214,6 +223,8 @@ class MeDUET(nn.Module):
             self.style_dim, self.style_dim, style_kernel, padding=style_kernel // 2, groups=self.style_dim, bias=False
         )
         self.fusion = nn.Linear(self.content_dim + self.style_dim, dim)
+        if style_mode == "global":  # unused there; frozen so that DistributedDataParallel expects no gradient
+            self.style_smooth.requires_grad_(False)
 
         # mask-token decoder
         self.decoder_embed = nn.Linear(dim, decoder_embed_dim)
@@ -289,8 +300,12 @@ class MeDUET(nn.Module):
             z: (B, N, D) encoder output.
 
         Returns:
-            content (B, N, Dc), style (B, N, Ds) (smoothed).
+            content (B, N, Dc), style (B, N, Ds) (smoothed; with ``style_mode="global"`` the
+            per-volume mean given to every token).
         """
+        if self.style_mode == "global":
+            style = self.style_head(z)
+            return self.content_head(z), style.mean(dim=1, keepdim=True).expand_as(style)
         return self.content_head(z), self.smooth_style(self.style_head(z))
 
     def factorize_mixture(
@@ -309,6 +324,11 @@ class MeDUET(nn.Module):
         """
         content = self.content_head(z)
         style = self.style_head(z)
+        if self.style_mode == "global":  # each source's mean style over its own tokens
+            s1, s2 = gather_tokens(style, ids1), gather_tokens(style, ids2)
+            s1 = s1.mean(dim=1, keepdim=True).expand_as(s1)
+            s2 = s2.mean(dim=1, keepdim=True).expand_as(s2)
+            return gather_tokens(content, ids1), s1, gather_tokens(content, ids2), s2
         m = mask.unsqueeze(-1).to(style.dtype)
         smoothed = self.smooth_style(torch.cat([style * (1.0 - m), style * m], dim=0))
         s_one, s_two = smoothed.chunk(2, dim=0)
@@ -436,7 +456,9 @@ class MeDUET(nn.Module):
         """Plain factors of decoded latents: (b, N, p^3 C) predictions -> content (b, N, Dc), style (b, N, Ds)."""
         return self.encode_factors(self.unpatchify(pred, grid))
 
-    def forward_pretrain(self, x: torch.Tensor, mask: torch.Tensor, swap_styles: bool = True) -> dict[str, torch.Tensor]:
+    def forward_pretrain(
+        self, x: torch.Tensor, mask: torch.Tensor, swap_styles: bool = True, with_clean: bool = False
+    ) -> dict[str, torch.Tensor]:
         """The student's pass of one pretraining step up to the decoded latents.
 
         Re-encoding the reconstructions (MFTD) and the swaps (SiQC) is left to the caller
@@ -447,6 +469,8 @@ class MeDUET(nn.Module):
             x: (B, C, X, Y, Z) latent crops; sample i is paired with B-1-i.
             mask: (B, N) mixing mask (:meth:`random_mix_mask`).
             swap_styles: also decode the style swaps (SiQC).
+            with_clean: also the clean (unmixed) factors "content", "style" (B, N, .), from the same
+                2B encoder pass as the mixture (the clean-pass domain losses need them).
 
         Returns:
             dict with "ids1", "ids2" (B, n); "content1", "style1", "content2", "style2" (B, n, .)
@@ -456,7 +480,7 @@ class MeDUET(nn.Module):
             decoded as one batch.
         """
         grid = self.encoder.grid_of(x.shape[2:])
-        out = self.encode_mixture(x, mask)
+        out = self.encode_mixture(x, mask, with_clean=with_clean)
         c_logits, s_logits = self.domain_logits(
             torch.cat([out["content1"], out["content2"]], dim=0), torch.cat([out["style1"], out["style2"]], dim=0)
         )
@@ -491,14 +515,14 @@ class MeDUET(nn.Module):
         return out
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, swap_styles: bool = True
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, swap_styles: bool = True, with_clean: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
         """Without ``mask``: :meth:`encode_factors` (content, style tokens). With ``mask``:
         :meth:`forward_pretrain` (the training pass goes through ``forward`` so that a
         DistributedDataParallel wrapper sees it)."""
         if mask is None:
             return self.encode_factors(x)
-        return self.forward_pretrain(x, mask, swap_styles)
+        return self.forward_pretrain(x, mask, swap_styles, with_clean)
 
 
 def load_meduet(ssl_ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[MeDUET, dict[str, Any]]:

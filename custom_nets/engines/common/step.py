@@ -111,6 +111,7 @@ def clip_and_step(
     scaler: Any | None = None,
     grad_clip: float | None = None,
     measure_norm: bool = False,
+    extra_optimizers: Sequence[torch.optim.Optimizer] = (),
 ) -> float:
     """Unscale the gradients, clip their global norm, step the optimizer and update the scaler.
 
@@ -120,6 +121,8 @@ def clip_and_step(
         scaler: the gradient scaler of the backward pass (None or disabled: no scaling).
         grad_clip: max global gradient norm (None or <= 0: no clipping).
         measure_norm: compute the norm also when not clipping.
+        extra_optimizers: optimizers of parameters outside ``parameters`` (e.g. a domain adversary with
+            its own learning rate), stepped unclipped before the scaler updates.
 
     Returns:
         The gradient norm before clipping (nan when neither clipped nor measured).
@@ -133,11 +136,13 @@ def clip_and_step(
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     elif measure_norm and params:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+    for opt in (optimizer, *extra_optimizers):
+        if scaling:
+            scaler.step(opt)
+        else:
+            opt.step()
     if scaling:
-        scaler.step(optimizer)
         scaler.update()
-    else:
-        optimizer.step()
     return grad_norm
 
 

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["fit_logistic_regression", "group_kfold", "probe_accuracy", "mse"]
+__all__ = [
+    "fit_logistic_regression",
+    "group_kfold",
+    "probe_accuracy",
+    "probe_scores",
+    "between_group_variance_share",
+    "token_map_retrieval",
+    "mse",
+]
 
 
 def fit_logistic_regression(
@@ -101,6 +109,108 @@ def probe_accuracy(
         total += len(test)
     counts = np.bincount(y.numpy(), minlength=n_classes)
     return {"accuracy": correct / total, "chance": float(counts.max() / counts.sum()), "folds": len(folds)}
+
+
+def probe_scores(
+    features: torch.Tensor, labels: Sequence[int], folds: Sequence[tuple[np.ndarray, np.ndarray]], n_classes: int,
+    l2: float = 1e-2,
+) -> dict[str, float]:
+    """Accuracy and cross-validated cross-entropy of a linear probe over given folds.
+
+    The cross-entropy (nats, mean over every held-out item) says how much of the label the
+    features give away even where the argmax is right by luck or wrong by a little: chance is
+    ln(n_classes) for balanced classes, 0 for a perfect and confident probe.
+
+    Args:
+        features: (N, D) one vector per item.
+        labels: (N,) class index per item.
+        folds: ``[(train_indices, test_indices), ...]`` (e.g. :func:`group_kfold`).
+        n_classes: number of classes.
+        l2: probe penalty.
+
+    Returns:
+        ``{"accuracy", "cross_entropy", "chance" (majority rate), "chance_cross_entropy" (ln K), "folds"}``.
+    """
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    correct, total, ce = 0, 0, 0.0
+    for train, test in folds:
+        w, b, mean, std = fit_logistic_regression(features[train], y[train], n_classes, l2)
+        logits = ((features[test].double() - mean) / std) @ w + b
+        correct += int((logits.argmax(1) == y[test]).sum())
+        ce += float(torch.nn.functional.cross_entropy(logits, y[test], reduction="sum"))
+        total += len(test)
+    counts = np.bincount(y.numpy(), minlength=n_classes)
+    return {"accuracy": correct / total, "cross_entropy": ce / total, "chance": float(counts.max() / counts.sum()),
+            "chance_cross_entropy": float(np.log(n_classes)), "folds": len(folds)}
+
+
+def between_group_variance_share(features: torch.Tensor, groups: Sequence[object]) -> float:
+    """Share of the variance that lies between groups (eta squared), averaged over standardised features.
+
+    For each feature, var(group means weighted by group size) / total variance; 1 when every
+    feature is constant within groups, ~0 when group means coincide. Features are weighed equally.
+
+    Args:
+        features: (N, D).
+        groups: (N,) group (e.g. domain) of each row.
+
+    Returns:
+        mean over features with non-zero variance of the between-group share.
+    """
+    x = features.double()
+    g = np.asarray([str(v) for v in groups])
+    total = x.var(0, unbiased=False)
+    between = torch.zeros_like(total)
+    mean = x.mean(0)
+    for name in sorted(set(g.tolist())):
+        idx = torch.as_tensor(np.flatnonzero(g == name))
+        between += len(idx) / len(g) * (x[idx].mean(0) - mean).pow(2)
+    keep = total > 1e-12
+    return float((between[keep] / total[keep]).mean()) if bool(keep.any()) else 0.0
+
+
+def token_map_retrieval(
+    maps: torch.Tensor, anatomy: Sequence[object], style: Sequence[object], candidates: int = 8
+) -> dict[str, float]:
+    """Top-1 retrieval of an anatomy across styles from token maps.
+
+    Each map is standardised per channel over its tokens (removing volume-wide offsets and scales,
+    the simplest style) and flattened; for a query (anatomy a, style s) and each other style t,
+    the candidates are the maps in style t of a's group of ``candidates`` anatomies (anatomies in
+    sorted order cut into consecutive groups); a hit when a's own map has the highest cosine.
+
+    Args:
+        maps: (N, C, gx, gy, gz) token maps.
+        anatomy: (N,) anatomy id per map.
+        style: (N,) style per map.
+        candidates: anatomies per candidate set (chance 1 / candidates).
+
+    Returns:
+        ``{"accuracy", "chance", "queries"}``.
+    """
+    x = maps.double().flatten(2)
+    x = (x - x.mean(2, keepdim=True)) / x.std(2, keepdim=True, unbiased=False).clamp_min(1e-8)
+    x = torch.nn.functional.normalize(x.flatten(1), dim=1)
+    anat = [str(a) for a in anatomy]
+    sty = [str(s) for s in style]
+    names = sorted(set(anat))
+    if len(names) < candidates:
+        raise ValueError(f"{len(names)} anatomies cannot fill candidate sets of {candidates}")
+    group_of = {n: i // candidates for i, n in enumerate(names[: len(names) // candidates * candidates])}
+    index = {(a, s): i for i, (a, s) in enumerate(zip(anat, sty))}
+    hits = queries = 0
+    for i, (a, s) in enumerate(zip(anat, sty)):
+        if a not in group_of:
+            continue
+        group = [n for n in names if group_of.get(n) == group_of[a]]
+        for t in sorted(set(sty) - {s}):
+            cand = [index[(n, t)] for n in group if (n, t) in index]
+            if (a, t) not in index or len(cand) < 2:
+                continue
+            sims = x[cand] @ x[i]
+            hits += int(cand[int(sims.argmax())] == index[(a, t)])
+            queries += 1
+    return {"accuracy": hits / max(1, queries), "chance": 1.0 / candidates, "queries": queries}
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -38,11 +38,15 @@ from custom_nets.engines.common.ema import cosine_momentum, ema_update, make_tea
 from custom_nets.engines.common.schedule import warmup_cosine_scheduler
 from custom_nets.engines.common.step import clip_and_step, precision_autocast, resolve_precision, scaled_backward
 from custom_nets.engines.ssl.reencode import streamed_reencode_loss
+from custom_nets.losses.clean_domain import CleanDomainAdversary, dann_lambda
+from custom_nets.losses.decorrelation import cross_correlation_loss
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.losses.domain import domain_loss
+from custom_nets.losses.domain_variance import between_domain_share_loss
 from custom_nets.losses.mftd import mftd_row_targets, mftd_terms
 from custom_nets.losses.siqc import pool_groups, pool_tokens, quadruplet_ids, supcon_row_losses
 from custom_nets.utils.parallel import unwrap
+from custom_nets.losses.swap_cycle import swap_cycle_targets, swap_cycle_terms
 
 __all__ = [
     "MeDUETStepConfig",
@@ -136,6 +140,16 @@ class MeDUETStepConfig:
         reencode_chunk: items per chunk of the student's streamed re-encoding (0: all at once);
             same results, memory of one chunk's activations.
         seed: seed of the mixing-mask generator (add the rank under DDP for different masks per rank).
+        clean_domain_weight: weight of the domain adversary on the student's clean content, per
+            token and pooled (:mod:`custom_nets.losses.clean_domain`); 0 (the paper) disables it.
+        clean_domain_lr: learning rate of the adversary's own AdamW (no weight decay).
+        clean_domain_gamma: steepness of its DANN reversal ramp over ``total_steps``.
+        domain_share_weight: weight of the between-domain variance share of the student's pooled clean
+            content in the batch (:mod:`custom_nets.losses.domain_variance`); 0: off (paper).
+        decorrelation_weight: weight of the batch cross-correlation loss between the pooled content
+            and style of the mixture's sources (:mod:`custom_nets.losses.decorrelation`); 0: off (paper).
+        swap_cycle_weight: weight of swap cycle consistency on the re-encoded style swaps
+            (:mod:`custom_nets.losses.swap_cycle`; needs ``siqc``); 0: off (paper).
     """
 
     total_steps: int = 200_000
@@ -160,6 +174,12 @@ class MeDUETStepConfig:
     checkpointing: tuple[str, ...] = field(default_factory=lambda: ("decoder",))
     reencode_chunk: int = 2
     seed: int = 0
+    clean_domain_weight: float = 0.0
+    clean_domain_lr: float = 1e-3
+    clean_domain_gamma: float = 10.0
+    decorrelation_weight: float = 0.0
+    swap_cycle_weight: float = 0.0
+    domain_share_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -170,6 +190,11 @@ class MeDUETStepConfig:
             raise ValueError(f"mftd_start_step must be >= 0, got {self.mftd_start_step}")
         if self.reencode_chunk < 0:
             raise ValueError(f"reencode_chunk must be >= 0, got {self.reencode_chunk}")
+        for name in ("clean_domain_weight", "decorrelation_weight", "swap_cycle_weight", "domain_share_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.swap_cycle_weight > 0 and not self.siqc:
+            raise ValueError("swap_cycle_weight > 0 needs siqc (the swaps it re-encodes are SiQC's)")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         self.checkpointing = tuple(self.checkpointing)
 
@@ -213,6 +238,15 @@ class MeDUETTrainStep:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.mask_generator = torch.Generator().manual_seed(int(cfg.seed))
         self.step = 0
+        # training-only domain adversary on the clean content (own optimizer; not exported)
+        self.adversary: CleanDomainAdversary | None = None
+        self.adversary_optimizer: torch.optim.Optimizer | None = None
+        if cfg.clean_domain_weight > 0:
+            n_domains = self.model.content_domain_head[-1].out_features
+            self.adversary = CleanDomainAdversary(self.model.content_dim, n_domains).to(self.device)
+            self.adversary_optimizer = torch.optim.AdamW(
+                self.adversary.parameters(), lr=cfg.clean_domain_lr, betas=tuple(cfg.betas), weight_decay=0.0
+            )
 
     # ---------------------------------------------------------------- pieces
     def autocast(self):
@@ -259,17 +293,41 @@ class MeDUETTrainStep:
             mask = self.draw_mask(b, math.prod(grid))
         mask = mask.to(self.device).float()
         mftd, siqc = self.mftd_active, cfg.siqc
+        cycle = cfg.swap_cycle_weight > 0
         zero = x.new_zeros(())
         with self.autocast():
             # teacher first: its activations are freed before the student's pass
             with record_function("meduet.teacher"):
-                t_out = self.teacher.forward_teacher(x, 1.0 - mask, clean=mftd, swap=siqc) if (mftd or siqc) else {}
+                t_out = (self.teacher.forward_teacher(x, 1.0 - mask, clean=mftd or cycle, swap=siqc)
+                         if (mftd or siqc or cycle) else {})
             with record_function("meduet.student"):
-                s_out = self.student(x, mask, swap_styles=siqc)
+                # the clean-pass losses take the clean content from the mixture's own 2B encoder pass
+                # (one forward through the wrapper, as DistributedDataParallel requires)
+                clean = self.adversary is not None or cfg.domain_share_weight > 0
+                s_out = self.student(x, mask, swap_styles=siqc, with_clean=clean)
+                clean_content = s_out.get("content")
         # losses in float32 (outside autocast)
         l_rec = demix_reconstruction_loss(s_out["pred"], self.model.patchify(x), mask)
         l_dom, l_dom_c, l_dom_s = domain_loss(s_out["domain_content"], s_out["domain_style"], d)
         total = cfg.weight_rec * l_rec + cfg.weight_domain * l_dom
+        extra: dict[str, torch.Tensor] = {}
+        if self.adversary is not None:
+            reversal = dann_lambda(self.step / max(1, cfg.total_steps), cfg.clean_domain_gamma)
+            ce_tok, ce_pool = self.adversary(clean_content, d, reversal)
+            total = total + cfg.clean_domain_weight * (ce_tok + ce_pool)
+            extra.update(clean_domain_token=ce_tok, clean_domain_pooled=ce_pool,
+                         clean_domain_reversal=torch.tensor(reversal, device=self.device))
+        if cfg.domain_share_weight > 0:
+            l_share = between_domain_share_loss(clean_content, d)
+            total = total + cfg.domain_share_weight * l_share
+            extra["domain_share"] = l_share
+        if cfg.decorrelation_weight > 0:
+            l_decor = cross_correlation_loss(torch.cat([s_out["content1"], s_out["content2"]]),
+                                             torch.cat([s_out["style1"], s_out["style2"]]))
+            total = total + cfg.decorrelation_weight * l_decor
+            extra["decorrelation"] = l_decor
+        if cycle:
+            cycle_c, cycle_s = swap_cycle_targets(t_out["content"], t_out["style"])
 
         # rows re-encoded by the student: [stream A; stream B] (MFTD), then [x12; x21] (SiQC)
         rows = ([s_out["pred"]] if mftd else []) + ([s_out["swap_pred"]] if siqc else [])
@@ -291,7 +349,7 @@ class MeDUETTrainStep:
 
         def chunk_loss(content: torch.Tensor, style: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
             """Weighted MFTD + SiQC contribution of re-encoded rows [start, stop) and its 4 raw sums."""
-            parts = [zero, zero, zero, zero]  # MFTD content, MFTD style, SiQC content, SiQC style
+            parts = [zero] * 6  # MFTD content, MFTD style, SiQC content, SiQC style, cycle content, cycle style
             if mftd and start < 2 * b:
                 hi = min(stop, 2 * b)
                 parts[0], parts[1] = mftd_terms(
@@ -303,11 +361,15 @@ class MeDUETTrainStep:
                 sl = slice(lo - start, stop - start)
                 parts[2] = supcon_row_losses(pool_tokens(content[sl]), keys_c, ids_c, q_rows, cfg.siqc_temperature).sum()
                 parts[3] = supcon_row_losses(pool_tokens(style[sl]), keys_s, ids_s, q_rows, cfg.siqc_temperature).sum()
+                if cycle:
+                    r = slice(lo - siqc_offset, stop - siqc_offset)
+                    parts[4], parts[5] = swap_cycle_terms(content[sl], style[sl], cycle_c[r], cycle_s[r], 2 * b)
             loss = cfg.weight_mftd * (cfg.mftd_content_weight * parts[0] + parts[1])
             loss = loss + cfg.weight_siqc * (parts[2] + parts[3]) / (4 * b)
+            loss = loss + cfg.swap_cycle_weight * (parts[4] + parts[5])
             return loss, torch.stack(parts)
 
-        streamed = torch.zeros(4, device=self.device)
+        streamed = torch.zeros(6, device=self.device)
         if rows:
             grad_scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
             with record_function("meduet.reencode"):  # forward and backward of the re-encoding chunks
@@ -324,6 +386,9 @@ class MeDUETTrainStep:
             "mftd": l_mftd, "mftd_content": l_mftd_c, "mftd_style": l_mftd_s,
             "siqc": l_siqc_c + l_siqc_s, "siqc_content": l_siqc_c, "siqc_style": l_siqc_s,
         }
+        if cycle:
+            extra.update(swap_cycle_content=streamed[4], swap_cycle_style=streamed[5])
+        parts.update(extra)  # only the additions that are on, so the paper's outputs are unchanged
         return total, {k: v.detach().float() for k, v in parts.items()}
 
     # ---------------------------------------------------------------- the step
@@ -355,7 +420,11 @@ class MeDUETTrainStep:
             scaled_backward(total, self.scaler)
         del total
         with record_function("meduet.optimizer"):
-            grad_norm = clip_and_step(self.optimizer, self.model.parameters(), self.scaler, cfg.grad_clip, measure_norm=True)
+            extra = [self.adversary_optimizer] if self.adversary_optimizer is not None else []
+            grad_norm = clip_and_step(self.optimizer, self.model.parameters(), self.scaler, cfg.grad_clip,
+                                      measure_norm=True, extra_optimizers=extra)
+            for opt in extra:
+                opt.zero_grad(set_to_none=True)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
         momentum = cosine_momentum(self.step, cfg.total_steps, cfg.momentum_base, cfg.momentum_final)
@@ -386,6 +455,8 @@ class MeDUETTrainStep:
             "step": self.step,
             "rng": rng,
             "config": asdict(self.config),
+            **({"adversary": self.adversary.state_dict(), "adversary_optimizer": self.adversary_optimizer.state_dict()}
+               if self.adversary is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -396,6 +467,9 @@ class MeDUETTrainStep:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        if self.adversary is not None and "adversary" in state:
+            self.adversary.load_state_dict(state["adversary"])
+            self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
         rng = state.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"].cpu())

@@ -1,0 +1,264 @@
+"""The additions to MeDUET's objective (config switches whose off setting is the paper) and the probes
+of the disentanglement benchmark."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from custom_nets.engines.ssl.disentangle import between_group_variance_share, group_kfold, probe_scores, token_map_retrieval
+from custom_nets.engines.ssl.step import MeDUETStepConfig, MeDUETTrainStep
+from custom_nets.losses.clean_domain import CleanDomainAdversary, dann_lambda
+from custom_nets.losses.decorrelation import cross_correlation_loss
+from custom_nets.losses.domain_variance import between_domain_share_loss
+from custom_nets.losses.swap_cycle import swap_cycle_targets, swap_cycle_terms
+from custom_nets.nets.meduet import MeDUET, meduet_config, random_mix_mask
+
+ROOT = Path(__file__).resolve().parents[2]
+CROP = 16
+PAPER_KEYS = {"loss", "rec", "domain", "domain_content", "domain_style", "mftd", "mftd_content", "mftd_style", "siqc",
+              "siqc_content", "siqc_style", "lr", "momentum", "grad_norm", "step"}
+
+
+def demo_net(seed: int = 0, **kw) -> MeDUET:
+    torch.manual_seed(seed)
+    return MeDUET(**{**meduet_config("demo"), "n_domains": 3, **kw})
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 4, CROP, CROP, CROP, generator=g), torch.tensor([0, 1, 2, 1])
+
+
+# ------------------------------------------------------------------------------------ clean-pass adversary
+def test_dann_lambda_ramps_from_zero_to_the_maximum() -> None:
+    assert dann_lambda(0.0) == 0.0
+    assert dann_lambda(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    values = [dann_lambda(p / 10, lambda_max=0.5) for p in range(11)]
+    assert all(a < b for a, b in zip(values, values[1:])) and values[-1] < 0.5
+    assert dann_lambda(2.0) == dann_lambda(1.0)  # clipped progress
+
+
+def test_clean_adversary_reverses_the_gradient_to_content_only() -> None:
+    torch.manual_seed(0)
+    adv = CleanDomainAdversary(content_dim=6, n_domains=3)
+    content = torch.randn(4, 5, 6, requires_grad=True)
+    d = torch.tensor([0, 1, 2, 0])
+    ce_tok, ce_pool = adv(content, d, reversal=0.0 + 1e-12)
+    assert ce_tok.shape == ce_pool.shape == ()
+    # reference gradient: same heads, no reversal
+    plain = torch.autograd.grad(adv(content, d, reversal=-1.0)[0] + adv(content, d, reversal=-1.0)[1], content)[0]
+    rev = torch.autograd.grad(sum(adv(content, d, reversal=0.3)), content)[0]
+    torch.testing.assert_close(rev, -0.3 * plain)
+    # the heads themselves descend the cross-entropy (no reversal on their parameters)
+    head_grad = torch.autograd.grad(sum(adv(content, d, reversal=0.3)), adv.pooled_head[0].weight)[0]
+    ref_grad = torch.autograd.grad(sum(adv(content.detach(), d, reversal=0.0)), adv.pooled_head[0].weight)[0]
+    torch.testing.assert_close(head_grad, ref_grad)
+
+
+def test_clean_adversary_rejects_bad_shapes() -> None:
+    adv = CleanDomainAdversary(6, 3)
+    with pytest.raises(ValueError, match="B, N, Dc"):
+        adv(torch.randn(4, 6), torch.zeros(4), 1.0)
+    with pytest.raises(ValueError, match="domain indices"):
+        adv(torch.randn(4, 5, 6), torch.zeros(3), 1.0)
+
+
+# ------------------------------------------------------------------------------------ decorrelation
+def test_decorrelation_zero_for_uncorrelated_and_high_for_shared_factors() -> None:
+    torch.manual_seed(0)
+    n = 64
+    c = torch.randn(n, 5)
+    s_shared = c[:, :3] * 2 + 1  # style a linear copy of content
+    assert cross_correlation_loss(c, s_shared) > 0.15
+    # exactly uncorrelated over the batch: orthogonalise style against content
+    s = torch.randn(n, 3)
+    cz, sz = c - c.mean(0), s - s.mean(0)
+    s_orth = sz - cz @ torch.linalg.lstsq(cz, sz).solution
+    assert cross_correlation_loss(c, s_orth) < 1e-8
+    # token inputs are pooled; gradient descent lowers the loss
+    c_tok = torch.randn(8, 4, 5, requires_grad=True)
+    s_tok = (c_tok.detach()[..., :3] + 0.1 * torch.randn(8, 4, 3)).requires_grad_()
+    before = cross_correlation_loss(c_tok, s_tok)
+    g_c, g_s = torch.autograd.grad(before, [c_tok, s_tok])
+    after = cross_correlation_loss(c_tok - 0.5 * g_c, s_tok - 0.5 * g_s)
+    assert after < before
+    with pytest.raises(ValueError, match="at least 2"):
+        cross_correlation_loss(torch.randn(1, 3), torch.randn(1, 2))
+
+
+# ------------------------------------------------------------------------------------ swap cycle
+def test_swap_cycle_targets_pair_content_source_and_style_source() -> None:
+    b, n = 4, 3
+    content = torch.arange(b, dtype=torch.float32).view(b, 1, 1).expand(b, n, 2)
+    style = 10 + torch.arange(b, dtype=torch.float32).view(b, 1, 1).expand(b, n, 1)
+    tc, ts = swap_cycle_targets(content, style)
+    assert tc.shape == (2 * b, n, 2) and ts.shape == (2 * b, 1)
+    # x12 of sample i: content of i, style of B-1-i; x21 of sample i: content of B-1-i, style of i
+    assert tc[:b, 0, 0].tolist() == [0, 1, 2, 3] and ts[:b, 0].tolist() == [13, 12, 11, 10]
+    assert tc[b:, 0, 0].tolist() == [3, 2, 1, 0] and ts[b:, 0].tolist() == [10, 11, 12, 13]
+
+
+def test_swap_cycle_terms_zero_at_target_and_additive_over_chunks() -> None:
+    torch.manual_seed(0)
+    c, s = torch.randn(6, 5, 4), torch.randn(6, 5, 2)
+    tc, ts = torch.randn(6, 5, 4), torch.randn(6, 2)
+    lc, ls = swap_cycle_terms(tc, ts[:, None].expand(6, 5, 2), tc, ts, 6)
+    assert lc.item() == 0 and ls.item() == pytest.approx(0, abs=1e-12)
+    whole = swap_cycle_terms(c, s, tc, ts, 6)
+    parts = [swap_cycle_terms(c[a:b], s[a:b], tc[a:b], ts[a:b], 6) for a, b in ((0, 2), (2, 5), (5, 6))]
+    torch.testing.assert_close(whole[0], sum(p[0] for p in parts))
+    torch.testing.assert_close(whole[1], sum(p[1] for p in parts))
+    torch.testing.assert_close(whole[0], (c - tc).pow(2).mean())
+
+
+# ------------------------------------------------------------------------------------ global style
+def test_global_style_is_one_vector_per_volume_and_per_source() -> None:
+    net = demo_net(style_mode="global").eval()
+    x, _ = batch()
+    content, style = net.encode_factors(x)
+    assert style.shape == (4, 64, net.style_dim)
+    torch.testing.assert_close(style, style[:, :1].expand_as(style))
+    mask = random_mix_mask(4, 64, 0.5, torch.Generator().manual_seed(1))
+    out = net.encode_mixture(x, mask)
+    for key in ("style1", "style2"):
+        torch.testing.assert_close(out[key], out[key][:, :1].expand_as(out[key]))
+    assert not torch.allclose(out["style1"][:, 0], out["style2"][:, 0])
+
+
+def test_token_style_is_the_default_and_unchanged() -> None:
+    x, _ = batch()
+    a = demo_net().eval()
+    b = demo_net(style_mode="token").eval()
+    torch.testing.assert_close(a.encode_factors(x), b.encode_factors(x))
+    assert a.style_mode == "token"
+    with pytest.raises(ValueError, match="style_mode"):
+        demo_net(style_mode="volume")
+
+
+# ------------------------------------------------------------------------------------ the training step
+def step_config(**kw) -> dict:
+    return dict(total_steps=10, warmup_steps=1, mftd_start_step=0, checkpointing=[], reencode_chunk=2, **kw)
+
+
+def test_off_equals_the_paper() -> None:
+    """Defaults are the paper: no adversary, the paper's outputs; train.json's switches default off."""
+    cfg = MeDUETStepConfig()
+    assert (cfg.clean_domain_weight, cfg.decorrelation_weight, cfg.swap_cycle_weight, cfg.weight_domain) == (0, 0, 0, 0.2)
+    x, d = batch()
+    step = MeDUETTrainStep(demo_net(), step_config())
+    assert step.adversary is None and "adversary" not in step.state_dict()
+    assert set(step(x, d)) == PAPER_KEYS
+    train = json.loads((ROOT / "bundles/meduet_ssl/configs/train.json").read_text())
+    assert train["style_mode"] == "token" and train["domain_weight"] == 0.2
+    assert train["clean_domain_weight"] == train["decorrelation_weight"] == train["swap_cycle_weight"] == 0.0
+    assert train["domain_share_weight"] == 0.0 and cfg.domain_share_weight == 0
+    assert train["pair_sampling"] in ("random", "cross_domain")
+
+
+@pytest.mark.parametrize(
+    "switch, parts",
+    [("decorrelation_weight", ("decorrelation",)), ("swap_cycle_weight", ("swap_cycle_content", "swap_cycle_style")),
+     ("clean_domain_weight", ("clean_domain_token", "clean_domain_pooled")), ("domain_share_weight", ("domain_share",))],
+)
+def test_each_addition_adds_exactly_its_weighted_term(switch: str, parts: tuple[str, ...]) -> None:
+    x, d = batch()
+    mask = random_mix_mask(4, 64, 0.5, torch.Generator().manual_seed(3))
+    off = MeDUETTrainStep(demo_net(), step_config())
+    total_off, _ = off.compute_losses(x, d, mask)
+    torch.manual_seed(5)  # adversary initialisation
+    on = MeDUETTrainStep(demo_net(), step_config(**{switch: 0.7}))
+    total_on, out = on.compute_losses(x, d, mask)
+    extra = sum(out[p] for p in parts)
+    torch.testing.assert_close(total_on.detach() - total_off.detach(), 0.7 * extra, rtol=1e-4, atol=1e-5)
+    assert extra.item() > 0
+
+
+def test_all_additions_train_resume_and_the_adversary_learns() -> None:
+    x, d = batch()
+    cfg = step_config(clean_domain_weight=1.0, clean_domain_lr=1e-2, decorrelation_weight=1.0, swap_cycle_weight=1.0)
+    step = MeDUETTrainStep(demo_net(style_mode="global"), cfg)
+    first = step(x, d)
+    assert first["clean_domain_reversal"] == 0.0  # DANN ramp starts at 0
+    for _ in range(3):
+        out = step(x, d)
+    assert all(math.isfinite(v) for v in out.values())
+    assert 0 < out["clean_domain_reversal"] < 1
+    assert out["clean_domain_pooled"] < first["clean_domain_pooled"]  # the adversary's own descent
+    state = step.state_dict()
+    again = MeDUETTrainStep(demo_net(seed=1, style_mode="global"), cfg)
+    again.load_state_dict(state)
+    for a, b in zip(step.adversary.parameters(), again.adversary.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_swap_cycle_needs_siqc() -> None:
+    with pytest.raises(ValueError, match="siqc"):
+        MeDUETStepConfig(swap_cycle_weight=1.0, siqc=False)
+    with pytest.raises(ValueError, match="decorrelation_weight"):
+        MeDUETStepConfig(decorrelation_weight=-1.0)
+
+
+# ------------------------------------------------------------------------------------ probes
+def test_probe_scores_separable_vs_noise() -> None:
+    torch.manual_seed(0)
+    labels = [i % 4 for i in range(80)]
+    groups = [i // 4 for i in range(80)]
+    folds = group_kfold(groups, 4)
+    onehot = torch.nn.functional.one_hot(torch.tensor(labels), 4).float() * 3 + 0.1 * torch.randn(80, 4)
+    good = probe_scores(onehot, labels, folds, 4)
+    noise = probe_scores(torch.randn(80, 4), labels, folds, 4)
+    assert good["accuracy"] == 1.0 and good["cross_entropy"] < 0.3
+    assert noise["accuracy"] < 0.5 and noise["cross_entropy"] > 1.2
+    assert good["chance_cross_entropy"] == pytest.approx(math.log(4))
+
+
+def test_between_group_variance_share_extremes() -> None:
+    groups = [0, 0, 1, 1, 2, 2]
+    assert between_group_variance_share(torch.tensor([[1.0], [1.0], [2.0], [2.0], [5.0], [5.0]]), groups) == pytest.approx(1.0)
+    assert between_group_variance_share(torch.tensor([[1.0], [2.0], [1.0], [2.0], [1.0], [2.0]]), groups) == pytest.approx(0.0)
+
+
+def test_token_map_retrieval_finds_the_anatomy_across_styles() -> None:
+    torch.manual_seed(0)
+    anatomies = {a: torch.randn(3, 4, 4, 4) for a in range(16)}
+    maps, anat, sty = [], [], []
+    for a, m in anatomies.items():
+        for s in range(3):
+            maps.append(m * (1 + s) + 5 * s + 0.1 * torch.randn_like(m))  # style: scale and offset per channel
+            anat.append(a)
+            sty.append(s)
+    res = token_map_retrieval(torch.stack(maps), anat, sty, candidates=8)
+    assert res["accuracy"] == 1.0 and res["queries"] == 16 * 3 * 2 and res["chance"] == 0.125
+    shuffled = token_map_retrieval(torch.randn(48, 3, 4, 4, 4), anat, sty, candidates=8)
+    assert shuffled["accuracy"] < 0.5
+
+
+def test_global_style_leaves_no_trainable_parameter_without_gradient() -> None:
+    """DistributedDataParallel fails on trainable parameters that get no gradient."""
+    x, d = batch()
+    step = MeDUETTrainStep(demo_net(style_mode="global"), step_config())
+    total, _ = step.compute_losses(x, d)
+    total.backward()
+    missing = [n for n, p in step.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_between_domain_share_loss_extremes_and_descent() -> None:
+    d = torch.tensor([0, 0, 1, 1, 2, 2])
+    by_domain = torch.tensor([[0.0], [0.0], [1.0], [1.0], [3.0], [3.0]])
+    assert between_domain_share_loss(by_domain, d).item() == pytest.approx(1.0, abs=1e-4)
+    within = torch.tensor([[0.0], [1.0], [0.0], [1.0], [0.0], [1.0]])
+    assert between_domain_share_loss(within, d).item() == pytest.approx(0.0, abs=1e-6)
+    assert between_domain_share_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long)).item() == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    z = (torch.randn(6, 2, 4) + 2 * d.view(6, 1, 1).float()).requires_grad_()  # tokens, pooled inside
+    before = between_domain_share_loss(z, d)
+    (g,) = torch.autograd.grad(before, z)
+    assert between_domain_share_loss(z - 0.5 * g, d) < before
+    with pytest.raises(ValueError, match="disagree"):
+        between_domain_share_loss(torch.randn(5, 3), d)
