@@ -32,6 +32,7 @@ from custom_nets.utils.checkpoint import (
     save_stage_checkpoint,
 )
 from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.hardware import cpu_has_native_bf16
 
 STAGE = "meduet_vae"
 DOWNSAMPLE = 4  # two stride-2 downsamplings per axis
@@ -658,8 +659,6 @@ def resolve_encode_precision(precision: str, device: str | torch.device) -> str:
         The precision to run at. "bf16" on a CPU without native bf16 is kept, with a warning: it is
         emulated there and several times slower than fp32.
     """
-    from custom_nets.engines.ssl.step import cpu_has_native_bf16  # the one CPU probe of the project
-
     if precision not in ENCODE_PRECISIONS:
         raise ValueError(f"precision must be one of {ENCODE_PRECISIONS}, got {precision!r}")
     device = torch.device(device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from custom_nets.engines.seg.inference import LatentSlidingWindowInferer
-from custom_nets.engines.ssl.step import cpu_has_native_bf16
+from custom_nets.utils.hardware import cpu_has_native_bf16
 from custom_nets.nets.latent_segmenter import LatentSegmenter, segmenter_config
 from custom_nets.nets.vae import BF16_LATENT_TOLERANCE, _has_norm, encode_volume, maisi_vae, split_stages
 

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from ignite.handlers import ProgressBar
 
+from custom_nets.utils.hardware import cpu_has_native_bf16
+
 __all__ = [
     "cpu_has_native_bf16", "resolve_precision", "precision_autocast", "engine_amp", "scaled_backward",
     "clip_and_step", "optimizer_step", "as_decollated", "first_item", "scalars", "LossProgressBar",
@@ -38,14 +40,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # --------------------------------------------------------------------------------------------
 # Precision
 # --------------------------------------------------------------------------------------------
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (AVX-512 BF16 / AMX) that oneDNN uses."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
