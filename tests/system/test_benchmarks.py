@@ -79,13 +79,15 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path: Path, capsys: pytest.CaptureFi
     for ln in gen:
         assert ln["samples_per_s"] == pytest.approx(ln["batch"] / (ln["s_per_step"] * ln["num_steps"]), rel=1e-2)
     seg = [ln for ln in lines if ln["bench"] == "seg_whole_ct"]
-    assert [(ln["mode"], ln["precision"]) for ln in seg] == [
-        ("latent", "fp32"), ("latent", "bf16"), ("swinunetr", "fp32"), ("swinunetr", "bf16")]
+    assert [(ln["mode"], ln["vae"], ln["precision"]) for ln in seg] == [
+        (mode, vae, precision) for mode, vae in (("latent", "blended"), ("latent", "exact-norm"), ("swinunetr", None))
+        for precision in ("fp32", "bf16")]
     for ln in seg:
         assert ln["seconds"] >= ln["inference_s"] > 0 and ln["windows"] >= 2
         assert ln["original_shape"] == [64, 64, 40]  # the mask came back on the CT's own grid
-    assert seg[0]["vae_encode_s"] > 0 and seg[2]["vae_encode_s"] is None
-    assert len(lines) == 8 and all(ln["device"] == "cpu" for ln in lines)
+    assert seg[0]["vae_encode_s"] > 0 and seg[4]["vae_encode_s"] is None
+    assert [ln["vae_granularity"] for ln in seg[:4]] == [None, None, "norm", "norm"]
+    assert len(lines) == 10 and all(ln["device"] == "cpu" for ln in lines)
 
 
 def test_gpu_benchmark_halves_the_batch_on_out_of_memory() -> None:
