@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
+from custom_nets.nets.vae import encode_volume, maisi_vae, vae_config
 from custom_nets.nets.vit import LatentViTEncoder, vit_encoder_config
 from custom_nets.utils.io import jsonable
 
@@ -95,8 +96,6 @@ class LatentViTBackbone(nn.Module):
         latent_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        from custom_nets.nets.vae import maisi_vae
-
         self.vae = maisi_vae(**dict(vae))
         self.vae_factor = _vae_downsampling(self.vae)
         self.latent_channels = int(self.vae.latent_channels)
@@ -154,8 +153,6 @@ class LatentViTBackbone(nn.Module):
         Returns:
             (B, C, X/f, Y/f, Z/f) latent.
         """
-        from custom_nets.nets.vae import encode_volume
-
         with torch.no_grad() if self.freeze_vae else torch.enable_grad():
             z = encode_volume(self.vae, image, roi=None if roi_size is None else int(roi_size), overlap=overlap,
                               exact=exact)
@@ -368,8 +365,6 @@ def segmenter_config(size: str = "paper", num_classes: int = 14) -> dict[str, An
             module's demo VAE, a 4-block width-96 ViT, 64^3 crops, fs 8).
         num_classes: output channels.
     """
-    from custom_nets.nets.vae import vae_config
-
     if size == "paper":
         return dict(vae=vae_config("paper"), encoder=vit_encoder_config("B"), num_classes=num_classes,
                     roi_size=[96, 96, 96], feature_size=16, refine_channels=0)
