@@ -38,7 +38,6 @@ import contextlib
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable

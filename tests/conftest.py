@@ -30,6 +30,15 @@ def shared_dir() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny world of every stage (checkpoints, phantoms, a latent cache, a factor bank), built once
+    per test run (tests/support/world.py). Tests read it and write elsewhere."""
+    from tests.support.world import session_world
+
+    return session_world(tmp_path_factory)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 

@@ -44,6 +44,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from torch import nn
 
 from custom_nets.nets.latent_grid import Grid, encoder_latent_grid, resample_grid
+from custom_nets.nets.vae import encode_volume, maisi_vae, vae_config
 from custom_nets.nets.vit import LatentViTEncoder, vit_encoder_config
 from custom_nets.utils.io import jsonable
 from custom_nets.utils.flags import as_bool
@@ -108,8 +109,6 @@ class LatentViTBackbone(nn.Module):
         latent_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        from custom_nets.nets.vae import maisi_vae
-
         self.vae = maisi_vae(**dict(vae))
         self.vae_factor = _vae_downsampling(self.vae)
         self.latent_channels = int(self.vae.latent_channels)
@@ -175,8 +174,6 @@ class LatentViTBackbone(nn.Module):
         Returns:
             (B, C, X/f, Y/f, Z/f) latent.
         """
-        from custom_nets.nets.vae import encode_volume
-
         with torch.no_grad() if self.freeze_vae else torch.enable_grad():
             z = encode_volume(self.vae, image, roi=None if roi_size is None else int(roi_size), overlap=overlap,
                               exact=exact, precision=precision, channels_last=channels_last,
@@ -428,8 +425,6 @@ def segmenter_config(size: str = "paper", num_classes: int = 14) -> dict[str, An
             module's demo VAE, a 4-block width-96 ViT, 64^3 crops, fs 8).
         num_classes: output channels.
     """
-    from custom_nets.nets.vae import vae_config
-
     if size == "paper":
         return dict(vae=vae_config("paper"), encoder=vit_encoder_config("B"), num_classes=num_classes,
                     roi_size=[96, 96, 96], feature_size=16, refine_channels=0, decoder="progressive")

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from custom_nets.losses.domain import grad_reverse
-from custom_nets.utils.checkpoint import load_stage_network
 from custom_nets.nets.vit import (
     Block,
     LatentViTEncoder,
@@ -42,6 +41,7 @@ from custom_nets.nets.vit import (
     unpatchify,
     vit_encoder_config,
 )
+from custom_nets.utils.checkpoint import load_stage_network
 
 __all__ = ["MeDUET", "load_meduet", "meduet_config", "random_mix_mask", "split_ids", "gather_tokens", "mix_tokens"]
 

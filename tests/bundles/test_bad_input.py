@@ -17,16 +17,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
+from custom_nets.utils.checkpoint import read_stage_meta
 from tests.support.bundle_runner import ROOT, run_bundle
-from tests.support.tiny_upstream import build_upstream, config_files, train_overrides
+from tests.support.world import config_files, train_overrides, write_meduet
 
 SEG = ROOT / "bundles" / "meduet_seg" / "configs"
 SSL = ROOT / "bundles" / "meduet_ssl" / "configs"
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_upstream(tmp_path_factory.mktemp("bad_input_upstream"))
+def upstream(world: dict[str, Path]) -> dict[str, Path]:
+    return world
 
 
 @pytest.fixture
@@ -80,16 +82,9 @@ def test_bundle_run_exits_non_zero_naming_the_label_and_writes_nothing(
 
 
 def _ssl_ckpt_of_another_vae(upstream: dict[str, Path], path: Path) -> str:
-    """The tiny MeDUET, its model.json saying it was trained on latents of another VAE."""
-    import torch
-
-    from custom_nets.utils.checkpoint import read_stage_meta, save_stage_checkpoint
-
-    meta = read_stage_meta(upstream["ssl_ckpt"], "meduet_ssl")
+    """A tiny MeDUET whose model.json says it was trained on latents of another VAE than the world's."""
     other = "ab" * 32
-    extra = {k: v for k, v in meta.items() if k not in ("stage", "sha256", "vae_sha256")}
-    save_stage_checkpoint(torch.load(upstream["ssl_ckpt"], weights_only=True), path, "meduet_ssl", vae_sha256=other,
-                          **extra)
+    write_meduet(path, domains=read_stage_meta(upstream["ssl_ckpt"], "meduet_ssl")["domains"], vae_sha256=other)
     return other
 
 

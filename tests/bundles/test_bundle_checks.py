@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.bundle_fakes import fake_world
+from tests.support.world import session_world
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = sorted(p.name for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
@@ -54,7 +54,7 @@ def _overrides(name: str, world: dict[str, Path], out: Path) -> dict[str, str]:
 def test_check_bundles_reports_no_problem(name: str, checker, tmp_path_factory, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Schema + infer/train properties (the checker instantiates what the properties name)."""
-    world = fake_world(tmp_path_factory)
+    world = session_world(tmp_path_factory)
     monkeypatch.chdir(ROOT)  # the checker's paths are relative to the repository root
     assert checker.check(Path("bundles") / name, _overrides(name, world, tmp_path)) == []
 

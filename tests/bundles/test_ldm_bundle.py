@@ -1,10 +1,9 @@
 """The meduet_ldm bundle end to end: demo-overlay training and sampling through
 ``python -m monai.bundle run``, on fake upstream outputs (VAE checkpoint, latent cache, MeDUET
-checkpoint, factor bank) built here; and the ecosystem's bundle checks."""
+checkpoint, factor bank) built here with the builders of tests/support/world.py; and the ecosystem's bundle checks."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,58 +13,27 @@ import numpy as np
 import pytest
 import torch
 
-from custom_nets.engines.ssl.factor_bank import FactorBank
-from custom_nets.nets.meduet import MeDUET, meduet_config
-from custom_nets.nets.vae import maisi_vae, network_args
-from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
+from custom_nets.utils.checkpoint import file_sha256, read_stage_meta
 from tests.support.bundle_runner import run_bundle
+from tests.support.world import DOMAINS, write_factor_bank, write_latent_cache, write_meduet, write_vae
 
 pytestmark = pytest.mark.slow
 
 BUNDLE = Path("bundles/meduet_ldm")
 CONFIGS = BUNDLE / "configs"
-DOMAINS = ["site_a", "site_b"]
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory) -> dict[str, Path]:
     """A demo-size VAE and MeDUET checkpoint, a latent cache of 5 volumes and its factor bank."""
     root = tmp_path_factory.mktemp("ldm_upstream")
-    torch.manual_seed(0)
-    vae = maisi_vae("demo")
-    vae_ckpt = root / "vae" / "model.pt"
-    save_stage_checkpoint(vae.state_dict(), vae_ckpt, "meduet_vae", network=network_args(vae), latent_channels=4)
-    ssl_args = meduet_config("demo")
-    ssl_args["n_domains"] = len(DOMAINS)
-    ssl = MeDUET(**ssl_args)
+    vae_ckpt = write_vae(root / "vae" / "model.pt")
     ssl_ckpt = root / "ssl" / "model.pt"
-    info = save_stage_checkpoint(ssl.state_dict(), ssl_ckpt, "meduet_ssl", network=ssl_args, content_dim=ssl.content_dim,
-                                 style_dim=ssl.style_dim, domains=DOMAINS, latent_channels=4)
-
+    info, _ = write_meduet(ssl_ckpt)
     latents = root / "latents"
-    latents.mkdir()
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(5):
-        shape = (4, 20 + 4 * (i % 2), 20, 12)
-        z = (rng.standard_normal(shape) * (1 + i % 2) + 0.5 * i).astype(np.float16)
-        np.save(latents / f"vol{i}.npy", z)
-        eye = np.eye(4).tolist()
-        items.append({
-            "latent": f"vol{i}.npy", "domain": DOMAINS[i % 2], "domain_index": i % 2, "image": f"/src/vol{i}.nii.gz",
-            "modality": "CT", "spacing": [1.5, 1.5, 1.5], "original_affine": eye, "affine": eye, "latent_affine": eye,
-            "shape": list(shape),
-        })
-    datalist = latents / "datalist.json"
-    datalist.write_text(json.dumps({
-        "training": items[:4], "validation": items[4:], "domains": DOMAINS,
-        "vae": {"ckpt": str(vae_ckpt), "sha256": file_sha256(vae_ckpt), "latent_channels": 4, "network": network_args(vae)},
-    }))
-    bank_items = [{"latent": str(latents / it["latent"]), "image": it["image"], "domain": it["domain"]} for it in items]
-    g = torch.Generator().manual_seed(1)
-    FactorBank(torch.randn(5, ssl.content_dim, generator=g), torch.randn(5, ssl.style_dim, generator=g),
-               torch.tensor([i % 2 for i in range(5)]), bank_items, DOMAINS,
-               {"ssl_sha256": info["sha256"], "patch_size": 8, "overlap": 0.25}).save(root / "factors")
+    datalist = write_latent_cache(latents, vae_ckpt, [(4, 20 + 4 * (i % 2), 20, 12) for i in range(5)], n_val=1,
+                                  values=lambda i, d, z: z * (1 + i % 2) + 0.5 * i, affine=lambda i: np.eye(4))
+    write_factor_bank(root / "factors", datalist, info)
     return {"root": root, "vae_ckpt": vae_ckpt, "ssl_ckpt": ssl_ckpt, "latent_datalist": datalist,
             "factor_bank": root / "factors" / "factor_bank.pt", "latents": latents}
 

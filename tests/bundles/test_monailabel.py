@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("monailabel")
 
-from tests.support.bundle_fakes import LABELS, SEG_ROI, fake_world  # noqa: E402
+from tests.support.world import LABELS, SEG_ROI, session_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """<app>/model/{meduet_seg (from the zip, with a tiny model), meduet_vae, meduet_ssl} and a datastore."""
     from custom_nets.export_bundle import export_bundle
 
-    world = fake_world(tmp_path_factory)
+    world = session_world(tmp_path_factory)
     root = tmp_path_factory.mktemp("monailabel_app")
     zip_path = export_bundle(ROOT / "bundles" / "meduet_seg", root / "dist", models_dir=world["seg_model"].parent)
     with zipfile.ZipFile(zip_path) as zf:

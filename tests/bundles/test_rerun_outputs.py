@@ -7,7 +7,7 @@ For segmentation (SaveImaged), meduet_ldm sampling, the meduet_ssl factor bank a
 - an ``output_dir`` that is an input folder is refused before anything is written;
 - outputs are written whole (temporary name, then rename): a writer that dies leaves no file.
 
-Runs the bundles' own configs in-process on the tiny random "trained world" of tests/support/bundle_fakes.py.
+Runs the bundles' own configs in-process on the tiny random "trained world" of tests/support/world.py.
 """
 
 from __future__ import annotations
@@ -20,17 +20,11 @@ from typing import Any
 
 import pytest
 import torch
-from tests.support.bundle_fakes import fake_world
 from tests.support.bundle_runner import ROOT
 
 from custom_nets.engines.common.outputs import LEDGER_NAME
 
 BUNDLES = ROOT / "bundles"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return fake_world(tmp_path_factory)
 
 
 def run_config(bundle: str, configs: Sequence[str], **overrides: Any) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.support.bundle_runner import run_bundle
+from tests.support.world import write_meduet, write_phantoms, write_vae
 
 BUNDLE = "bundles/meduet_seg"
 CONFIGS = f"{BUNDLE}/configs"
@@ -21,22 +22,11 @@ ROI = 64  # image crops -> 16^3 latents -> 4^3 tokens (volumes are padded to 96^
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> dict[str, Path]:
     """Fake upstream checkpoints (demo-size VAE, demo-size MeDUET), three phantoms, a 2-epoch training."""
-    from meduet_demo.phantoms import write_phantom_collection
-    from custom_nets.nets.meduet import MeDUET, meduet_config
-    from custom_nets.nets.vae import maisi_vae, network_args
-    from custom_nets.utils.checkpoint import save_stage_checkpoint
-
     root = tmp_path_factory.mktemp("seg")
-    torch.manual_seed(0)
-    vae = maisi_vae("demo")
-    vae_ckpt = root / "meduet_vae" / "models" / "model.pt"
-    save_stage_checkpoint(vae.state_dict(), vae_ckpt, "meduet_vae", network=network_args(vae), latent_channels=4)
-    cfg = meduet_config("demo")
+    vae_ckpt = write_vae(root / "meduet_vae" / "models" / "model.pt")
     ssl_ckpt = root / "meduet_ssl" / "models" / "model.pt"
-    save_stage_checkpoint(MeDUET(**cfg).state_dict(), ssl_ckpt, "meduet_ssl", network=cfg, latent_channels=4,
-                          domains=["ct_sharp"])
-    data = write_phantom_collection(root / "phantoms", subjects=3, styles=["ct_sharp"], shape=(40, 40, 40),
-                                    spacing=1.5, val_fraction=0.34).parent
+    write_meduet(ssl_ckpt, domains=["ct_sharp"])
+    data = write_phantoms(root / "phantoms", subjects=3, styles=["ct_sharp"], shape=(40, 40, 40), val_fraction=0.34)
     bundle_root = root / "meduet_seg"
     proc = run_bundle(
         [f"{CONFIGS}/train.json", f"{CONFIGS}/demo.json"],

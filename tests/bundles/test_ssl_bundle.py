@@ -1,5 +1,5 @@
 """The meduet_ssl bundle end to end through ``python -m monai.bundle run`` with the demo overlay, on
-a small latent cache built here: training (TensorBoard, resumable checkpoints, resume, teacher
+a small latent cache built here (tests/support/world.py builders): training (TensorBoard, resumable checkpoints, resume, teacher
 export), factor-bank inference, content/style swap, torchrun with the multi-GPU overlay on CPU
 (gloo), bad input, and the ecosystem's bundle checks."""
 
@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from custom_nets.data.latent_cache import write_latent
 from custom_nets.engines.ssl.factor_bank import FactorBank, meduet_factor_fn, volume_factors
 from custom_nets.engines.ssl.model import build_meduet, meduet_network_args
 from custom_nets.nets.meduet import load_meduet
-from custom_nets.nets.vae import maisi_vae, network_args
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
 from custom_nets.utils.errors import CheckpointError
 from tests.support.bundle_runner import ROOT, run_bundle
+from tests.support.world import write_latent_cache, write_vae
 
 pytestmark = pytest.mark.slow
 
@@ -37,28 +36,18 @@ DOMAINS = ["site_a", "site_b", "site_c"]
 def cache(tmp_path_factory) -> dict[str, Path]:
     """A demo-size VAE checkpoint and a latent cache of 8 volumes (3 domains, 6 training, 2 validation)."""
     root = tmp_path_factory.mktemp("ssl_cache")
-    torch.manual_seed(0)
-    vae = maisi_vae("demo")
-    vae_ckpt = root / "vae" / "model.pt"
-    save_stage_checkpoint(vae.state_dict(), vae_ckpt, "meduet_vae", network=network_args(vae), latent_channels=4)
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(8):
-        d = i % 3
-        shape = (4, 16 + 4 * (i % 2), 16, 12 + 4 * (i % 3))  # some smaller than the demo crop of 16
-        write_latent(root / "latents" / f"vol{i}.npy", rng.standard_normal(shape).astype(np.float32) * (1 + d) + d)
-        affine = np.diag([1.5, 1.5, 1.5, 1.0])
-        affine[:3, 3] = [-30.0 + i, -20.0, 10.0 * i]
-        items.append({
-            "latent": f"vol{i}.npy", "domain": DOMAINS[d], "domain_index": d, "image": f"/src/vol{i}.nii.gz",
-            "modality": "CT", "spacing": [1.5] * 3, "original_affine": affine.tolist(), "affine": affine.tolist(),
-            "latent_affine": affine.tolist(), "shape": list(shape),
-        })
-    datalist = root / "latents" / "datalist.json"
-    datalist.write_text(json.dumps({
-        "training": items[:6], "validation": items[6:], "domains": DOMAINS,
-        "vae": {"ckpt": str(vae_ckpt), "sha256": file_sha256(vae_ckpt), "latent_channels": 4, "network": network_args(vae)},
-    }))
+    vae_ckpt = write_vae(root / "vae" / "model.pt")
+
+    def affine(i: int) -> np.ndarray:
+        a = np.diag([1.5, 1.5, 1.5, 1.0])
+        a[:3, 3] = [-30.0 + i, -20.0, 10.0 * i]
+        return a
+
+    # some volumes smaller than the demo crop of 16
+    shapes = [(4, 16 + 4 * (i % 2), 16, 12 + 4 * (i % 3)) for i in range(8)]
+    datalist = write_latent_cache(root / "latents", vae_ckpt, shapes, DOMAINS, n_val=2, affine=affine)
+    lists = json.loads(datalist.read_text())
+    items = lists["training"] + lists["validation"]
     return {"root": root, "vae_ckpt": vae_ckpt, "latent_datalist": datalist, "items": items}
 
 

@@ -7,7 +7,7 @@ MONAI's default settings (monai.bundle.utils.DEFAULT_MLFLOW_SETTINGS) append an 
 handler reads the loss with ``from_engine(["loss"], first=True)``, so every trainer's output must
 be the decollated ``[dict, ...]`` form (custom_nets.engines.common.step). The cheap test checks
 that every train config offers those ids; the run test trains every bundle for one tiny epoch on
-one shared set of tiny inputs (tests/support/tiny_upstream.py) and reads the run back from the store.
+one shared set of tiny inputs (the session world of tests/support/world.py) and reads the run back from the store.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import pytest
 import torch
 
 from tests.support.bundle_runner import run_bundle
-from tests.support.tiny_upstream import BUNDLES, build_upstream, config_files, train_overrides
+from tests.support.world import BUNDLES, config_files, train_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIGS = sorted((ROOT / "bundles").glob("*/configs/train.json"))
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_upstream(tmp_path_factory.mktemp("tracking_upstream"))
+def upstream(world: dict[str, Path]) -> dict[str, Path]:
+    return world
 
 
 @pytest.mark.parametrize("config", TRAIN_CONFIGS, ids=lambda p: p.parent.parent.name)

@@ -25,7 +25,7 @@ import pytest
 import torch
 from tests.support.bundle_runner import ROOT
 from tests.support.ddp_utils import rank_logs, torchrun
-from tests.support.tiny_upstream import BUNDLES, build_upstream, config_files, train_overrides
+from tests.support.world import BUNDLES, config_files, train_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,8 @@ CRASH_TIMEOUT = 120  # s; a hang would run into gloo's 30-minute collective time
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_upstream(tmp_path_factory.mktemp("ddp_upstream"))
+def upstream(world: dict[str, Path]) -> dict[str, Path]:
+    return world
 
 
 def per_rank(path: Path) -> str:

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.support.bundle_fakes import SEG_ROI, fake_world
+from tests.support.world import SEG_ROI, session_world
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def test_the_isolated_process_cannot_import_the_repository(tmp_path: Path) -> No
 def test_zip_layout(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     from custom_nets.export_bundle import main
 
-    world = fake_world(tmp_path_factory)
+    world = session_world(tmp_path_factory)
     assert main(["bundles/meduet_vae", "bundles/meduet_seg", "--out", str(tmp_path / "dist")]) == 0
     for name in ("meduet_vae", "meduet_seg"):
         with zipfile.ZipFile(tmp_path / "dist" / f"{name}.zip") as zf:
@@ -106,7 +106,7 @@ def test_extracted_seg_bundle_segments_without_the_repository(tmp_path_factory: 
                                                               tmp_path: Path) -> None:
     from custom_nets.export_bundle import export_bundle
 
-    world = fake_world(tmp_path_factory)
+    world = session_world(tmp_path_factory)
     zip_path = export_bundle(ROOT / "bundles" / "meduet_seg", tmp_path / "dist", models_dir=world["seg_model"].parent)
     bundle = extract(zip_path, tmp_path / "extracted")
     origin = isolated_python(["-c", "import custom_nets; print(custom_nets.__file__)"], cwd=bundle)
@@ -154,7 +154,7 @@ def test_extracted_vae_ssl_ldm_bundles_run_inference_without_the_repository(
 
     from custom_nets.export_bundle import export_bundle
 
-    world = fake_world(tmp_path_factory)
+    world = session_world(tmp_path_factory)
     models = {"meduet_vae": world["vae_ckpt"], "meduet_ssl": world["ssl_ckpt"], "meduet_ldm": world["ldm_model"]}
     bundles = {name: extract(export_bundle(ROOT / "bundles" / name, tmp_path / "dist", models_dir=ckpt.parent),
                              tmp_path / "extracted") for name, ckpt in models.items()}
@@ -177,7 +177,7 @@ def test_extracted_vae_ssl_ldm_bundles_run_inference_without_the_repository(
         assert Path(origins[str(bundle)]).resolve() == (bundle / "custom_nets" / "__init__.py").resolve(), name
 
     latents = json.loads((out["meduet_vae"] / "datalist.json").read_text())  # VAE: the latent cache
-    assert len(latents["validation"]) == 1
+    assert len(latents["validation"]) == len(json.loads((world["phantoms"] / "datalist.json").read_text())["validation"])
     z = np.load(out["meduet_vae"] / latents["validation"][0]["latent"])
     assert z.shape[0] == 4 and np.isfinite(z).all()
     bank = torch.load(out["meduet_ssl"] / "factor_bank.pt", weights_only=True)  # SSL: the factor bank
@@ -193,7 +193,7 @@ def test_segmenter_exports_to_onnx_matching_eager(tmp_path_factory: pytest.TempP
     pytest.importorskip("onnxruntime")
     from custom_nets.export_bundle import main
 
-    world = fake_world(tmp_path_factory)
+    world = session_world(tmp_path_factory)
     out = tmp_path / "model.onnx"
     assert main(["onnx", "--model", str(world["seg_model"]), "--out", str(out), "--atol", "1e-4"]) == 0
     import onnx

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 from tests.support.bundle_runner import ROOT, run_bundle
-from tests.support.tiny_upstream import BUNDLES, build_upstream, config_files, train_overrides
+from tests.support.world import BUNDLES, config_files, train_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,8 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_upstream(tmp_path_factory.mktemp("resume_upstream"))
+def upstream(world: dict[str, Path]) -> dict[str, Path]:
+    return world
 
 
 def start(bundle: str, overrides: Mapping[str, Any], log: Path) -> subprocess.Popen:

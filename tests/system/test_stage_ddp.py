@@ -12,7 +12,6 @@ test (test_ssl_ddp.py). All three stages run in one pair of processes (one inter
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -14,9 +14,8 @@ from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from torch.utils.data import DataLoader
 
 from custom_nets.data.latent_datasets import ConditionedLatentDataset, conditioned_dataset, random_crop
-from custom_nets.engines.common.export import lower_is_better
-from custom_nets.engines.ssl.factor_bank import FactorBank
 from custom_nets.engines.common.ema import EMAModel
+from custom_nets.engines.common.export import lower_is_better
 from custom_nets.engines.ldm.objective import (
     diffusion_loss,
     latent_scale_factor,
@@ -25,9 +24,10 @@ from custom_nets.engines.ldm.objective import (
     scheduler_from_args,
     training_target,
 )
-from custom_nets.engines.ldm.train import FlowMatchingStep, FlowMatchingValidationStep, GeneratorExporter
 from custom_nets.engines.ldm.sample import GuidedSampler, SamplingJobs, sample_latents
 from custom_nets.engines.ldm.sources import default_rows, resolve_sources
+from custom_nets.engines.ldm.train import FlowMatchingStep, FlowMatchingValidationStep, GeneratorExporter
+from custom_nets.engines.ssl.factor_bank import FactorBank
 from custom_nets.nets.latent_dit import LatentDiT
 from custom_nets.utils.checkpoint import load_stage_checkpoint, read_stage_meta
 from custom_nets.utils.errors import InputError, InputErrors

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from custom_nets.engines.common.ema import cosine_momentum, ema_update, make_teacher
+from custom_nets.engines.common.schedule import warmup_cosine_lr, warmup_cosine_scheduler
 from custom_nets.engines.common.step import resolve_precision
 from custom_nets.engines.ssl.step import MeDUETTrainStep, param_groups_no_decay
-from custom_nets.engines.common.schedule import warmup_cosine_lr, warmup_cosine_scheduler
 from custom_nets.losses.demix import demix_prediction, demix_reconstruction_loss
 from custom_nets.losses.domain import domain_loss, grad_reverse
 from custom_nets.losses.mftd import masked_token_mse, mftd_loss

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from custom_nets.engines.seg.inference import LatentSlidingWindowInferer
-from custom_nets.engines.seg.train import select_fraction, trainable_parameters
 from custom_nets.engines.seg.model import load_ssl_encoder, load_vae_weights, network_args_from_upstream
+from custom_nets.engines.seg.train import select_fraction, trainable_parameters
 from custom_nets.nets.latent_segmenter import LatentClassifier, LatentSegmenter
 from custom_nets.nets.vae import maisi_vae, network_args, vae_config
 from custom_nets.nets.vit import LatentViTEncoder

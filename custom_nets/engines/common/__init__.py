@@ -1,1 +1,1 @@
-"""Engine pieces every stage shares: the training-step outputs, resume, distributed handlers, EMA, schedules, inference outputs."""
+"""Engine pieces every stage shares: the training-step protocol, the stage exporter, resume, distributed handlers, EMA, schedules, inference outputs."""

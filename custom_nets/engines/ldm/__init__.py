@@ -1,1 +1,1 @@
-"""The latent generator stage: flow-matching objective and training, factor sources, guided sampling."""
+"""The latent generator stage: objective (flow matching / DDPM), training steps and export, factor sources, guided sampling."""

@@ -1,1 +1,1 @@
-"""The segmentation stage: training, style augmentation, whole-volume latent inference."""
+"""The segmentation stage: the network from its checkpoints, training, style augmentation, whole-volume latent inference."""

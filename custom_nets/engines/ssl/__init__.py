@@ -1,1 +1,1 @@
-"""The MeDUET pretraining stage: training step, loaders, factor bank, style swaps, disentanglement probes."""
+"""The MeDUET pretraining stage: training step, streamed re-encoding, network arguments, factor bank, style swaps, disentanglement probes."""

@@ -1,11 +1,14 @@
-"""The meduet_ssl bundle's network: its arguments, building it, loading and exporting checkpoints.
+"""The meduet_ssl bundle's network: its arguments, building it, loading its weights, what its ``model.json`` records.
 
 ``models/model.pt`` is the state_dict of :class:`~custom_nets.nets.meduet.MeDUET` (the EMA teacher
 by default) and ``models/model.json`` records what the next stages need::
 
     {"stage": "meduet_ssl", "network": {MeDUET constructor arguments, "encoder": {...}},
      "content_dim": 768, "style_dim": 192, "domains": [...], "vae_sha256": "...",
-     "latent_channels": 4, "weights": "teacher", "epoch": ..., "iteration": ..., "sha256": "..."}
+     "latent_channels": 4, "weights": "teacher", "export": "final", "epoch": ..., "iteration": ..., "sha256": "..."}
+
+Written by :class:`custom_nets.engines.ssl.train.TeacherExporter`; read back with
+:func:`custom_nets.nets.meduet.load_meduet`.
 """
 
 from __future__ import annotations

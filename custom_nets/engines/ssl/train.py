@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from custom_nets.engines.common.step import first_item
 from custom_nets.engines.common.export import StageExporter
+from custom_nets.engines.common.step import first_item
 from custom_nets.engines.ssl.model import STAGE, meduet_metadata
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.utils.errors import InputError
