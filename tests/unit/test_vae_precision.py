@@ -105,7 +105,8 @@ def test_bf16_masks_agree_with_the_float32_path() -> None:
     from meduet_demo.phantoms import PHANTOM_LABELS
 
     torch.manual_seed(0)
-    net = LatentSegmenter(**segmenter_config("demo", num_classes=len(PHANTOM_LABELS)))
+    # the paper decoder reads the latent only, as latent-space sliding windows need
+    net = LatentSegmenter(**{**segmenter_config("demo", num_classes=len(PHANTOM_LABELS)), "decoder": "paper"})
     train = [phantom_volume(seed, (64, 64, 64)) for seed in range(3)]
     with torch.no_grad():
         latents = [(net.encode_latent(x), y) for x, y in train]  # frozen VAE: encode the crops once
