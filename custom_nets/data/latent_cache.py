@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from custom_nets.utils.errors import InputError, InputErrors
+from custom_nets.utils.flags import as_bool
+from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.io import atomic_path, read_json
 
 LATENT_DTYPE = np.float16
@@ -109,6 +111,7 @@ def load_latent_datalist(
     keys: Sequence[str] = ("training",),
     vae_sha256: str | None = None,
     latent_channels: int | None = None,
+    missing_ok: bool = False,
 ) -> dict[str, Any]:
     """Read and validate a latent datalist.
 
@@ -117,6 +120,8 @@ def load_latent_datalist(
         keys: splits that must be present and non-empty (others present are loaded too).
         vae_sha256: if given, the cache must have been encoded with this VAE checkpoint.
         latent_channels: if given, every latent must have this many channels.
+        missing_ok: a missing file gives empty splits and no domains (a config resolved before the
+            cache exists; its run stops in :func:`custom_nets.utils.inputs.require_inputs`).
 
     Returns:
         The datalist with ``"latent"`` (and relative ``image``/``label``) paths made absolute.
@@ -125,6 +130,9 @@ def load_latent_datalist(
         InputError: the file or the VAE it was encoded with does not fit (names the datalist).
         InputErrors: one line per bad item.
     """
+    if as_bool(missing_ok, "missing_ok") and is_missing(path):
+        note_missing(path, "latent datalist")
+        return {**{k: [] for k in dict.fromkeys(("training", "validation", *keys))}, "domains": [], "missing": str(path)}
     path = Path(path).resolve()
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("domains"), list):
@@ -273,8 +281,8 @@ class LatentCropDataset(torch.utils.data.Dataset):
         rot90_prob: float = 0.2,
         samples_per_epoch: int | None = None,
     ) -> None:
-        if not items:
-            raise ValueError("LatentCropDataset needs at least one latent item")
+        # no items only when a config resolves before its cache exists (load_latent_datalist with
+        # missing_ok); a cache that exists has a non-empty training split
         if crop < 1:
             raise ValueError(f"crop must be positive, got {crop}")
         self.items = [dict(it) for it in items]

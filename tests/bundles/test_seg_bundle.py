@@ -70,7 +70,8 @@ def test_inference_writes_masks_on_the_input_grid(trained: dict, repo_root: Path
     first = sorted((trained["data"] / "images").glob("*.nii.gz"))[0]
     (images / first.name).write_bytes(first.read_bytes())
     run_bundle([f"{CONFIGS}/inference.json"],
-               {"bundle_root": trained["bundle_root"], "dataset_dir": images, "output_dir": out}, cwd=repo_root)
+               {"bundle_root": trained["bundle_root"], "dataset_dir": images, "output_dir": out, "save_overlays": "true"},
+               cwd=repo_root)
     for img_path in sorted(images.glob("*.nii.gz")):
         stem = img_path.name[: -len(".nii.gz")]
         img, mask = nib.load(img_path), nib.load(out / f"{stem}_seg.nii.gz")

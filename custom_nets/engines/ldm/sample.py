@@ -31,10 +31,13 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from monai.networks.schedulers.scheduler import Scheduler
 from torch.utils.data import Dataset
 
-from custom_nets.engines.ldm.train import FactorBank, is_flow, scheduler_from_args
+from custom_nets.engines.ldm.train import FactorBank, is_flow, make_scheduler, scheduler_args, scheduler_from_args
 from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
-from custom_nets.utils.checkpoint import file_sha256, read_stage_meta
+from custom_nets.nets.latent_dit import ldm_size_config
+from custom_nets.utils.checkpoint import file_sha256, meta_path, read_stage_meta
 from custom_nets.utils.errors import CheckpointError, InputError
+from custom_nets.utils.flags import as_bool
+from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.io import atomic_path
 from custom_nets.utils.visualize import central_slices
 
@@ -341,7 +344,12 @@ def resolve_sources(
         bank: the factor bank (needed for rows).
         root: folder of relative reference paths (the bundle's ``dataset_dir``).
         extractor: computes factors of reference volumes.
+
+    A bank that is a missing placeholder (``load_factor_bank(..., missing_ok=True)``) gives no
+    sources: the config resolved before its inputs exist, and its run stops in ``require_inputs``.
     """
+    if bank is not None and bank.meta.get("missing"):
+        return []
     if isinstance(specs, int):
         if bank is None:
             raise InputError("factor_bank", "a number of sources needs the factor bank")
@@ -460,10 +468,29 @@ def prepare_sampling_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def load_matching_vae(vae_ckpt: str | Path, generator_meta: Mapping[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
+def read_generator_meta(model_path: str | Path, model_size: str = "paper") -> dict[str, Any]:
+    """The meduet_ldm ``model.json`` beside ``model_path``; when it does not exist yet, the metadata of
+    an untrained ``model_size`` generator (paper latent window and factor widths, flow scheduler), so
+    that a config resolves before training (loading the weights in ``initialize`` then says what is missing)."""
+    if not is_missing(model_path) or meta_path(model_path).is_file():
+        return read_stage_meta(model_path, "meduet_ldm")
+    note_missing(model_path, "generator checkpoint")
+    network = {"in_channels": 4, "input_size": [64, 64, 32], "patch_size": 4, **ldm_size_config(model_size)}
+    return {"network": network, "latent_channels": 4, "scale_factor": 1.0,
+            "scheduler": scheduler_args(make_scheduler("flow")), "missing": str(model_path)}
+
+
+def load_matching_vae(vae_ckpt: str | Path, generator_meta: Mapping[str, Any], device: str | torch.device = "cpu",
+                      missing_ok: bool = False) -> torch.nn.Module:
     """The meduet_vae network to decode samples with, refused unless it is the VAE whose latents
-    trained the generator (model.json ``vae_sha256``), since another VAE's latent space differs."""
-    from custom_nets.nets.vae import load_vae
+    trained the generator (model.json ``vae_sha256``), since another VAE's latent space differs.
+    ``missing_ok``: a missing checkpoint gives an untrained paper-size VAE (a config resolved before
+    its inputs exist; the run stops before using it)."""
+    from custom_nets.nets.vae import load_vae, vae_for_checkpoint
+
+    if as_bool(missing_ok, "missing_ok") and is_missing(vae_ckpt):
+        note_missing(vae_ckpt, "VAE checkpoint")
+        return vae_for_checkpoint(None).eval().to(device)
 
     want = generator_meta.get("vae_sha256")
     read_stage_meta(vae_ckpt, "meduet_vae")

@@ -35,9 +35,11 @@ from monai.networks.schedulers.scheduler import Scheduler
 from torch.utils.data import Dataset
 
 from custom_nets.engines.common.ema import ema_update, make_teacher
+from custom_nets.nets.latent_dit import LatentDiT, maybe_init_from_meduet
 from custom_nets.utils.checkpoint import file_sha256, read_stage_meta, save_stage_checkpoint
 from custom_nets.utils.errors import InputError, InputErrors
 from custom_nets.utils.flags import as_bool
+from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.io import read_json
 
 logger = logging.getLogger(__name__)
@@ -247,13 +249,25 @@ class FactorBank:
         return rows
 
 
-def load_factor_bank(path: str | Path) -> FactorBank:
+def load_factor_bank(path: str | Path, missing_ok: bool = False) -> FactorBank:
     """Read a meduet_ssl factor bank (its folder or ``factor_bank.pt``) into a :class:`FactorBank`.
 
     Reading and checking is :func:`custom_nets.engines.ssl.factor_bank.load_factor_bank`'s job; this
-    adds the per-row lookup the generator needs.
+    adds the per-row lookup the generator needs. ``missing_ok``: a missing bank gives an empty one
+    with the paper's factor widths (a config resolved before the bank exists; its run stops in
+    :func:`custom_nets.utils.inputs.require_inputs`).
     """
     from custom_nets.engines.ssl import factor_bank
+
+    if as_bool(missing_ok, "missing_ok") and is_missing(path):
+        from custom_nets.nets.meduet import meduet_config
+
+        note_missing(path, "factor bank")
+        cfg = meduet_config("paper")
+        width = int(cfg["encoder"]["embed_dim"])
+        style = int(width * cfg["style_ratio"])
+        return FactorBank(torch.zeros(0, width), torch.zeros(0, style), torch.zeros(0, dtype=torch.long), [], [],
+                          {"missing": str(path)}, Path(str(path)))
 
     tensors, meta = factor_bank.load_factor_bank(path)
     path = Path(path)
@@ -305,8 +319,8 @@ class ConditionedLatentDataset(Dataset):
 
     def __init__(self, items: Sequence[Mapping[str, Any]], content: torch.Tensor, style: torch.Tensor,
                  crop: Sequence[int], seed: int | None = None) -> None:
-        if not items:
-            raise ValueError("no latent volumes in this split of the latent datalist")
+        # no items only when the config resolved before its cache exists (load_latent_datalist
+        # refuses an empty training split; split_items falls back to it)
         if len(items) != content.shape[0] or len(items) != style.shape[0]:
             raise ValueError(f"{len(items)} volumes but {content.shape[0]} content / {style.shape[0]} style rows")
         if len(crop) != 3 or min(int(c) for c in crop) < 1:
@@ -574,6 +588,23 @@ class GeneratorExporter:
             return
         info = save_stage_checkpoint(self.ema.module.state_dict(), self.path, STAGE, **self.metadata(engine))
         logger.info("exported EMA generator to %s (sha256 %s...)", self.path, info["sha256"][:12])
+
+
+def load_upstream(generator: LatentDiT, bank: FactorBank, ssl_ckpt: str | Path | None, init: bool) -> LatentDiT:
+    """The generator's start from the previous stage (the config's ``load_upstream``, run by ``initialize``).
+
+    Args:
+        generator: the untrained network (``network_def``; a DDP wrapper's module is reached the same).
+        bank: the factor bank that conditions training.
+        ssl_ckpt: the meduet_ssl checkpoint.
+        init: initialise from the MeDUET encoder (``init_from_ssl``; any switch spelling).
+
+    Returns:
+        ``generator``, initialised in place when ``init``.
+    """
+    maybe_init_from_meduet(getattr(generator, "module", generator), ssl_ckpt, init)
+    check_ssl_consistency(bank, ssl_ckpt, init)
+    return generator
 
 
 def check_ssl_consistency(bank: FactorBank, ssl_ckpt: str | Path | None, init: bool) -> None:

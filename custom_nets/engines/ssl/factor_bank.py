@@ -318,7 +318,7 @@ def bank_items(
     for split in splits:
         for it in datalist.get(split, []) or []:
             items.append({**it, "split": split})
-    if not items:
+    if not items and not datalist.get("missing"):  # a missing cache is reported by require_inputs
         raise InputError(source, f"no items in splits {list(splits)}")
     return items
 
