@@ -1,7 +1,8 @@
 """Write a self-contained zip of a bundle, as Model Zoo download and MONAI Label expect.
 
 ``python -m custom_nets.export_bundle bundles/meduet_seg --out dist/`` writes
-``dist/meduet_seg.zip`` whose single top folder ``meduet_seg/`` holds the bundle (LICENSE, configs,
+``dist/meduet_seg_v<version>.zip`` (the name ``monai.bundle download --source github`` fetches from a
+release; the version is metadata.json's) and its ``.sha256`` beside it; the zip's single top folder ``meduet_seg/`` holds the bundle (LICENSE, configs,
 docs, large_files.yml, models/ when trained) and a copy of the ``custom_nets`` package. With no
 bundle named, every bundle under ``bundles/`` is exported (one zip each).
 
@@ -24,6 +25,7 @@ ship the ONNX file too): :func:`export_segmenter_onnx`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import zipfile
@@ -81,13 +83,30 @@ def bundle_entries(bundle_dir: Path, models_dir: Path | None, include_models: bo
             yield f"models/{f.relative_to(models_dir).as_posix()}", f
 
 
+def zip_name(bundle_dir: str | Path) -> str:
+    """``<name>_v<version>.zip``: the file name Model Zoo's download looks for in a release."""
+    bundle_dir = Path(bundle_dir)
+    version = json.loads((bundle_dir / "configs" / "metadata.json").read_text())["version"]
+    return f"{bundle_dir.name}_v{version}.zip"
+
+
+def write_sha256(path: Path) -> Path:
+    """``<path>.sha256`` in ``sha256sum`` format (``<hex>  <file name>``), written atomically."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    out = path.with_name(path.name + ".sha256")
+    with atomic_path(out) as tmp:
+        tmp.write_text(f"{digest}  {path.name}\n")
+    return out
+
+
 def export_bundle(
     bundle_dir: str | Path,
     out_dir: str | Path,
     include_models: bool = True,
     models_dir: str | Path | None = None,
 ) -> Path:
-    """Zip ``bundle_dir`` plus ``custom_nets`` into ``out_dir/<bundle name>.zip`` (atomic write).
+    """Zip ``bundle_dir`` plus ``custom_nets`` into ``out_dir/<name>_v<version>.zip`` (atomic write),
+    with its sha256 beside it (``.sha256``).
 
     Args:
         bundle_dir: a folder with ``configs/metadata.json``; its name is the zip's top folder.
@@ -110,13 +129,14 @@ def export_bundle(
         if not (models_dir / "model.pt").is_file():
             raise FileNotFoundError(f"{models_dir}: no model.pt to pack as the bundle's models/")
     name = bundle_dir.name
-    out = Path(out_dir) / f"{name}.zip"
+    out = Path(out_dir) / zip_name(bundle_dir)
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         for rel, f in bundle_entries(bundle_dir, models_dir, include_models):
             data = _config_bytes(f) if rel.startswith("configs/") else f.read_bytes()
             _add(zf, f"{name}/{rel}", data)
         for f in _files(PACKAGE_DIR):
             _add(zf, f"{name}/custom_nets/{f.relative_to(PACKAGE_DIR).as_posix()}", f.read_bytes())
+    write_sha256(out)
     return out
 
 

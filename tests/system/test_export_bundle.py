@@ -78,13 +78,13 @@ def test_zip_layout(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) ->
     world = fake_world(tmp_path_factory)
     assert main(["bundles/meduet_vae", "bundles/meduet_seg", "--out", str(tmp_path / "dist")]) == 0
     for name in ("meduet_vae", "meduet_seg"):
-        with zipfile.ZipFile(tmp_path / "dist" / f"{name}.zip") as zf:
+        with zipfile.ZipFile(tmp_path / "dist" / f"{name}_v0.1.0.zip") as zf:
             names = zf.namelist()
             assert all(n.startswith(f"{name}/") for n in names)
             for f in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/logging.conf",
                       "docs/README.md", "large_files.yml", "custom_nets/__init__.py",
                       "custom_nets/nets/latent_segmenter.py"):
-                assert f"{name}/{f}" in names, f"{name}.zip lacks {f}"
+                assert f"{name}/{f}" in names, f"{name}_v0.1.0.zip lacks {f}"
             assert not [n for n in names if "__pycache__" in n or "/checkpoints/" in n or "/eval/" in n]
             assert json.loads(zf.read(f"{name}/configs/inference.json"))["bundle_root"] == "."
             assert json.loads(zf.read(f"{name}/configs/metadata.json")) == json.loads(
@@ -92,14 +92,14 @@ def test_zip_layout(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) ->
     # --models-dir packs weights trained elsewhere; --no-models leaves them out
     models = world["seg_model"].parent
     assert main(["bundles/meduet_seg", "--out", str(tmp_path / "m"), "--models-dir", str(models)]) == 0
-    with zipfile.ZipFile(tmp_path / "m" / "meduet_seg.zip") as zf:
+    with zipfile.ZipFile(tmp_path / "m" / "meduet_seg_v0.1.0.zip") as zf:
         assert zf.read("meduet_seg/models/model.pt") == world["seg_model"].read_bytes()
         assert "meduet_seg/models/model.json" in zf.namelist()
     assert main(["bundles/meduet_seg", "--out", str(tmp_path / "n"), "--no-models"]) == 0
-    with zipfile.ZipFile(tmp_path / "n" / "meduet_seg.zip") as zf:
+    with zipfile.ZipFile(tmp_path / "n" / "meduet_seg_v0.1.0.zip") as zf:
         assert not [n for n in zf.namelist() if n.startswith("meduet_seg/models/")]
     assert main(["bundles/meduet_seg", "--out", str(tmp_path / "e"), "--models-dir", str(tmp_path)]) == 1
-    assert not (tmp_path / "e" / "meduet_seg.zip").exists()
+    assert not (tmp_path / "e" / "meduet_seg_v0.1.0.zip").exists()
 
 
 def test_extracted_seg_bundle_segments_without_the_repository(tmp_path_factory: pytest.TempPathFactory,
