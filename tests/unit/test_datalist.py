@@ -489,3 +489,21 @@ def test_cli_usage_errors_and_exit_status(tmp_path: Path) -> None:
     dup_args = ["--source", f"P={tmp_path}", "--source", f"P={tmp_path}"]
     dup = subprocess.run(cmd + dup_args, capture_output=True, text=True, env=env)
     assert dup.returncode == 2 and "unique" in dup.stderr
+
+
+def test_a_missing_datalist_resolves_empty_only_when_allowed(tmp_path: Path) -> None:
+    """Configs resolve before their data exist (missing_ok); a run then stops naming the config id."""
+    from custom_nets.engines.seg.inference import inference_items
+    from custom_nets.utils.inputs import require_inputs
+
+    missing = tmp_path / "nowhere" / "datalist.json"
+    with pytest.raises(InputError, match="file not found"):
+        load_datalist(missing)
+    empty = load_datalist(missing, keys=("training", "validation"), missing_ok=True)
+    assert empty["training"] == empty["validation"] == empty["domains"] == [] and empty["missing"] == str(missing)
+    assert inference_items(tmp_path / "no_images", missing_ok=True) == []
+    with pytest.raises(InputError, match="no_images"):
+        inference_items(tmp_path / "no_images")
+    with pytest.raises(InputError, match=f"^datalist: {missing} not found; set it with --datalist PATH$"):
+        require_inputs({"datalist": missing})
+    require_inputs({"datalist": make_folder(tmp_path / "present")})  # an existing path passes
