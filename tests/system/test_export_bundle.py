@@ -44,9 +44,12 @@ def isolated_python(args: list[str], cwd: Path, timeout: float = 300) -> subproc
 
 
 def extract(zip_path: Path, dest: Path) -> Path:
+    """Extract a bundle zip; returns its single top folder (the bundle name, without ``_v<version>``)."""
     with zipfile.ZipFile(zip_path) as zf:
         zf.extractall(dest)
-    return dest / zip_path.stem
+        (top,) = {n.split("/")[0] for n in zf.namelist()}
+    assert zip_path.name.startswith(f"{top}_v") and zip_path.suffix == ".zip"
+    return dest / top
 
 
 def one_image(world: dict[str, Path], dest: Path) -> Path:
@@ -108,15 +111,22 @@ def test_extracted_seg_bundle_segments_without_the_repository(tmp_path_factory: 
 
     world = fake_world(tmp_path_factory)
     zip_path = export_bundle(ROOT / "bundles" / "meduet_seg", tmp_path / "dist", models_dir=world["seg_model"].parent)
-    bundle = extract(zip_path, tmp_path / "extracted")
+    # fetched as a user would, into an empty folder, by the isolated interpreter
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    proc = isolated_python(["-m", "monai.bundle", "download", "--name", "meduet_seg", "--url", zip_path.as_uri(),
+                            "--bundle_dir", str(fetched)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bundle = fetched / "meduet_seg"
+    assert (bundle / "configs" / "inference.json").is_file() and (bundle / "models" / "model.pt").is_file()
     origin = isolated_python(["-c", "import custom_nets; print(custom_nets.__file__)"], cwd=bundle)
     assert Path(origin.stdout.strip()).resolve() == (bundle / "custom_nets" / "__init__.py").resolve(), origin.stderr
 
     images = one_image(world, tmp_path / "images")
-    out = tmp_path / "masks"
-    # one VAE tile over the whole (padded 96^3) volume and no window overlap keep it quick; same code path
-    run_in_bundle(bundle, "inference.json", {"dataset_dir": images, "output_dir": out, "overlap": 0,
-                                             "inferer#vae_roi_size": 96})
+    # one VAE tile over the whole (padded 96^3) volume and no window overlap keep it quick; same code path.
+    # No output_dir: the masks go under the bundle, $@bundle_root/eval/segmentation
+    run_in_bundle(bundle, "inference.json", {"dataset_dir": images, "overlap": 0, "inferer#vae_roi_size": 96})
+    out = bundle / "eval" / "segmentation"
     src = next(images.glob("*.nii.gz"))
     mask = nib.load(out / src.name.replace(".nii.gz", "_seg.nii.gz"))
     img = nib.load(src)
