@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from custom_nets.utils.checkpoint import read_stage_meta, save_stage_checkpoint
+from custom_nets.utils.inputs import is_missing
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class SegModelExporter:
         labels: label value -> name.
         vae_ckpt: VAE checkpoint the network was built on (its sha256 is recorded).
         ssl_ckpt: SSL checkpoint the ViT was initialised from, or None/"none".
+        finetune_from: the trained model.pt this run fine-tunes (no upstream bundles beside it): its
+            upstream provenance is carried over, read when the handler is attached (before the
+            first export may overwrite it).
         extra: more JSON facts for model.json (e.g. label_fraction).
     """
 
@@ -109,9 +113,12 @@ class SegModelExporter:
         labels: Mapping[Any, str] | None = None,
         vae_ckpt: str | Path | None = None,
         ssl_ckpt: str | Path | None = None,
+        finetune_from: str | Path | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         self.network = network
+        self.finetune_from = None if is_missing(finetune_from) else Path(finetune_from)  # type: ignore[arg-type]
+        self.inherited: dict[str, Any] | None = None
         self.path = Path(path)
         self.evaluator = evaluator
         self.labels = channel_def(labels) if labels else None
@@ -123,6 +130,10 @@ class SegModelExporter:
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
+        if self.finetune_from is not None:
+            src = read_stage_meta(self.finetune_from, "meduet_seg")
+            self.inherited = {k: src.get(k) for k in ("vae_ckpt", "vae_sha256", "ssl_ckpt", "ssl_sha256")}
+            self.inherited["finetuned_from_sha256"] = src.get("sha256")
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
@@ -144,14 +155,20 @@ class SegModelExporter:
         args = getattr(net, "network_args", None)
         if args is None:
             raise ValueError(f"{type(net).__name__} does not record its constructor arguments (network_args)")
+        if self.inherited is not None:
+            upstream = dict(self.inherited)
+        else:
+            upstream = dict(
+                vae_ckpt=None if self.vae_ckpt is None else str(self.vae_ckpt),
+                vae_sha256=_upstream_sha(self.vae_ckpt, "meduet_vae"),
+                ssl_ckpt=None if _upstream_sha(self.ssl_ckpt, "meduet_ssl") is None else str(self.ssl_ckpt),
+                ssl_sha256=_upstream_sha(self.ssl_ckpt, "meduet_ssl"),
+            )
         info = save_stage_checkpoint(
             net.state_dict(), self.path, "meduet_seg",
             network=args, labels=self.labels, num_classes=args.get("num_classes"),
             epoch=int(engine.state.epoch), iteration=int(engine.state.iteration), export=reason,
-            key_metric=metric, vae_ckpt=None if self.vae_ckpt is None else str(self.vae_ckpt),
-            vae_sha256=_upstream_sha(self.vae_ckpt, "meduet_vae"),
-            ssl_ckpt=None if _upstream_sha(self.ssl_ckpt, "meduet_ssl") is None else str(self.ssl_ckpt),
-            ssl_sha256=_upstream_sha(self.ssl_ckpt, "meduet_ssl"), **self.extra,
+            key_metric=metric, **upstream, **self.extra,
         )
         self.exported_epoch = int(engine.state.epoch)
         logger.info("exported %s segmenter (epoch %d, key metric %s) to %s", reason, engine.state.epoch, metric, self.path)
