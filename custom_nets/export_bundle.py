@@ -13,7 +13,11 @@ from the bundle folder): the configs' ``custom_nets`` imports resolve to the cop
 In the zipped configs the ``bundle_root`` default (``bundles/<name>``, relative to this
 repository's root) becomes ``"."``, so that inside the extracted folder
 ``python -m monai.bundle run --config_file configs/inference.json`` works as written; from
-elsewhere pass ``--bundle_root``. Training state (``models/checkpoints``), TensorBoard folders and
+elsewhere pass ``--bundle_root``. A zipped config that has both ``initialize`` and ``run`` gets the
+``initialize`` steps at the front of ``run`` instead: MONAI resolves a config's imports (``custom_nets``
+among them) at the first step it evaluates, but puts the bundle folder on ``sys.path`` only when
+``run`` starts, so from another folder an ``initialize`` step would meet an unimportable
+``custom_nets``. The steps and their order are unchanged. Training state (``models/checkpoints``), TensorBoard folders and
 default output folders are left out: a Model Zoo bundle carries the exported weights only
 (``models/model.pt`` with its ``model.json``, and ``model.ts`` / ``model.onnx`` when exported).
 
@@ -33,7 +37,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from custom_nets.utils.io import atomic_path
+from custom_nets.engines.seg.labels import with_labels
+from custom_nets.utils.io import atomic_path, read_json
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # never packed: caches, training state, logs and default output folders
@@ -61,6 +66,8 @@ def _config_bytes(path: Path) -> bytes:
     if not isinstance(config, dict) or "bundle_root" not in config:
         return raw
     config["bundle_root"] = "."
+    if isinstance(config.get("initialize"), list) and isinstance(config.get("run"), list):
+        config["run"] = config.pop("initialize") + config["run"]
     return (json.dumps(config, indent=4) + "\n").encode()
 
 
@@ -130,9 +137,15 @@ def export_bundle(
             raise FileNotFoundError(f"{models_dir}: no model.pt to pack as the bundle's models/")
     name = bundle_dir.name
     out = Path(out_dir) / zip_name(bundle_dir)
+    # the labels the packed model was trained on become the zip's metadata channel_def (what MONAI
+    # Label and Model Zoo read), so a model trained on other labels is not served with the defaults
+    model_json = (models_dir or bundle_dir / "models") / "model.json"
+    trained = read_json(model_json).get("labels") if include_models and model_json.is_file() else None
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         for rel, f in bundle_entries(bundle_dir, models_dir, include_models):
             data = _config_bytes(f) if rel.startswith("configs/") else f.read_bytes()
+            if rel == "configs/metadata.json" and trained:
+                data = (json.dumps(with_labels(json.loads(data), trained), indent=4) + "\n").encode()
             _add(zf, f"{name}/{rel}", data)
         for f in _files(PACKAGE_DIR):
             _add(zf, f"{name}/custom_nets/{f.relative_to(PACKAGE_DIR).as_posix()}", f.read_bytes())

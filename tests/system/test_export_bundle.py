@@ -89,7 +89,11 @@ def test_zip_layout(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) ->
                       "custom_nets/nets/latent_segmenter.py"):
                 assert f"{name}/{f}" in names, f"{name}_v0.1.0.zip lacks {f}"
             assert not [n for n in names if "__pycache__" in n or "/checkpoints/" in n or "/eval/" in n]
-            assert json.loads(zf.read(f"{name}/configs/inference.json"))["bundle_root"] == "."
+            zipped = json.loads(zf.read(f"{name}/configs/inference.json"))
+            assert zipped["bundle_root"] == "."
+            # initialize moved to the front of run (see export_bundle's docstring), nothing lost
+            repo = json.loads((ROOT / "bundles" / name / "configs" / "inference.json").read_text())
+            assert "initialize" not in zipped and zipped["run"] == repo.get("initialize", []) + repo["run"]
             assert json.loads(zf.read(f"{name}/configs/metadata.json")) == json.loads(
                 (ROOT / "bundles" / name / "configs" / "metadata.json").read_text())
     # --models-dir packs weights trained elsewhere; --no-models leaves them out
@@ -127,6 +131,18 @@ def test_extracted_seg_bundle_segments_without_the_repository(tmp_path_factory: 
     # No output_dir: the masks go under the bundle, $@bundle_root/eval/segmentation
     run_in_bundle(bundle, "inference.json", {"dataset_dir": images, "overlap": 0, "inferer#vae_roi_size": 96})
     out = bundle / "eval" / "segmentation"
+    # and from another folder, naming the bundle: the same masks
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cmd = ["-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+           "--bundle_root", str(bundle), "--dataset_dir", str(images), "--output_dir", str(tmp_path / "outside"),
+           "--overlap", "0", "--inferer#vae_roi_size", "96"]
+    proc = isolated_python(cmd, cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for mask in out.glob("*_seg.nii.gz"):
+        np.testing.assert_array_equal(np.asarray(nib.load(mask).dataobj),
+                                      np.asarray(nib.load(tmp_path / "outside" / mask.name).dataobj))
+    assert list(out.glob("*_seg.nii.gz")) and not list(elsewhere.iterdir())  # nothing written where it ran
     src = next(images.glob("*.nii.gz"))
     mask = nib.load(out / src.name.replace(".nii.gz", "_seg.nii.gz"))
     img = nib.load(src)
