@@ -526,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ckpt = run_dir / "models" / "model.pt"
         if not ckpt.is_file():
             bundle_run("meduet_ssl", ["train.json", "demo.json"], logfile, latent_datalist=latent_datalist,
-                       output_dir=run_dir, model_path=ckpt, pair_sampling=mode, seed=args.seed,
+                       output_dir=run_dir, ckpt_dir=run_dir / "checkpoints", model_path=ckpt, pair_sampling=mode,
+                       seed=args.seed,
                        max_epochs=args.ssl_epochs, val_interval=max(1, args.ssl_epochs // 5),
                        save_interval=args.ssl_epochs, mftd_start_epoch=args.ssl_epochs // 5,
                        warmup_epochs=max(1, args.ssl_epochs // 50))
