@@ -177,7 +177,8 @@ def prepare(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         "mftd_start_epoch": max(1, args.ssl_epochs // 3), "warmup_epochs": max(1, args.ssl_epochs // 20),
         "seed": args.seed})
     stage("ssl_train", ssl_ckpt, "meduet_ssl", ["train.json", "demo.json", overlay], out / "logs" / "ssl_train.log",
-          latent_datalist=latents, output_dir=out / "ssl" / "eval", model_path=ssl_ckpt)
+          latent_datalist=latents, output_dir=out / "ssl" / "eval", ckpt_dir=out / "ssl" / "checkpoints",
+          model_path=ssl_ckpt)
     old = json.loads((out / "prepare.json").read_text()) if (out / "prepare.json").is_file() else {}
     info = {"vae_ckpt": str(vae_ckpt), "ssl_ckpt": str(ssl_ckpt), "latents": str(latents),
             "vae_epochs": args.vae_epochs, "ssl_epochs": args.ssl_epochs, "seed": args.seed,

@@ -1,7 +1,8 @@
 """Write a self-contained zip of a bundle, as Model Zoo download and MONAI Label expect.
 
 ``python -m custom_nets.export_bundle bundles/meduet_seg --out dist/`` writes
-``dist/meduet_seg.zip`` whose single top folder ``meduet_seg/`` holds the bundle (LICENSE, configs,
+``dist/meduet_seg_v<version>.zip`` (the name ``monai.bundle download --source github`` fetches from a
+release; the version is metadata.json's) and its ``.sha256`` beside it; the zip's single top folder ``meduet_seg/`` holds the bundle (LICENSE, configs,
 docs, large_files.yml, models/ when trained) and a copy of the ``custom_nets`` package. With no
 bundle named, every bundle under ``bundles/`` is exported (one zip each).
 
@@ -12,7 +13,11 @@ from the bundle folder): the configs' ``custom_nets`` imports resolve to the cop
 In the zipped configs the ``bundle_root`` default (``bundles/<name>``, relative to this
 repository's root) becomes ``"."``, so that inside the extracted folder
 ``python -m monai.bundle run --config_file configs/inference.json`` works as written; from
-elsewhere pass ``--bundle_root``. Training state (``models/checkpoints``), TensorBoard folders and
+elsewhere pass ``--bundle_root``. A zipped config that has both ``initialize`` and ``run`` gets the
+``initialize`` steps at the front of ``run`` instead: MONAI resolves a config's imports (``custom_nets``
+among them) at the first step it evaluates, but puts the bundle folder on ``sys.path`` only when
+``run`` starts, so from another folder an ``initialize`` step would meet an unimportable
+``custom_nets``. The steps and their order are unchanged. Training state (``models/checkpoints``), TensorBoard folders and
 default output folders are left out: a Model Zoo bundle carries the exported weights only
 (``models/model.pt`` with its ``model.json``, and ``model.ts`` / ``model.onnx`` when exported).
 
@@ -24,6 +29,7 @@ ship the ONNX file too): :func:`export_segmenter_onnx`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import zipfile
@@ -31,7 +37,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from custom_nets.utils.io import atomic_path
+from custom_nets.engines.seg.labels import with_labels
+from custom_nets.utils.io import atomic_path, read_json
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # never packed: caches, training state, logs and default output folders
@@ -59,6 +66,8 @@ def _config_bytes(path: Path) -> bytes:
     if not isinstance(config, dict) or "bundle_root" not in config:
         return raw
     config["bundle_root"] = "."
+    if isinstance(config.get("initialize"), list) and isinstance(config.get("run"), list):
+        config["run"] = config.pop("initialize") + config["run"]
     return (json.dumps(config, indent=4) + "\n").encode()
 
 
@@ -81,13 +90,30 @@ def bundle_entries(bundle_dir: Path, models_dir: Path | None, include_models: bo
             yield f"models/{f.relative_to(models_dir).as_posix()}", f
 
 
+def zip_name(bundle_dir: str | Path) -> str:
+    """``<name>_v<version>.zip``: the file name Model Zoo's download looks for in a release."""
+    bundle_dir = Path(bundle_dir)
+    version = json.loads((bundle_dir / "configs" / "metadata.json").read_text())["version"]
+    return f"{bundle_dir.name}_v{version}.zip"
+
+
+def write_sha256(path: Path) -> Path:
+    """``<path>.sha256`` in ``sha256sum`` format (``<hex>  <file name>``), written atomically."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    out = path.with_name(path.name + ".sha256")
+    with atomic_path(out) as tmp:
+        tmp.write_text(f"{digest}  {path.name}\n")
+    return out
+
+
 def export_bundle(
     bundle_dir: str | Path,
     out_dir: str | Path,
     include_models: bool = True,
     models_dir: str | Path | None = None,
 ) -> Path:
-    """Zip ``bundle_dir`` plus ``custom_nets`` into ``out_dir/<bundle name>.zip`` (atomic write).
+    """Zip ``bundle_dir`` plus ``custom_nets`` into ``out_dir/<name>_v<version>.zip`` (atomic write),
+    with its sha256 beside it (``.sha256``).
 
     Args:
         bundle_dir: a folder with ``configs/metadata.json``; its name is the zip's top folder.
@@ -110,13 +136,20 @@ def export_bundle(
         if not (models_dir / "model.pt").is_file():
             raise FileNotFoundError(f"{models_dir}: no model.pt to pack as the bundle's models/")
     name = bundle_dir.name
-    out = Path(out_dir) / f"{name}.zip"
+    out = Path(out_dir) / zip_name(bundle_dir)
+    # the labels the packed model was trained on become the zip's metadata channel_def (what MONAI
+    # Label and Model Zoo read), so a model trained on other labels is not served with the defaults
+    model_json = (models_dir or bundle_dir / "models") / "model.json"
+    trained = read_json(model_json).get("labels") if include_models and model_json.is_file() else None
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         for rel, f in bundle_entries(bundle_dir, models_dir, include_models):
             data = _config_bytes(f) if rel.startswith("configs/") else f.read_bytes()
+            if rel == "configs/metadata.json" and trained:
+                data = (json.dumps(with_labels(json.loads(data), trained), indent=4) + "\n").encode()
             _add(zf, f"{name}/{rel}", data)
         for f in _files(PACKAGE_DIR):
             _add(zf, f"{name}/custom_nets/{f.relative_to(PACKAGE_DIR).as_posix()}", f.read_bytes())
+    write_sha256(out)
     return out
 
 

@@ -172,7 +172,7 @@ def demo_stages(out: Path, rel, domains: Sequence[str] = GRID_CONTENT + GRID_STY
         # the README's main command, typed as a user would (the demo passes its own image folder)
         Stage("seg inference", [sys.executable, "-m", "monai.bundle", "run", "--config_file",
                                 "bundles/meduet_seg/configs/inference.json", "--dataset_dir", rel(out / "sample_images"),
-                                "--output_dir", rel(out / "seg_inference")]),
+                                "--output_dir", rel(out / "seg_inference"), "--save_overlays", "true"]),
     ]
     for s in stages:
         if "--output_dir" in s.cmd:

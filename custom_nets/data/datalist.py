@@ -34,6 +34,7 @@ from custom_nets.data.dicom import DicomSeries, convert_series, find_series_fold
 from custom_nets.data.validate import check_items, image_suffix, strip_image_suffix
 from custom_nets.utils.errors import InputError, InputErrors
 from custom_nets.utils.flags import as_bool
+from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -501,6 +502,7 @@ def load_datalist(
     num_classes: int | None = None,
     check_headers: bool = True,
     verify_data: bool = False,
+    missing_ok: bool = False,
 ) -> dict[str, Any]:
     """Read a datalist, resolve its paths and validate the lists named in ``keys``.
 
@@ -512,6 +514,8 @@ def load_datalist(
         check_headers: read each file's header (3D volume, label on the image's grid); False only
             checks that the files exist.
         verify_data: also read every voxel (truncated files, NaN/Inf, label values); slow.
+        missing_ok: a missing file gives empty lists (a config resolved before its data exists;
+            its run stops in :func:`custom_nets.utils.inputs.require_inputs`).
 
     Returns:
         the datalist with absolute "image"/"label" paths in every list, "modality" filled in
@@ -521,6 +525,9 @@ def load_datalist(
         InputError: one problem (e.g. an empty list, an unknown domain, a missing file).
         InputErrors: several problems, one per bad file.
     """
+    if as_bool(missing_ok, "missing_ok") and is_missing(path):
+        note_missing(path, "datalist")
+        return {**{k: [] for k in dict.fromkeys(list(DATALIST_KEYS) + list(keys))}, "domains": [], "missing": str(path)}
     path, verify_data = Path(path).resolve(), as_bool(verify_data, "verify_data")
     data = read_json(path)
     if not isinstance(data, dict):

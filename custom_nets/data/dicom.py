@@ -18,7 +18,13 @@ import numpy as np
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import save_nifti, write_json
 
-# Relative tolerance on slice spacing (positions are stored as decimal strings, often rounded).
+# Slice gaps are compared with the series' median gap. Scanners store ImagePositionPatient as
+# decimal strings, often rounded to 0.1 mm: each coordinate is then off by up to POSITION_ROUNDING_MM,
+# a position along the slice normal n by up to POSITION_ROUNDING_MM * |n|_1, and a gap (the difference
+# of two positions) by twice that (0.1 mm for an axial series, up to 0.17 mm for an oblique one). A
+# gap may differ from the median by that jitter plus SPACING_RTOL of the spacing; a larger deviation
+# is a real gap (a whole number of spacings: missing slices) or an uneven series.
+POSITION_ROUNDING_MM = 0.05
 SPACING_RTOL = 0.01
 SPACING_ATOL_MM = 1e-3
 DIRECTION_ATOL = 1e-4
@@ -152,7 +158,7 @@ def scan_series(folder: str | Path) -> DicomSeries:
     order = np.argsort(along, kind="stable")
     along = along[order]
     gaps = np.diff(along)
-    _check_gaps(folder, gaps, along)
+    _check_gaps(folder, gaps, along, jitter=2 * POSITION_ROUNDING_MM * float(np.abs(normal).sum()))
 
     ordered = [headers[i] for i in order]
     first, last = positions_arr[order[0]], positions_arr[order[-1]]
@@ -175,18 +181,26 @@ def scan_series(folder: str | Path) -> DicomSeries:
     )
 
 
-def _check_gaps(folder: Path, gaps: np.ndarray, along: np.ndarray) -> None:
-    """Raise InputError for duplicate positions, missing slices or uneven spacing."""
+def _check_gaps(folder: Path, gaps: np.ndarray, along: np.ndarray, jitter: float = 0.0) -> None:
+    """Raise InputError for duplicate positions, missing slices or uneven spacing.
+
+    Args:
+        folder: the series folder (for the message).
+        gaps: distances between neighbouring slices along the normal, in position order (mm).
+        along: the sorted positions along the normal (mm).
+        jitter: how much a gap may be off through rounded positions (mm; see POSITION_ROUNDING_MM).
+    """
     if np.any(gaps <= SPACING_ATOL_MM):
         i = int(np.argmax(gaps <= SPACING_ATOL_MM))
         raise InputError(folder, f"two slices at the same position ({along[i]:.3f} mm along the normal)")
-    spacing = float(np.min(gaps))
-    tol = SPACING_ATOL_MM + SPACING_RTOL * spacing
+    # the typical gap: rounding jitters single gaps, and missing slices only enlarge a few
+    spacing = float(np.median(gaps))
+    tol = SPACING_ATOL_MM + jitter + SPACING_RTOL * spacing
     off = np.abs(gaps - spacing) > tol
     if not off.any():
         return
     ratios = gaps / spacing
-    whole = np.abs(ratios - np.round(ratios)) * spacing <= tol
+    whole = (np.round(ratios) >= 1) & (np.abs(gaps - np.round(ratios) * spacing) <= tol)
     if np.all(whole):
         n_missing = int(np.sum(np.round(ratios) - 1))
         i = int(np.argmax(off))

@@ -26,6 +26,8 @@ import torch
 
 from custom_nets.utils.checkpoint import check_upstream, read_stage_meta
 from custom_nets.utils.errors import InputError, InputErrors
+from custom_nets.utils.flags import as_bool
+from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.io import atomic_path, read_json
 
 LATENT_DTYPE = np.float16
@@ -103,6 +105,7 @@ def load_latent_datalist(
     vae_sha256: str | None = None,
     latent_channels: int | None = None,
     vae_source: str = "the configured VAE",
+    missing_ok: bool = False,
 ) -> dict[str, Any]:
     """Read and validate a latent datalist.
 
@@ -112,6 +115,8 @@ def load_latent_datalist(
         vae_sha256: if given, the cache must have been encoded with this VAE checkpoint.
         latent_channels: if given, every latent must have this many channels.
         vae_source: names the configured VAE in the message (e.g. ``"vae_ckpt models/model.pt"``).
+        missing_ok: a missing file gives empty splits and no domains (a config resolved before the
+            cache exists; its run stops in :func:`custom_nets.utils.inputs.require_inputs`).
 
     Returns:
         The datalist with ``"latent"`` (and relative ``image``/``label``) paths made absolute.
@@ -120,6 +125,9 @@ def load_latent_datalist(
         InputError: the file or the VAE it was encoded with does not fit (names the datalist).
         InputErrors: one line per bad item.
     """
+    if as_bool(missing_ok, "missing_ok") and is_missing(path):
+        note_missing(path, "latent datalist")
+        return {**{k: [] for k in dict.fromkeys(("training", "validation", *keys))}, "domains": [], "missing": str(path)}
     path = Path(path).resolve()
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("domains"), list):

@@ -139,8 +139,8 @@ class LatentCropDataset(Dataset):
         rot90_prob: float = 0.2,
         samples_per_epoch: int | None = None,
     ) -> None:
-        if not data:
-            raise ValueError("LatentCropDataset needs at least one latent item")
+        # no items only when a config resolves before its cache exists (load_latent_datalist with
+        # missing_ok); a cache that exists has a non-empty training split
         if crop < 1:
             raise ValueError(f"crop must be positive, got {crop}")
         self.items = [dict(it) for it in data]
@@ -217,8 +217,8 @@ class ConditionedLatentDataset(Dataset):
 
     def __init__(self, items: Sequence[Mapping[str, Any]], content: torch.Tensor, style: torch.Tensor,
                  crop: Sequence[int], seed: int | None = None) -> None:
-        if not items:
-            raise ValueError("no latent volumes in this split of the latent datalist")
+        # no items only when the config resolved before its cache exists (load_latent_datalist
+        # refuses an empty training split; split_items falls back to it)
         if len(items) != content.shape[0] or len(items) != style.shape[0]:
             raise ValueError(f"{len(items)} volumes but {content.shape[0]} content / {style.shape[0]} style rows")
         if len(crop) != 3 or min(int(c) for c in crop) < 1:
@@ -308,6 +308,6 @@ def tagged_items(
     for split in splits:
         for it in datalist.get(split, []) or []:
             items.append({**it, "split": split})
-    if not items:
+    if not items and not datalist.get("missing"):  # a missing cache is reported by require_inputs
         raise InputError(source, f"no items in splits {list(splits)}")
     return items

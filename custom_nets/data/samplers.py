@@ -116,8 +116,6 @@ class PairBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size must be >= 2 (items are mixed in pairs), got {batch_size}")
         if pairing == "cross_domain" and batch_size % 2:
             raise ValueError(f"cross_domain pairing needs an even batch_size, got {batch_size}")
-        if len(domains) == 0:
-            raise ValueError("no items to sample from")
         if num_replicas is None:
             num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if rank is None:
@@ -139,13 +137,16 @@ class PairBatchSampler(Sampler[list[int]]):
 
     @property
     def epoch_items(self) -> int:
-        """Items drawn per epoch over all processes (before dropping the partial batch)."""
-        return max(len(self.domains), self.batch_size * self.num_replicas)
+        """Items drawn per epoch over all processes (before dropping the partial batch); 0 without items
+        (a config resolved before its latent cache exists)."""
+        return max(len(self.domains), self.batch_size * self.num_replicas) if len(self.domains) else 0
 
     def _global_batches(self) -> list[list[int]]:
         """All batches of this epoch, identical on every process."""
         rng = np.random.default_rng([self.seed, self.epoch if self.shuffle else 0])
         n, need = len(self.domains), self.epoch_items
+        if n == 0:
+            return []
         # whole permutations until the epoch is full (repeats only when the data are smaller than a batch)
         order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
         bs = self.batch_size

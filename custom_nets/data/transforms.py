@@ -95,6 +95,38 @@ class CheckFinited(MapTransform):
         return d
 
 
+class CheckLabelValuesd(MapTransform):
+    """Dictionary transform: raise :class:`InputError` naming the file when a label map holds values
+    other than the whole numbers 0..num_classes-1.
+
+    The datalist builder checks this for files it lists; this transform checks it wherever the data
+    come from (e.g. a MONAI Label server handing its own datalist to the bundle's train config).
+
+    Args:
+        keys: label keys.
+        num_classes: number of classes including background.
+        allow_missing_keys: skip absent keys instead of failing.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2 (background and one class), got {num_classes}")
+        self.num_classes = int(num_classes)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            values = torch.unique(torch.as_tensor(lab)).double()
+            bad = values[(values != torch.round(values)) | (values < 0) | (values >= self.num_classes)]
+            if bad.numel():
+                shown = ", ".join(f"{float(v):g}" for v in bad[:5])
+                raise InputError(source_name(lab, fallback=str(key)),
+                                 f"label values {shown} are not classes 0..{self.num_classes - 1}")
+        return d
+
+
 class NormalizeIntensityByModalityd(MapTransform):
     """Map intensities to 0..1 (clipped) with a rule chosen by each item's modality.
 
@@ -186,6 +218,7 @@ def preprocess_transforms(
     min_size: int | Sequence[int] = 96,
     divisor: int = 4,
     then: Sequence[Callable] | Compose | None = None,
+    num_classes: int | None = None,
 ) -> Compose:
     """The paper's whole-volume preprocessing as a MONAI ``Compose`` of dictionary transforms.
 
@@ -203,6 +236,8 @@ def preprocess_transforms(
         max_size: largest output size per axis (centre crop).
         min_size: smallest output size per axis (zero padding, i.e. the bottom of the 0..1 range).
         divisor: every output size is padded to a multiple of this.
+        num_classes: with ``label_key``, label values must be the whole numbers 0..num_classes-1
+            (:class:`CheckLabelValuesd`, right after loading).
         then: transforms appended after the preprocessing (a list or a ``Compose``), e.g. a
             config's ``@train#augmentation``; what follows sees the preprocessed item.
 
@@ -222,6 +257,7 @@ def preprocess_transforms(
         LoadImaged(all_keys, reader=list(IMAGE_READERS), image_only=True, ensure_channel_first=False),
         EnsureChannelFirstd(all_keys),
         CheckFinited(all_keys),
+        *([CheckLabelValuesd(label_key, num_classes)] if label_key and num_classes is not None else []),
         Orientationd(all_keys, axcodes="RAS", labels=RAS_LABELS),
         NormalizeIntensityByModalityd(image_keys, modality_key=modality_key),
         Spacingd(all_keys, pixdim=pixdim_seq, mode=modes, dtype=torch.float32),
@@ -243,6 +279,7 @@ __all__ = [
     "CT_WINDOW",
     "MR_PERCENTILES",
     "CheckFinited",
+    "CheckLabelValuesd",
     "PreprocessCompose",
     "input_error_from",
     "NormalizeIntensityByModalityd",

@@ -16,6 +16,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from custom_nets.utils.flags import as_bool
 from custom_nets.utils.io import atomic_path
 
 __all__ = ["label_slices", "save_label_overlay", "SaveLabelOverlayd"]
@@ -127,6 +128,8 @@ class SaveLabelOverlayd(MapTransform):
         output_dir: destination folder.
         label_names: names by label value, for the legend.
         output_postfix: appended to the image stem.
+        enabled: write the PNGs (a switch: configs keep it off unless asked, since a server
+            would otherwise write one per request).
         allow_missing_keys: skip items without the keys.
     """
 
@@ -137,6 +140,7 @@ class SaveLabelOverlayd(MapTransform):
         output_dir: str | Path = "./",
         label_names: Mapping[int, str] | Sequence[str] | None = None,
         output_postfix: str = "_overlay",
+        enabled: bool | str = True,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -144,6 +148,7 @@ class SaveLabelOverlayd(MapTransform):
         self.output_dir = Path(output_dir)
         self.label_names = label_names
         self.output_postfix = output_postfix
+        self.enabled = as_bool(enabled, "save_overlays")
 
     @staticmethod
     def _stem(img: Any) -> str:
@@ -156,6 +161,8 @@ class SaveLabelOverlayd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        if not self.enabled:
+            return d
         img = d[self.image_key]
         spacing = None
         pixdim = getattr(img, "pixdim", None)

@@ -60,6 +60,7 @@ def test_seg_training_refuses_a_label_above_the_largest_class(bad_label_phantoms
     folder, label = bad_label_phantoms
     parser = ConfigParser()
     parser.read_config([str(SEG / "train.json"), str(SEG / "demo.json")])
+    parser.read_meta(str(SEG / "metadata.json"))  # the labels' default (monai.bundle run reads it too)
     parser["dataset_dir"] = str(folder)
     with pytest.raises(Exception) as info:
         parser.get_parsed_content("splits")

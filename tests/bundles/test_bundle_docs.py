@@ -7,6 +7,7 @@ run for real. The Performance sections give figures or say what is not yet measu
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import re
 import shlex
@@ -120,7 +121,9 @@ def test_the_documented_export_command_works(readme: Path, tmp_path: Path, monke
     args[args.index("--out") + 1] = str(tmp_path)
     monkeypatch.chdir(ROOT)
     assert main(args) == 0
-    assert (tmp_path / f"{name}.zip").is_file()
+    zipped = tmp_path / f"{name}_v0.1.0.zip"
+    digest, file_name = (tmp_path / f"{name}_v0.1.0.zip.sha256").read_text().split()
+    assert file_name == zipped.name and digest == hashlib.sha256(zipped.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: p.parent.parent.name)

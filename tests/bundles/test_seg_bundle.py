@@ -60,7 +60,8 @@ def test_inference_writes_masks_on_the_input_grid(trained: dict, repo_root: Path
     first = sorted((trained["data"] / "images").glob("*.nii.gz"))[0]
     (images / first.name).write_bytes(first.read_bytes())
     run_bundle([f"{CONFIGS}/inference.json"],
-               {"bundle_root": trained["bundle_root"], "dataset_dir": images, "output_dir": out}, cwd=repo_root)
+               {"bundle_root": trained["bundle_root"], "dataset_dir": images, "output_dir": out, "save_overlays": "true"},
+               cwd=repo_root)
     for img_path in sorted(images.glob("*.nii.gz")):
         stem = img_path.name[: -len(".nii.gz")]
         img, mask = nib.load(img_path), nib.load(out / f"{stem}_seg.nii.gz")
@@ -119,3 +120,27 @@ def test_check_bundles(trained: dict, repo_root: Path, shared_dir: Path, monkeyp
                  # the trained tiny model's model.json sizes the inference network (no paper-scale build)
                  "bundle_root": str(trained["bundle_root"])}
     assert checker.check(Path(BUNDLE), overrides) == []
+
+
+def test_the_bundle_alone_fine_tunes_its_own_model(trained: dict, tmp_path: Path, repo_root: Path) -> None:
+    """As MONAI Label trains an exported bundle: nothing beside it, a trained models/model.pt inside.
+    Training fine-tunes that model and keeps its upstream provenance; with no model either, the
+    error says what training from scratch and fine-tuning need."""
+    alone = tmp_path / "meduet_seg"
+    (alone / "models").mkdir(parents=True)
+    for name in ("model.pt", "model.json"):
+        (alone / "models" / name).write_bytes((trained["bundle_root"] / "models" / name).read_bytes())
+    before = json.loads((alone / "models" / "model.json").read_text())
+    args = {"bundle_root": alone, "dataset_dir": trained["data"], "max_epochs": 1, "val_interval": 1,
+            "num_samples": 1, "output_dir": tmp_path / "eval"}
+    proc = run_bundle([f"{CONFIGS}/train.json", f"{CONFIGS}/demo.json"], args, cwd=repo_root)
+    assert f"fine-tuning from {alone / 'models' / 'model.pt'}" in proc.stdout + proc.stderr
+    after = json.loads((alone / "models" / "model.json").read_text())
+    assert after["network"] == before["network"]  # the trained architecture, not the config's size
+    assert after["vae_sha256"] == before["vae_sha256"] and after["finetuned_from_sha256"] == before["sha256"]
+    assert after["sha256"] != before["sha256"] and after["epoch"] == 1
+    empty = tmp_path / "empty" / "meduet_seg"
+    proc = run_bundle([f"{CONFIGS}/train.json", f"{CONFIGS}/demo.json"], {**args, "bundle_root": empty},
+                      cwd=repo_root, check=False)
+    assert proc.returncode != 0
+    assert "Training from scratch needs the upstream bundles" in proc.stderr and "fine-tuning needs" in proc.stderr

@@ -17,12 +17,12 @@ from custom_nets.utils.checkpoint import read_stage_meta
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.flags import as_bool
 from tests.support.bundle_runner import run_bundle
-from tests.support.tiny_upstream import build_upstream, config_files, train_overrides
+from tests.support.world import config_files, session_world, train_overrides
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory) -> dict[str, Path]:
-    return build_upstream(tmp_path_factory.mktemp("switches"))
+    return session_world(tmp_path_factory)
 
 
 def test_as_bool_reads_words_and_refuses_others() -> None:

@@ -44,9 +44,12 @@ def isolated_python(args: list[str], cwd: Path, timeout: float = 300) -> subproc
 
 
 def extract(zip_path: Path, dest: Path) -> Path:
+    """Extract a bundle zip; returns its single top folder (the bundle name, without ``_v<version>``)."""
     with zipfile.ZipFile(zip_path) as zf:
         zf.extractall(dest)
-    return dest / zip_path.stem
+        (top,) = {n.split("/")[0] for n in zf.namelist()}
+    assert zip_path.name.startswith(f"{top}_v") and zip_path.suffix == ".zip"
+    return dest / top
 
 
 def one_image(world: dict[str, Path], dest: Path) -> Path:
@@ -78,28 +81,32 @@ def test_zip_layout(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) ->
     world = session_world(tmp_path_factory)
     assert main(["bundles/meduet_vae", "bundles/meduet_seg", "--out", str(tmp_path / "dist")]) == 0
     for name in ("meduet_vae", "meduet_seg"):
-        with zipfile.ZipFile(tmp_path / "dist" / f"{name}.zip") as zf:
+        with zipfile.ZipFile(tmp_path / "dist" / f"{name}_v0.1.0.zip") as zf:
             names = zf.namelist()
             assert all(n.startswith(f"{name}/") for n in names)
             for f in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/logging.conf",
                       "docs/README.md", "large_files.yml", "custom_nets/__init__.py",
                       "custom_nets/nets/latent_segmenter.py"):
-                assert f"{name}/{f}" in names, f"{name}.zip lacks {f}"
+                assert f"{name}/{f}" in names, f"{name}_v0.1.0.zip lacks {f}"
             assert not [n for n in names if "__pycache__" in n or "/checkpoints/" in n or "/eval/" in n]
-            assert json.loads(zf.read(f"{name}/configs/inference.json"))["bundle_root"] == "."
+            zipped = json.loads(zf.read(f"{name}/configs/inference.json"))
+            assert zipped["bundle_root"] == "."
+            # initialize moved to the front of run (see export_bundle's docstring), nothing lost
+            repo = json.loads((ROOT / "bundles" / name / "configs" / "inference.json").read_text())
+            assert "initialize" not in zipped and zipped["run"] == repo.get("initialize", []) + repo["run"]
             assert json.loads(zf.read(f"{name}/configs/metadata.json")) == json.loads(
                 (ROOT / "bundles" / name / "configs" / "metadata.json").read_text())
     # --models-dir packs weights trained elsewhere; --no-models leaves them out
     models = world["seg_model"].parent
     assert main(["bundles/meduet_seg", "--out", str(tmp_path / "m"), "--models-dir", str(models)]) == 0
-    with zipfile.ZipFile(tmp_path / "m" / "meduet_seg.zip") as zf:
+    with zipfile.ZipFile(tmp_path / "m" / "meduet_seg_v0.1.0.zip") as zf:
         assert zf.read("meduet_seg/models/model.pt") == world["seg_model"].read_bytes()
         assert "meduet_seg/models/model.json" in zf.namelist()
     assert main(["bundles/meduet_seg", "--out", str(tmp_path / "n"), "--no-models"]) == 0
-    with zipfile.ZipFile(tmp_path / "n" / "meduet_seg.zip") as zf:
+    with zipfile.ZipFile(tmp_path / "n" / "meduet_seg_v0.1.0.zip") as zf:
         assert not [n for n in zf.namelist() if n.startswith("meduet_seg/models/")]
     assert main(["bundles/meduet_seg", "--out", str(tmp_path / "e"), "--models-dir", str(tmp_path)]) == 1
-    assert not (tmp_path / "e" / "meduet_seg.zip").exists()
+    assert not (tmp_path / "e" / "meduet_seg_v0.1.0.zip").exists()
 
 
 def test_extracted_seg_bundle_segments_without_the_repository(tmp_path_factory: pytest.TempPathFactory,
@@ -108,15 +115,34 @@ def test_extracted_seg_bundle_segments_without_the_repository(tmp_path_factory: 
 
     world = session_world(tmp_path_factory)
     zip_path = export_bundle(ROOT / "bundles" / "meduet_seg", tmp_path / "dist", models_dir=world["seg_model"].parent)
-    bundle = extract(zip_path, tmp_path / "extracted")
+    # fetched as a user would, into an empty folder, by the isolated interpreter
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    proc = isolated_python(["-m", "monai.bundle", "download", "--name", "meduet_seg", "--url", zip_path.as_uri(),
+                            "--bundle_dir", str(fetched)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bundle = fetched / "meduet_seg"
+    assert (bundle / "configs" / "inference.json").is_file() and (bundle / "models" / "model.pt").is_file()
     origin = isolated_python(["-c", "import custom_nets; print(custom_nets.__file__)"], cwd=bundle)
     assert Path(origin.stdout.strip()).resolve() == (bundle / "custom_nets" / "__init__.py").resolve(), origin.stderr
 
     images = one_image(world, tmp_path / "images")
-    out = tmp_path / "masks"
-    # one VAE tile over the whole (padded 96^3) volume and no window overlap keep it quick; same code path
-    run_in_bundle(bundle, "inference.json", {"dataset_dir": images, "output_dir": out, "overlap": 0,
-                                             "inferer#vae_roi_size": 96})
+    # one VAE tile over the whole (padded 96^3) volume and no window overlap keep it quick; same code path.
+    # No output_dir: the masks go under the bundle, $@bundle_root/eval/segmentation
+    run_in_bundle(bundle, "inference.json", {"dataset_dir": images, "overlap": 0, "inferer#vae_roi_size": 96})
+    out = bundle / "eval" / "segmentation"
+    # and from another folder, naming the bundle: the same masks
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cmd = ["-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+           "--bundle_root", str(bundle), "--dataset_dir", str(images), "--output_dir", str(tmp_path / "outside"),
+           "--overlap", "0", "--inferer#vae_roi_size", "96"]
+    proc = isolated_python(cmd, cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for mask in out.glob("*_seg.nii.gz"):
+        np.testing.assert_array_equal(np.asarray(nib.load(mask).dataobj),
+                                      np.asarray(nib.load(tmp_path / "outside" / mask.name).dataobj))
+    assert list(out.glob("*_seg.nii.gz")) and not list(elsewhere.iterdir())  # nothing written where it ran
     src = next(images.glob("*.nii.gz"))
     mask = nib.load(out / src.name.replace(".nii.gz", "_seg.nii.gz"))
     img = nib.load(src)

@@ -87,8 +87,11 @@ def write_dicom_series(
     series_uid: str | None = None,
     tilt_deg: float = 30.0,
     prefix: str = "IM",
+    spacing: float = 2.5,
+    decimals: int = 4,
 ) -> dict:
-    """CT slices 16 rows x 12 columns, oblique (rotated about x), files named in reverse order."""
+    """CT slices 16 rows x 12 columns, oblique (rotated about x), files named in reverse order;
+    positions written with ``decimals`` decimals (scanners often round to 0.1 mm)."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -99,7 +102,6 @@ def write_dicom_series(
     row_dir, col_dir = np.array([1.0, 0, 0]), np.array([0, c, -s])
     normal = np.cross(row_dir, col_dir)
     origin = np.array([-100.0, -120.0, -50.0])
-    spacing = 2.5
     pixels = {}
     for k in range(n_slices):
         if k in skip:
@@ -118,7 +120,7 @@ def write_dicom_series(
         ds.Rows, ds.Columns = 16, 12
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.ImagePositionPatient = [round(float(v), 4) for v in origin + k * spacing * normal]
+        ds.ImagePositionPatient = [round(float(v), decimals) for v in origin + k * spacing * normal]
         ds.ImageOrientationPatient = [round(float(v), 6) for v in np.r_[row_dir, col_dir]]
         ds.PixelSpacing = [0.7, 0.8]  # between rows, between columns
         ds.SliceThickness = spacing
@@ -206,6 +208,27 @@ def _check_converted_dicom(path: Path, geometry: dict) -> None:
         ras = lps * np.array([-1, -1, 1])
         np.testing.assert_allclose(img.affine @ [i, j, k, 1], [*ras, 1], atol=1e-3)
     np.testing.assert_allclose(img.get_qform(), img.affine, atol=1e-4)
+
+
+def test_dicom_positions_rounded_to_a_tenth_of_a_mm_are_one_series(tmp_path: Path) -> None:
+    """An oblique series (20 slices, 7 mm) whose positions are stored to 0.1 mm: gaps of 6.9-7.1 mm
+    are rounding, not missing slices; a real gap in the same series is still reported."""
+    write_dicom_series(tmp_path / "rounded", n_slices=20, spacing=7.0, tilt_deg=17.0, decimals=1)
+    series = scan_series(tmp_path / "rounded")
+    assert series.shape[2] == 20
+    np.testing.assert_allclose(np.linalg.norm(series.affine[:3, 2]), 7.0, atol=0.02)
+    write_dicom_series(tmp_path / "gap", n_slices=20, spacing=7.0, tilt_deg=17.0, decimals=1, skip=(9,))
+    with pytest.raises(InputError, match="missing slice\\(s\\): 1 missing"):
+        scan_series(tmp_path / "gap")
+    write_dicom_series(tmp_path / "uneven", n_slices=6, spacing=7.0, tilt_deg=17.0, decimals=1, skip=())
+    import pydicom  # a slice moved by 1 mm: more than rounding, less than a slice
+
+    f = sorted((tmp_path / "uneven").iterdir())[2]
+    ds = pydicom.dcmread(str(f))
+    ds.ImagePositionPatient = [float(v) + d for v, d in zip(ds.ImagePositionPatient, (0.0, 0.0, 1.0))]
+    ds.save_as(str(f))
+    with pytest.raises(InputError, match="inconsistent slice spacing"):
+        scan_series(tmp_path / "uneven")
 
 
 def test_dicom_affine_matches_itk(tmp_path: Path) -> None:
@@ -466,3 +489,21 @@ def test_cli_usage_errors_and_exit_status(tmp_path: Path) -> None:
     dup_args = ["--source", f"P={tmp_path}", "--source", f"P={tmp_path}"]
     dup = subprocess.run(cmd + dup_args, capture_output=True, text=True, env=env)
     assert dup.returncode == 2 and "unique" in dup.stderr
+
+
+def test_a_missing_datalist_resolves_empty_only_when_allowed(tmp_path: Path) -> None:
+    """Configs resolve before their data exist (missing_ok); a run then stops naming the config id."""
+    from custom_nets.engines.seg.inference import inference_items
+    from custom_nets.utils.inputs import require_inputs
+
+    missing = tmp_path / "nowhere" / "datalist.json"
+    with pytest.raises(InputError, match="file not found"):
+        load_datalist(missing)
+    empty = load_datalist(missing, keys=("training", "validation"), missing_ok=True)
+    assert empty["training"] == empty["validation"] == empty["domains"] == [] and empty["missing"] == str(missing)
+    assert inference_items(tmp_path / "no_images", missing_ok=True) == []
+    with pytest.raises(InputError, match="no_images"):
+        inference_items(tmp_path / "no_images")
+    with pytest.raises(InputError, match=f"^datalist: {missing} not found; set it with --datalist PATH$"):
+        require_inputs({"datalist": missing})
+    require_inputs({"datalist": make_folder(tmp_path / "present")})  # an existing path passes

@@ -108,8 +108,9 @@ def test_crop_dataset_and_loader(tmp_path: Path) -> None:
     batches = list(loader)
     assert [b["latent"].shape for b in batches] == [(3, 4, 24, 24, 24)] * 2
     assert batches[0]["domain_index"].tolist() == [0, 1, 0]
-    with pytest.raises(ValueError, match="at least one"):
-        LatentCropDataset([])
+    # no items: a config resolved before its cache exists (an existing cache's empty training split
+    # is refused by load_latent_datalist, below)
+    assert len(LatentCropDataset([])) == 0
 
 
 def test_latent_datalist_validation(tmp_path: Path) -> None:
@@ -122,6 +123,17 @@ def test_latent_datalist_validation(tmp_path: Path) -> None:
         load_latent_datalist(path, vae_sha256="c" * 64)
     with pytest.raises(InputError, match=r"datalist\.json: latents have 4 channels.*expects 8"):
         load_latent_datalist(path, latent_channels=8)
+
+    # a missing cache: refused, or (missing_ok, a config resolved before the cache exists) empty
+    with pytest.raises(InputError, match="file not found"):
+        load_latent_datalist(tmp_path / "nowhere.json")
+    empty = load_latent_datalist(tmp_path / "nowhere.json", keys=("training", "validation"), missing_ok="true")
+    assert empty["training"] == empty["validation"] == empty["domains"] == [] and empty["missing"]
+    # an existing cache with nothing to train on is refused, missing_ok or not
+    no_training = tmp_path / "no_training.json"
+    no_training.write_text(json.dumps({**json.loads(path.read_text()), "training": []}))
+    with pytest.raises(InputErrors, match="split 'training' is missing or empty"):
+        load_latent_datalist(no_training, missing_ok=True)
 
     raw = json.loads(path.read_text())
     raw["training"][0]["shape"] = [4, 24, 24, 25]

@@ -162,3 +162,20 @@ def test_nan_voxels_raise_naming_the_file(tmp_path: Path) -> None:
     assert found is not None and "nan_case.nii.gz: 1 non-finite" in str(found)
     with pytest.raises(InputError, match="given_name: 1 non-finite"):
         check_finite(np.array([0.0, np.inf]), "given_name")
+
+
+def test_label_values_outside_the_classes_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """The check runs inside the preprocessing, so it also guards data that no datalist builder saw
+    (MONAI Label hands its own datalist to the train config)."""
+    image, label = body()
+    img = write_nifti(tmp_path / "im.nii.gz", image)
+    good = write_nifti(tmp_path / "good.nii.gz", label * 7)  # classes 0 and 7 of 8
+    out = preprocess_transforms(label_key="label", num_classes=8)({"image": img, "label": good})
+    assert set(np.unique(out["label"].numpy())) == {0.0, 7.0}
+    for name, bad, shown in (("nine.nii.gz", label * 9, "9"), ("half.nii.gz", label * 2.5, "2.5"),
+                             ("neg.nii.gz", label.astype(np.int16) * -1, "-1")):
+        path = write_nifti(tmp_path / name, bad)
+        with pytest.raises(Exception) as err:
+            preprocess_transforms(label_key="label", num_classes=8)({"image": img, "label": path})
+        found = input_error_from(err.value) or err.value
+        assert name in str(found) and f"label values {shown} are not classes 0..7" in str(found), str(found)

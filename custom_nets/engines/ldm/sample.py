@@ -32,11 +32,14 @@ from tqdm import tqdm
 
 from custom_nets.data.latent_cache import open_latent
 from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
-from custom_nets.engines.ldm.objective import is_flow, scheduler_from_args
+from custom_nets.engines.ldm.objective import is_flow, make_scheduler, scheduler_args, scheduler_from_args
 from custom_nets.engines.ldm.sources import FactorSource
 from custom_nets.engines.vae.encode import to_intensity
-from custom_nets.nets.vae import decode_latent, load_vae
-from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta
+from custom_nets.nets.latent_dit import ldm_size_config
+from custom_nets.nets.vae import decode_latent, load_vae, vae_for_checkpoint
+from custom_nets.utils.checkpoint import check_upstream, file_sha256, meta_path, read_stage_meta
+from custom_nets.utils.flags import as_bool
+from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.io import atomic_path, save_nifti
 from custom_nets.utils.visualize import central_slices
 
@@ -266,9 +269,27 @@ def prepare_sampling_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def load_matching_vae(vae_ckpt: str | Path, generator_meta: Mapping[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
+def read_generator_meta(model_path: str | Path, model_size: str = "paper") -> dict[str, Any]:
+    """The meduet_ldm ``model.json`` beside ``model_path``; when it does not exist yet, the metadata of
+    an untrained ``model_size`` generator (paper latent window and factor widths, flow scheduler), so
+    that a config resolves before training (loading the weights in ``initialize`` then says what is missing)."""
+    if not is_missing(model_path) or meta_path(model_path).is_file():
+        return read_stage_meta(model_path, "meduet_ldm")
+    note_missing(model_path, "generator checkpoint")
+    network = {"in_channels": 4, "input_size": [64, 64, 32], "patch_size": 4, **ldm_size_config(model_size)}
+    return {"network": network, "latent_channels": 4, "scale_factor": 1.0,
+            "scheduler": scheduler_args(make_scheduler("flow")), "missing": str(model_path)}
+
+
+def load_matching_vae(vae_ckpt: str | Path, generator_meta: Mapping[str, Any], device: str | torch.device = "cpu",
+                      missing_ok: bool = False) -> torch.nn.Module:
     """The meduet_vae network to decode samples with, refused unless it is the VAE whose latents
-    trained the generator (model.json ``vae_sha256``), since another VAE's latent space differs."""
+    trained the generator (model.json ``vae_sha256``), since another VAE's latent space differs.
+    ``missing_ok``: a missing checkpoint gives an untrained paper-size VAE (a config resolved before
+    its inputs exist; the run stops before using it)."""
+    if as_bool(missing_ok, "missing_ok") and is_missing(vae_ckpt):
+        note_missing(vae_ckpt, "VAE checkpoint")
+        return vae_for_checkpoint(None).eval().to(device)
     read_stage_meta(vae_ckpt, "meduet_vae")
     check_upstream(
         vae_ckpt, "the generator", "meduet_vae", generator_meta.get("vae_sha256"), file_sha256(vae_ckpt),

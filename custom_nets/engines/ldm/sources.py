@@ -180,7 +180,12 @@ def resolve_sources(
         bank: the factor bank (needed for rows).
         root: folder of relative reference paths (the bundle's ``dataset_dir``).
         extractor: computes factors of reference volumes.
+
+    A bank that is a missing placeholder (``FactorBank.load(..., missing_ok=True)``) gives no
+    sources: the config resolved before its inputs exist, and its run stops in ``require_inputs``.
     """
+    if bank is not None and bank.meta.get("missing"):
+        return []
     if isinstance(specs, int):
         if bank is None:
             raise InputError("factor_bank", "a number of sources needs the factor bank")

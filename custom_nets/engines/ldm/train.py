@@ -24,9 +24,11 @@ from custom_nets.engines.common.export import StageExporter
 from custom_nets.engines.common.step import engine_amp, optimizer_step
 from custom_nets.engines.ldm.objective import diffusion_loss, is_flow, scheduler_args
 from custom_nets.engines.ssl.factor_bank import FactorBank
+from custom_nets.nets.latent_dit import LatentDiT, maybe_init_from_meduet
 from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta
 from custom_nets.utils.flags import as_bool
 from custom_nets.utils.io import read_json
+from custom_nets.utils.parallel import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +195,23 @@ class GeneratorExporter(StageExporter):
             ema_decay=self.ema.decay,
             ema_updates=int(self.ema.num_updates),
         )
+
+
+def load_upstream(generator: LatentDiT, bank: FactorBank, ssl_ckpt: str | Path | None, init: bool) -> LatentDiT:
+    """The generator's start from the previous stage (the config's ``load_upstream``, run by ``initialize``).
+
+    Args:
+        generator: the untrained network (``network_def``; a DDP wrapper's module is reached the same).
+        bank: the factor bank that conditions training.
+        ssl_ckpt: the meduet_ssl checkpoint.
+        init: initialise from the MeDUET encoder (``init_from_ssl``; any switch spelling).
+
+    Returns:
+        ``generator``, initialised in place when ``init``.
+    """
+    maybe_init_from_meduet(unwrap(generator), ssl_ckpt, init)
+    check_ssl_consistency(bank, ssl_ckpt, init)
+    return generator
 
 
 def check_ssl_consistency(bank: FactorBank, ssl_ckpt: str | Path | None, init: bool) -> None:

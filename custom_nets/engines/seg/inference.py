@@ -34,6 +34,7 @@ from monai.utils import convert_to_dst_type
 from custom_nets.data.datalist import folder_items, load_datalist
 from custom_nets.nets.vae import ENCODE_PRECISIONS, GRANULARITIES
 from custom_nets.utils.flags import as_bool
+from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.parallel import unwrap
 from custom_nets.utils.values import as_path
 
@@ -45,7 +46,8 @@ SPACES = ("latent", "image")
 
 
 def inference_items(
-    dataset_dir: str | Path | None, datalist: str | Path | None = None, keys: Sequence[str] = ("testing",)
+    dataset_dir: str | Path | None, datalist: str | Path | None = None, keys: Sequence[str] = ("testing",),
+    missing_ok: bool = False,
 ) -> list[dict[str, Any]]:
     """Items to segment: the lists ``keys`` of a datalist JSON when given, else every image in ``dataset_dir``.
 
@@ -54,6 +56,8 @@ def inference_items(
             :func:`custom_nets.data.datalist.folder_items`).
         datalist: optional datalist JSON (contract format); its items keep their "modality".
         keys: which lists of the datalist to segment.
+        missing_ok: a missing folder or datalist gives no items (a config resolved before its data
+            exist; its run stops in :func:`custom_nets.utils.inputs.require_inputs`).
 
     Returns:
         Items with absolute "image" paths.
@@ -61,6 +65,10 @@ def inference_items(
     Raises:
         InputError / InputErrors: missing folder, no images, unreadable files (each named).
     """
+    source = datalist if as_path(datalist) is not None else dataset_dir
+    if as_bool(missing_ok, "missing_ok") and source not in (None, "") and is_missing(source):
+        note_missing(source, "input")
+        return []
     if as_path(datalist) is not None:
         data = load_datalist(datalist, keys=tuple(keys))
         return [dict(it) for k in keys for it in data[k]]
@@ -157,10 +165,10 @@ class LatentSlidingWindowInferer(Inferer):
         self.vae_granularity, self.vae_store_dtype = vae_granularity, getattr(torch, vae_store_dtype)
         self.sw_device = sw_device
         self.device = device
-        self.progress = progress
+        self.progress = as_bool(progress, "progress")
         self._image_inferer = SlidingWindowInferer(
             roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode=mode,
-            sigma_scale=self.sigma_scale, sw_device=sw_device, device=device, progress=progress,
+            sigma_scale=self.sigma_scale, sw_device=sw_device, device=device, progress=self.progress,
         )
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:

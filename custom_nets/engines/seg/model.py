@@ -16,12 +16,14 @@ from torch import nn
 from custom_nets.nets.latent_segmenter import LatentSegmenter
 from custom_nets.utils.checkpoint import check_upstream, file_sha256, load_stage_checkpoint, meta_path, read_stage_meta
 from custom_nets.utils.errors import CheckpointError
+from custom_nets.utils.inputs import is_missing
 from custom_nets.utils.parallel import unwrap
 from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "finetune_source",
     "network_args_from_upstream",
     "build_segmenter",
     "load_vae_weights",
@@ -155,14 +157,43 @@ def load_segmenter_weights(network: nn.Module, model_ckpt: str | Path) -> dict[s
     return info
 
 
+def finetune_source(vae_ckpt: str | Path | None, model_ckpt: str | Path | None) -> str | None:
+    """The bundle's own trained ``model.pt`` when the upstream VAE is not there, else None.
+
+    An exported bundle used on its own (MONAI Label's BundleTrainTask, nothing beside it) holds every
+    weight it trains in ``models/model.pt``; training then fine-tunes that model. With the upstream
+    VAE present, training starts from the upstream stages as usual.
+    """
+    if is_missing(vae_ckpt) and not is_missing(model_ckpt) and Path(model_ckpt).is_file():  # type: ignore[arg-type]
+        return str(model_ckpt)
+    return None
+
+
 def init_from_upstream(
-    network: nn.Module, vae_ckpt: str | Path, ssl_ckpt: str | Path | None = None
+    network: nn.Module, vae_ckpt: str | Path, ssl_ckpt: str | Path | None = None,
+    finetune_from: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Training start: load the VAE (required) and the MeDUET ViT (unless ``ssl_ckpt`` is None/"none").
+    """Training start: load the VAE (required) and the MeDUET ViT (unless ``ssl_ckpt`` is None/"none"),
+    or, with ``finetune_from`` (see :func:`finetune_source`), the trained segmenter to fine-tune.
 
     Returns:
-        {"vae_sha256": ..., "ssl_sha256": ... or None, "ssl_init": bool} for the exported metadata.
+        {"vae_sha256": ..., "ssl_sha256": ... or None, "ssl_init": bool} for the exported metadata
+        (``{"finetune_from": path}`` when fine-tuning).
+
+    Raises:
+        CheckpointError: no VAE checkpoint and nothing to fine-tune; the message says what to provide.
     """
+    if as_path(finetune_from) is not None:
+        load_segmenter_weights(network, finetune_from)  # type: ignore[arg-type]
+        logger.info("fine-tuning from %s (no upstream VAE at %s)", finetune_from, vae_ckpt)
+        return {"finetune_from": str(finetune_from)}
+    if is_missing(vae_ckpt):
+        raise CheckpointError(
+            f"{vae_ckpt}: VAE checkpoint not found. Training from scratch needs the upstream bundles "
+            "(meduet_vae's models/model.pt, and meduet_ssl's for the MeDUET start) beside this bundle, or "
+            "vae_ckpt / ssl_ckpt pointing at them; fine-tuning needs a trained meduet_seg models/model.pt "
+            "in this bundle (model_path)"
+        )
     vae_info = load_vae_weights(network, vae_ckpt)
     out: dict[str, Any] = {"vae_ckpt": str(vae_ckpt), "vae_sha256": vae_info.get("sha256"), "ssl_ckpt": None,
                            "ssl_sha256": None, "ssl_init": False}

@@ -18,6 +18,7 @@ from custom_nets.engines.common.export import StageExporter
 from custom_nets.utils.checkpoint import read_stage_meta
 from custom_nets.utils.overlay import save_label_overlay
 from custom_nets.utils.values import as_path
+from custom_nets.utils.inputs import is_missing
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class SegModelExporter(StageExporter):
         vae_ckpt: VAE checkpoint the network was built on (its sha256 is recorded).
         ssl_ckpt: SSL checkpoint the ViT was initialised from, or None/"none".
         policy: "best", "final" or "every N" (:class:`~custom_nets.engines.common.export.StageExporter`).
+        finetune_from: the trained model.pt this run fine-tunes (no upstream bundles beside it): its
+            upstream provenance is carried over, read when the handler is attached (before the
+            first export may overwrite it).
         extra: more JSON facts for model.json (e.g. label_fraction).
     """
 
@@ -106,23 +110,39 @@ class SegModelExporter(StageExporter):
         vae_ckpt: str | Path | None = None,
         ssl_ckpt: str | Path | None = None,
         policy: str = "best",
+        finetune_from: str | Path | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(network, path, "meduet_seg", policy, evaluator, extra)
+        self.finetune_from = None if is_missing(finetune_from) else Path(finetune_from)  # type: ignore[arg-type]
+        self.inherited: dict[str, Any] | None = None
         self.labels = channel_def(labels) if labels else None
         self.vae_ckpt, self.ssl_ckpt = vae_ckpt, ssl_ckpt
 
+    def attach(self, engine: Any) -> None:
+        if self.finetune_from is not None:
+            src = read_stage_meta(self.finetune_from, "meduet_seg")
+            self.inherited = {k: src.get(k) for k in ("vae_ckpt", "vae_sha256", "ssl_ckpt", "ssl_sha256")}
+            self.inherited["finetuned_from_sha256"] = src.get("sha256")
+        super().attach(engine)
+
     def metadata(self, network: nn.Module) -> dict[str, Any]:
-        """The network's constructor arguments, labels and provenance."""
+        """The network's constructor arguments, labels and provenance (a fine-tuned model keeps its source's)."""
         args = getattr(network, "network_args", None)
         if args is None:
             raise ValueError(f"{type(network).__name__} does not record its constructor arguments (network_args)")
-        ssl_sha256 = _upstream_sha(self.ssl_ckpt, "meduet_ssl")
+        if self.inherited is not None:
+            upstream = dict(self.inherited)
+        else:
+            ssl_sha256 = _upstream_sha(self.ssl_ckpt, "meduet_ssl")
+            upstream = dict(
+                vae_ckpt=None if self.vae_ckpt is None else str(self.vae_ckpt),
+                vae_sha256=_upstream_sha(self.vae_ckpt, "meduet_vae"),
+                ssl_ckpt=None if ssl_sha256 is None else str(self.ssl_ckpt), ssl_sha256=ssl_sha256,
+            )
         return dict(
             network=args, labels=self.labels, num_classes=args.get("num_classes"), key_metric=self.key_metric(),
-            vae_ckpt=None if self.vae_ckpt is None else str(self.vae_ckpt),
-            vae_sha256=_upstream_sha(self.vae_ckpt, "meduet_vae"),
-            ssl_ckpt=None if ssl_sha256 is None else str(self.ssl_ckpt), ssl_sha256=ssl_sha256,
+            **upstream,
         )
 
 

@@ -44,7 +44,9 @@ from monai.inferers import Inferer
 from custom_nets.engines.common.outputs import check_output_dir, settings_key
 from custom_nets.utils.checkpoint import check_upstream, file_sha256, read_stage_meta, save_torch
 from custom_nets.utils.errors import InputError, InputErrors
+from custom_nets.nets.meduet import meduet_config
 from custom_nets.utils.flags import as_bool
+from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.io import atomic_path, read_json, write_json
 from custom_nets.utils.visualize import save_factor_scatter
 
@@ -266,13 +268,23 @@ class FactorBank:
         return pt
 
     @classmethod
-    def load(cls, path: str | Path) -> FactorBank:
+    def load(cls, path: str | Path, missing_ok: bool = False) -> FactorBank:
         """Read a factor bank (its folder or ``factor_bank.pt``) and check that both files agree.
+
+        ``missing_ok``: a missing bank gives an empty one with the paper's factor widths (a config
+        resolved before the bank exists; its run stops in :func:`custom_nets.utils.inputs.require_inputs`).
 
         Raises:
             InputError: a missing or unreadable file, missing tensors, shapes that disagree with
                 ``factor_bank.json``, or items without a ``latent`` path (each naming the file).
         """
+        if as_bool(missing_ok, "missing_ok") and is_missing(path):
+            note_missing(path, "factor bank")
+            cfg = meduet_config("paper")
+            width = int(cfg["encoder"]["embed_dim"])
+            style = int(width * cfg["style_ratio"])
+            return cls(torch.zeros(0, width), torch.zeros(0, style), torch.zeros(0, dtype=torch.long), [], [],
+                       {"missing": str(path)}, Path(str(path)))
         path = Path(path)
         pt = path / FACTOR_BANK_PT if path.is_dir() else path
         js = pt.with_name(FACTOR_BANK_JSON)

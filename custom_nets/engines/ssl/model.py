@@ -38,18 +38,20 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
-def meduet_network_args(size: str = "paper", n_domains: int = 10, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def meduet_network_args(size: str = "paper", n_domains: int | None = 10, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """MeDUET constructor arguments: a named size, the number of domains, then ``overrides``.
 
     Args:
         size: ``"paper"`` (ViT-B; ``"B"`` is the same) or ``"demo"`` (:func:`~custom_nets.nets.meduet.meduet_config`).
-        n_domains: domains of the latent datalist (size of the domain classifiers).
+        n_domains: domains of the latent datalist (size of the domain classifiers); None keeps the
+            size's own (a config resolved before its latent cache exists).
         overrides: arguments to change, nested for the encoder (``{"encoder": {"depth": 6}}``).
 
     Returns:
         JSON-friendly arguments (what model.json records as ``network``).
     """
-    args = _merge(meduet_config(size), {"n_domains": int(n_domains), **dict(overrides or {})})
+    domains = {"n_domains": int(n_domains)} if n_domains else {}
+    args = _merge(meduet_config(size), {**domains, **dict(overrides or {})})
     return jsonable(args)
 
 

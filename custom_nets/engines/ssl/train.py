@@ -31,13 +31,15 @@ from custom_nets.engines.common.step import first_item
 from custom_nets.engines.ssl.model import STAGE, meduet_metadata
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.utils.errors import InputError
+from custom_nets.utils.inputs import is_missing
 
 logger = logging.getLogger(__name__)
 
 
 def domain_indices(items: Sequence[Mapping[str, Any]], source: str | Path = "latent datalist") -> list[int]:
-    """``domain_index`` of every latent item (what the pair sampler needs); refuses an empty list."""
-    if not items:
+    """``domain_index`` of every latent item (what the pair sampler needs); refuses an empty list
+    (unless the datalist itself is missing: the run's require_inputs reports that)."""
+    if not items and not is_missing(source):
         raise InputError(source, "no items to train or validate on (check the 'training' / 'validation' lists)")
     return [int(it["domain_index"]) for it in items]
 

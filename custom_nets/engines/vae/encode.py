@@ -31,6 +31,7 @@ from custom_nets.nets.vae import DOWNSAMPLE, decode_latent, encode_volume, laten
 from custom_nets.utils.checkpoint import read_stage_meta
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.flags import as_bool
+from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.io import read_json, save_nifti, write_json
 from custom_nets.utils.visualize import save_slice_montage
 
@@ -97,12 +98,16 @@ class TiledVAEDecoder:
 
 
 def datalist_items(datalist: str | Path, splits: Sequence[str] = ("training", "validation"),
-                   check_headers: bool = True) -> list[dict[str, Any]]:
+                   check_headers: bool = True, missing_ok: bool = False) -> list[dict[str, Any]]:
     """Items of the named splits of an image datalist, validated, each tagged with ``"split"``.
 
     Splits other than "training" may be absent. The datalist's ``domains`` are kept on each item
-    (``"domains"``) so that the latent datalist can list them.
+    (``"domains"``) so that the latent datalist can list them. ``missing_ok``: a missing datalist
+    gives no items (see :func:`custom_nets.utils.inputs.require_inputs`).
     """
+    if as_bool(missing_ok, "missing_ok") and is_missing(datalist):
+        note_missing(datalist, "datalist")
+        return []
     data = load_datalist(datalist, keys=("training",) if "training" in splits else (), check_headers=check_headers)
     items = []
     for split in splits:
