@@ -385,6 +385,46 @@ def dice_per_label(pred: Any, ref: Any, num_classes: int = 8) -> list[float | No
     return out
 
 
+def latent_grid_ceilings(out: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Best Dice a head that decides on the 16^3 latent grid can reach on the test labels (no training).
+
+    "majority_nearest": each 4^3 block takes its majority label, nearest upsampling back;
+    "fractions_trilinear": each block's class fractions (the sharpest logits a latent voxel can
+    hold) upsampled trilinearly from the block-centre grid, then argmax.
+    """
+    import numpy as np
+    import torch
+
+    from custom_nets.nets.latent_grid import latent_to_image
+    from meduet_demo.phantoms import PHANTOM_LABELS
+
+    path = out / "ceilings.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    k = len(PHANTOM_LABELS)
+    rows: dict[str, list[list[float | None]]] = {"majority_nearest": [], "fractions_trilinear": []}
+    seen = set()
+    for d in data["test"]:
+        if d["anatomy"] in seen:
+            continue
+        seen.add(d["anatomy"])
+        ref = torch.as_tensor(d["label"]).long()
+        frac = torch.nn.functional.avg_pool3d(torch.nn.functional.one_hot(ref, k).permute(3, 0, 1, 2).float()[None], 4)
+        maj = frac.argmax(1, keepdim=True).float()
+        nearest = torch.nn.functional.interpolate(maj, scale_factor=4, mode="nearest")[0, 0].long()
+        soft = latent_to_image(frac, (1.5, 4.0)).argmax(1)[0]
+        rows["majority_nearest"].append(dice_per_label(nearest, ref, k))
+        rows["fractions_trilinear"].append(dice_per_label(soft, ref, k))
+    result = {}
+    for name, r in rows.items():
+        arr = np.array([[np.nan if v is None else v for v in row] for row in r])
+        means = np.nanmean(arr, axis=0)
+        result[name] = {PHANTOM_LABELS[c + 1]: round(float(v), 4) for c, v in enumerate(means)}
+        result[name]["mean"] = round(float(np.nanmean(means)), 4)
+    write_json(path, result)
+    return result
+
+
 def gates(out: Path, data: dict[str, Any], vae_result: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -737,6 +777,13 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
 # --------------------------------------------------------------------------------------------
 
 
+def torch_load_data(out: Path, pool: int) -> dict[str, Any] | None:
+    import torch
+
+    path = out / f"data_pool{pool}.pt"
+    return torch.load(path, weights_only=False) if path.is_file() else None
+
+
 def summarise(rows: Sequence[dict[str, Any]], styles: Sequence[str]) -> dict[str, Any]:
     import numpy as np
 
@@ -791,7 +838,10 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         if aug is not None and r["model"].startswith("latent"):
             e["vs_unet_aug_unseen"] = paired_bootstrap(r["volumes"], aug["volumes"], UNSEEN_STYLES)
         entries.append(e)
+    data = torch_load_data(out, args.pool)
+    ceilings = latent_grid_ceilings(out, data) if data is not None else None
     doc = {"args": {k: v for k, v in vars(args).items()}, "machine": machine(), "gates": gate, "upstream": upstream,
+           "latent_grid_ceilings": ceilings,
            "train_styles": TRAIN_STYLES, "unseen_styles": UNSEEN_STYLES, "runs": entries}
     write_json(Path(args.json), doc)
     return doc
