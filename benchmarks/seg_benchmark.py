@@ -491,7 +491,7 @@ def gates(out: Path, data: dict[str, Any], vae_result: dict[str, Any]) -> dict[s
         "vae": vae_gate, "vae_train": {k: vae_result[k] for k in ("steps", "cpu_s", "wall_s", "final_l1")},
         "latent_grid_measured": [origin, spacing], "latent_grid_derived": list(encoder_latent_grid(vae)),
         "probe_dice_by_offset": probe_rows, "probe_best_offset": best,
-        "probe_dice": probe_rows[str(int(round(origin)))] if str(int(round(origin))) in probe_rows else probe_rows[best],
+        "probe_dice": probe_rows["block"],  # the segmenter's default placement: 4^3 blocks, centre 4k + 1.5
     }
     result["gate_vae_pass"] = vae_gate["psnr_db_clean_seen"] >= GATE_PSNR_DB
     result["gate_probe_pass"] = min(result["probe_dice"]["body"], result["probe_dice"]["liver"]) > GATE_PROBE_DICE
@@ -813,6 +813,9 @@ def paired_bootstrap(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], s
 def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, upstream: dict[str, Any]) -> dict[str, Any]:
     if (out / "gates.json").is_file():  # another worker may have written it since
         gate = json.loads((out / "gates.json").read_text())
+        # the probe at the segmenter's default placement (gates.json of the first sitting recorded 4k + 3)
+        gate["probe_dice"] = gate["probe_dice_by_offset"]["block"]
+        gate["gate_probe_pass"] = max(min(r["body"], r["liver"]) for r in gate["probe_dice_by_offset"].values()) > GATE_PROBE_DICE
     results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
     results = [r for r in results if r["steps"] == args.steps]
     entries = []
@@ -840,7 +843,22 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         entries.append(e)
     data = torch_load_data(out, args.pool)
     ceilings = latent_grid_ceilings(out, data) if data is not None else None
+    import numpy as np
+    import torch
+
+    in_progress = []
+    for st_path in sorted((out / "runs").glob(f"*_steps{args.steps}/state.pt")):
+        if (st_path.parent / "result.json").is_file():
+            continue
+        st = torch.load(st_path, weights_only=False, map_location="cpu")
+        losses = st["losses"]
+        in_progress.append({"run": st_path.parent.name, "steps_done": st["step"], "cpu_s": round(st["cpu_s"], 1),
+                            "wall_s": round(st["wall_s"], 1), "loss_first20": float(np.mean(losses[:20])),
+                            "loss_last100": float(np.mean(losses[-100:])),
+                            "loss_every10": [round(float(np.mean(losses[i:i + 10])), 4) for i in range(0, len(losses), 10)],
+                            "curve": st["curve"]})
     doc = {"args": {k: v for k, v in vars(args).items()}, "machine": machine(), "gates": gate, "upstream": upstream,
+           "in_progress": in_progress,
            "latent_grid_ceilings": ceilings,
            "train_styles": TRAIN_STYLES, "unseen_styles": UNSEEN_STYLES, "runs": entries}
     write_json(Path(args.json), doc)
