@@ -1,11 +1,20 @@
 """Where a VAE latent voxel sits on the image grid, and resampling between such grids.
 
-A MAISI downsampling pads (0, 1) and applies a stride-2 3^3 convolution without padding, so output
-voxel ``j`` reads input voxels ``2j .. 2j+2`` and is centred on input voxel ``2j + 1``. The other
-encoder convolutions are 3^3 with symmetric padding (centre preserved). After two downsamplings
-latent voxel ``k`` is centred on image voxel ``4k + 3`` (per axis), whereas ``F.interpolate(...,
-scale_factor=4, mode="trilinear", align_corners=False)`` places it at ``4k + 1.5``: logits
-upsampled that way land 1.5 voxels too low on every axis.
+Two placements of MAISI latent voxel ``k`` (per axis):
+
+- "encoder": the centre of its receptive field. A MAISI downsampling pads (0, 1) and applies a
+  stride-2 3^3 convolution without padding, so output voxel ``j`` reads input voxels ``2j .. 2j+2``
+  (centre ``2j + 1``); after two of them latent voxel ``k`` reads image voxels centred on ``4k + 3``.
+- "decoder": where the VAE decoder writes it. A MAISI upsampling is trilinear x2 with
+  ``align_corners=False`` (coarse ``j`` at fine ``2j + 0.5``), so latent ``k`` is decoded around
+  ``4k + 1.5`` -- the placement ``F.interpolate(scale_factor=4, align_corners=False)`` assumes.
+
+An untrained encoder follows the first; training the autoencoder to reconstruct through the decoder
+moves the encoder's effective centre (its gradient-weighted sensitivity, :func:`measure_sensitivity_centre`)
+towards the second. On the benchmark's trained demo VAE (issue 16) the sensitivity centre is 4k + 2.0
+and a linear probe from the latent to the labels scores best at 4k + 1 .. 2 and on 4^3 blocks
+(centre 4k + 1.5); see benchmarks/REPORT.md. Segmenters therefore place latent outputs on the
+"decoder" grid by default.
 
 A grid is described per axis by ``(origin, spacing)`` in image-voxel units: voxel ``k`` of the grid
 is centred on image coordinate ``origin + spacing * k``. The image grid is ``(0, 1)``; the MAISI
@@ -22,14 +31,19 @@ from torch import nn
 __all__ = [
     "Grid",
     "IMAGE_GRID",
+    "LATENT_GRIDS",
     "encoder_latent_grid",
+    "decoder_latent_grid",
+    "vae_latent_grid",
     "measure_latent_grid",
+    "measure_sensitivity_centre",
     "resample_grid",
     "latent_to_image",
 ]
 
 Grid = tuple[float, float]  # (origin, spacing) in image voxels, the same on every axis
 IMAGE_GRID: Grid = (0.0, 1.0)
+LATENT_GRIDS = ("decoder", "encoder")
 
 
 def encoder_latent_grid(vae: nn.Module) -> Grid:
@@ -55,6 +69,66 @@ def encoder_latent_grid(vae: nn.Module) -> Grid:
                 raise ValueError(f"unexpected MAISI downsampling (pad {pad}, {conv}); use measure_latent_grid")
             origin, spacing = origin + spacing, 2.0 * spacing
     return origin, spacing
+
+
+def decoder_latent_grid(vae: nn.Module) -> Grid:
+    """Latent grid as a MAISI VAE decoder places it: each interpolating ``MaisiUpsample`` (trilinear
+    x2, ``align_corners=False``) puts coarse voxel ``j`` at fine ``2j + 0.5``; composed from the image
+    grid down: ``(a, s) -> (a + s / 2, 2 s)``. Transposed-convolution upsampling is refused.
+
+    Args:
+        vae: an ``AutoencoderKlMaisi`` (or anything with ``.decoder``).
+
+    Returns:
+        (origin, spacing) in image voxels.
+    """
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiUpsample
+
+    origin, spacing = 0.0, 1.0
+    for m in vae.decoder.modules():
+        if isinstance(m, MaisiUpsample):
+            if m.use_convtranspose:
+                raise ValueError("transposed-convolution MAISI upsampling: use grid 'encoder' or measure it")
+            origin, spacing = origin + spacing / 2.0, 2.0 * spacing
+    return origin, spacing
+
+
+def vae_latent_grid(vae: nn.Module, placement: str = "decoder") -> Grid:
+    """:func:`decoder_latent_grid` or :func:`encoder_latent_grid` by name (see the module docstring)."""
+    if placement == "decoder":
+        return decoder_latent_grid(vae)
+    if placement == "encoder":
+        return encoder_latent_grid(vae)
+    raise ValueError(f"latent grid placement must be one of {LATENT_GRIDS}, got {placement!r}")
+
+
+def measure_sensitivity_centre(vae: nn.Module, image: torch.Tensor, voxels: Sequence[int] | None = None) -> float:
+    """Effective centre of trained latent voxels: the squared-gradient-weighted mean image position.
+
+    For latent voxels ``k`` along the first axis (at the middle of the others), the gradient of the
+    channel sum of ``z[k]`` with respect to ``image`` is taken; its squared magnitude, summed over the
+    other axes, weights the image positions. Returns the mean of ``centroid - spacing * k``.
+
+    Args:
+        vae: an ``AutoencoderKlMaisi`` (trained: the point of measuring).
+        image: (1, C, X, Y, Z) a real input (GroupNorm statistics matter).
+        voxels: latent indices to average over (default: the interior half).
+
+    Returns:
+        Offset ``o`` such that latent voxel ``k`` is effectively centred on image voxel ``4k + o``.
+    """
+    x = image.detach().clone().requires_grad_(True)
+    z = vae.quant_conv_mu(vae.encoder(x)) if hasattr(vae, "quant_conv_mu") else vae.encoder(x)
+    n, spacing = z.shape[2], x.shape[2] / z.shape[2]
+    ks = list(voxels) if voxels is not None else list(range(n // 4, n - n // 4))
+    mid = [s // 2 for s in z.shape[3:]]
+    pos = torch.arange(x.shape[2], dtype=torch.float64)
+    offsets = []
+    for k in ks:
+        (g,) = torch.autograd.grad(z[0, :, k, mid[0], mid[1]].sum(), x, retain_graph=True)
+        w = (g.double() ** 2).sum(dim=(0, 1, 3, 4))
+        offsets.append(float((w * pos).sum() / w.sum()) - spacing * k)
+    return sum(offsets) / len(offsets)
 
 
 def measure_latent_grid(vae: nn.Module, size: int = 40, channels: int | None = None) -> tuple[Grid, list[float]]:

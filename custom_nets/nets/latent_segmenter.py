@@ -22,11 +22,10 @@ Decoder (``fs`` = feature_size, ``D`` = ViT width; the ViT grid ``g`` is latent 
     decoder "refine": features upsampled x4, concatenated with a light convolutional path on the
         image at full resolution, one residual conv block, then the 1x1 conv.
 
-Alignment: a MAISI latent voxel k sits over image voxel 4k + 3 (each downsampling pads (0, 1) before
-a stride-2 convolution; :mod:`custom_nets.nets.latent_grid`), not 4k + 1.5 as trilinear upsampling
-with ``align_corners=False`` assumes. With ``align_latent`` (default) every latent -> image
-resampling uses the encoder's measured grid; ``align_latent=False`` reproduces the old x4 trilinear
-upsampling (1.5 voxels off per axis).
+Alignment (:mod:`custom_nets.nets.latent_grid`): every latent -> image resampling places latent
+voxel k on image voxel 4k + 1.5 (``latent_grid="decoder"``, where the VAE decoder puts it, and where a
+trained encoder's label information was measured to be) or on 4k + 3 (``"encoder"``, the centre of
+the encoder's receptive field, which an untrained encoder follows).
 
 The split between :meth:`LatentSegmenter.encode_latent` and :meth:`LatentSegmenter.forward_latent`
 lets whole-volume inference encode each volume once (tiled VAE encoding) and slide windows over
@@ -43,7 +42,7 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from custom_nets.nets.latent_grid import Grid, encoder_latent_grid, resample_grid
+from custom_nets.nets.latent_grid import LATENT_GRIDS, Grid, resample_grid, vae_latent_grid
 from custom_nets.nets.vae import encode_volume, maisi_vae, vae_config
 from custom_nets.nets.vit import LatentViTEncoder, vit_encoder_config
 from custom_nets.utils.io import jsonable
@@ -127,8 +126,6 @@ class LatentViTBackbone(nn.Module):
                 f"roi_size {self.roi_size} must be divisible by VAE factor x patch size = {unit}"
             )
         self.latent_roi = tuple(s // self.vae_factor for s in self.roi_size)
-        # where latent voxels sit on the image grid (origin, spacing), from the encoder's layers
-        self.encoder_grid: Grid = encoder_latent_grid(self.vae)
         enc_args["grid"] = tuple(s // self.patch_size for s in self.latent_roi)
         self.encoder = LatentViTEncoder(**enc_args)
         self.embed_dim = self.encoder.embed_dim
@@ -209,8 +206,9 @@ class LatentSegmenter(LatentViTBackbone):
         latent_scale: factor applied to the VAE posterior mean.
         decoder: "progressive" (image skips at full and half resolution), "paper" (latent-grid
             logits upsampled x4) or "refine" (see the module docstring).
-        align_latent: place latent voxels where the VAE encoder read them (True) or where
-            ``align_corners=False`` trilinear upsampling assumes (False, 1.5 voxels off).
+        latent_grid: where latent voxel k sits on the image grid: "decoder" (4k + 1.5, where the VAE
+            decoder writes it; the measured placement of a trained VAE) or "encoder" (4k + 3, the
+            centre of the encoder's receptive field).
     """
 
     def __init__(
@@ -226,7 +224,7 @@ class LatentSegmenter(LatentViTBackbone):
         freeze_vae: bool = True,
         latent_scale: float = 1.0,
         decoder: str = "progressive",
-        align_latent: bool = True,
+        latent_grid: str = "decoder",
     ) -> None:
         super().__init__(vae, encoder, roi_size=roi_size, freeze_vae=freeze_vae, latent_scale=latent_scale)
         if num_classes < 1:
@@ -239,6 +237,8 @@ class LatentSegmenter(LatentViTBackbone):
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if decoder == "paper" and refine_channels > 0:
             decoder = "refine"
+        if latent_grid not in LATENT_GRIDS:
+            raise ValueError(f"latent_grid must be one of {LATENT_GRIDS}, got {latent_grid!r}")
         if decoder == "refine" and refine_channels < 1:
             raise ValueError("decoder 'refine' needs refine_channels >= 1")
         if self.patch_size != 4:
@@ -256,12 +256,12 @@ class LatentSegmenter(LatentViTBackbone):
             "num_classes": self.num_classes, "roi_size": list(self.roi_size), "feature_size": int(feature_size),
             "skip_layers": list(skip_layers), "norm_name": jsonable(norm_name),
             "refine_channels": int(refine_channels), "freeze_vae": self.freeze_vae, "latent_scale": float(latent_scale),
-            "decoder": decoder, "align_latent": bool(align_latent),
+            "decoder": decoder, "latent_grid": latent_grid,
         }
         self.decoder = decoder
         self.refine_channels = int(refine_channels) if decoder == "refine" else 0
-        f = float(self.vae_factor)
-        self.latent_grid: Grid = self.encoder_grid if align_latent else ((f - 1.0) / 2.0, f)
+        # (origin, spacing) of latent voxels on the image grid
+        self.latent_grid: Grid = vae_latent_grid(self.vae, latent_grid)
         fs, d, c = int(feature_size), self.embed_dim, self.latent_channels
         kw = dict(spatial_dims=3, kernel_size=3, norm_name=norm_name, res_block=True)
         up = dict(upsample_kernel_size=2)

@@ -114,4 +114,4 @@ def test_progressive_decoder_skips_and_gradients() -> None:
         grads = [p.grad for p in getattr(net, name).parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), name
     assert all(p.grad is None for p in net.vae.parameters())
-    assert net.network_args["decoder"] == "progressive" and net.network_args["align_latent"] is True
+    assert net.network_args["decoder"] == "progressive" and net.network_args["latent_grid"] == "decoder"

@@ -66,7 +66,7 @@ def network_args_from_upstream(
         net = dict(net)
         # checkpoints from before decoders were named: the paper head, upsampled align_corners=False
         net.setdefault("decoder", "paper")
-        net.setdefault("align_latent", False)
+        net.setdefault("latent_grid", "decoder")
         return net
     if as_path(vae_ckpt) is not None and meta_path(vae_ckpt).is_file():
         meta = read_stage_meta(vae_ckpt, "meduet_vae")

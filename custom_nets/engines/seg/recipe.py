@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "class_frequencies",
+    "sampled_class_frequencies",
     "init_output_bias",
     "output_conv",
     "encoder_layer_id",
@@ -56,6 +57,28 @@ def class_frequencies(labels: Iterable[Any], num_classes: int) -> torch.Tensor:
     if total <= 0:
         raise ValueError("no label voxels to count class frequencies from")
     return counts / total
+
+
+def sampled_class_frequencies(dataset: Any, num_classes: int, passes: int = 2, label_key: str = "label") -> torch.Tensor:
+    """Class frequencies in the training crops as the sampler draws them (the prior the loss sees).
+
+    Args:
+        dataset: a MONAI dataset whose items are a crop dict or a list of crop dicts.
+        num_classes: classes (background included).
+        passes: passes over the dataset (crops are random).
+        label_key: label key of the crops.
+
+    Returns:
+        (num_classes,) frequencies (:func:`class_frequencies`).
+    """
+    def crops() -> Iterable[Any]:
+        for _ in range(max(1, int(passes))):
+            for i in range(len(dataset)):
+                out = dataset[i]
+                for c in out if isinstance(out, (list, tuple)) else [out]:
+                    yield c[label_key]
+
+    return class_frequencies(crops(), num_classes)
 
 
 def output_conv(network: nn.Module, num_classes: int | None = None) -> nn.Module:

@@ -1,0 +1,61 @@
+"""Bookkeeping of benchmarks/seg_benchmark.py: latent-grid label sampling, paired bootstrap, run plan, worker locks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import seg_benchmark as sb  # noqa: E402
+
+
+def test_latent_labels_read_the_image_at_4k_plus_offset() -> None:
+    lab = np.zeros((16, 16, 16), dtype=np.int16)
+    lab[7, 7, 7] = 2  # image voxel 7 = 4 * 1 + 3
+    assert sb.latent_labels(lab, 3)[1, 1, 1] == 2
+    assert sb.latent_labels(lab, 1)[1, 1, 1] == 0  # the align_corners=False placement misses it
+    assert sb.latent_labels(lab, 5).shape == (4, 4, 4)  # the last index is clamped, not dropped
+    big = np.zeros((16, 16, 16), dtype=np.int16)
+    big[4:8, 4:8, 4:8] = 3
+    assert sb.latent_labels(big, "block")[1, 1, 1] == 3
+
+
+def test_dice_and_paired_bootstrap() -> None:
+    ref = torch.zeros(8, 8, 8, dtype=torch.long)
+    ref[:4] = 1
+    pred = ref.clone()
+    pred[:2] = 0
+    d = sb.dice_per_label(pred, ref, num_classes=3)
+    assert d[0] == pytest.approx(2 * 128 / (128 + 256)) and d[1] is None
+    a = [{"anatomy": i, "style": "ct_sharp", "dice": {"body": 0.8 + 0.01 * i}} for i in range(6)]
+    b = [{"anatomy": i, "style": "ct_sharp", "dice": {"body": 0.7}} for i in range(6)]
+    res = sb.paired_bootstrap(a, b, ["ct_sharp"])
+    assert res["n"] == 6 and res["mean"] == pytest.approx(0.125)
+    assert 0.1 <= res["ci95"][0] <= res["mean"] <= res["ci95"][1] <= 0.15
+    assert sb.paired_bootstrap(a, b, ["mr_t2like"]) == {}
+
+
+def test_plan_puts_the_decisive_set_first_and_extra_seeds_only_there() -> None:
+    args = sb.parse_args(["--labelled", "8,3,1", "--seeds", "0,1"])
+    runs = sb.plan(args)
+    assert runs[:3] == [("unet_small", 8, 0), ("latent_meduet", 8, 0), ("latent_random", 8, 0)]
+    second = [r for r in runs if r[2] == 1]
+    assert {m for m, _, _ in second} == set(sb.DECISIVE) and {n for _, n, _ in second} == {3, 8}
+    with pytest.raises(SystemExit):
+        sb.plan(sb.parse_args(["--models", "swinunetr"]))
+
+
+def test_worker_lock_is_exclusive_and_taken_over_from_a_dead_process(tmp_path: Path) -> None:
+    lock = tmp_path / "run" / "LOCK"
+    assert sb.acquire(lock)
+    assert lock.read_text() == str(os.getpid())
+    assert not sb.acquire(lock)  # held by a live process (this one)
+    lock.write_text("999999999")  # no such process
+    assert sb.acquire(lock)
