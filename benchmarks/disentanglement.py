@@ -101,7 +101,7 @@ ARMS.update({"paper+domain_share": {**PAPER, **DOMAIN_SHARE}, "combined+domain_s
 LONG = {f"{k}_long": k for k in ARMS}
 ARMS.update({k: ARMS[v] for k, v in LONG.items()})
 BASELINES = ("raw", "random_init")
-CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "decorrelation",
+CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "domain_share", "decorrelation",
               "swap_cycle_content", "swap_cycle_style")
 
 
@@ -786,6 +786,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             path = out / "arms" / f"{arm}_s{seed}.json"
             if path.is_file():
                 records[f"{arm}_s{seed}"] = json.loads(path.read_text())
+                run_dir = out / "runs" / f"{arm}_s{seed}"
+                if (run_dir / "tensorboard").is_dir():  # curves of keys added after the arm ran
+                    records[f"{arm}_s{seed}"]["curves"] = loss_curves(run_dir)
         publish(out, records, plan, args, command, time.perf_counter() - t0)
         return records
     data = build_data(out, args)
