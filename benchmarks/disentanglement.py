@@ -691,13 +691,15 @@ def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: a
                          f"{m['latent']['b_raw']:.4f} | {f(m['latent'].get('truth_raw'), 4)} |")
     lines += ["", "Final training losses (mean of the last tenth of the logged curve; the content head's CE near "
                   "ln 4 = 1.386 means it is fooled, which the probe above can contradict):", "",
-              "| arm | rec | domain_content CE | domain_style CE | clean adversary pooled CE |", "|---|---|---|---|---|"]
+              "| arm | rec | domain_content CE | domain_style CE | clean adversary pooled CE | batch between-domain share |",
+              "|---|---|---|---|---|---|"]
     for k in done:
         c = records[k].get("curves") or {}
         if not c:
             continue
         last = lambda key: f(np.mean([v for _, v in c[key][-max(1, len(c[key]) // 10):]])) if key in c else "n/a"  # noqa: E731
-        lines.append(f"| {k} | {last('rec')} | {last('domain_content')} | {last('domain_style')} | {last('clean_domain_pooled')} |")
+        lines.append(f"| {k} | {last('rec')} | {last('domain_content')} | {last('domain_style')} | {last('clean_domain_pooled')} | "
+                     f"{last('domain_share')} |")
     if missing:
         lines += ["", f"Not finished in this sitting: {', '.join(missing)}. The command above resumes them."]
     if args.reading and args.reading.is_file():
