@@ -543,6 +543,7 @@ class MeDUETTrainStep:
                 grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
             self.scaler.step(self.optimizer)
             if self.adversary_optimizer is not None:
+                self._average_adversary_gradients()
                 self.scaler.step(self.adversary_optimizer)
                 self.adversary_optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
@@ -555,6 +556,16 @@ class MeDUETTrainStep:
         out.update(lr=float(lr), momentum=float(momentum), grad_norm=float(grad_norm), step=float(self.step))
         self.step += 1
         return out
+
+    def _average_adversary_gradients(self) -> None:
+        """Average the adversary's gradients over processes (it is not inside the DDP wrapper)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for p in self.adversary.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
 
     def iteration_update(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, float]:
         """MONAI ``SupervisedTrainer(iteration_update=...)`` hook: one step on ``batchdata["latent"]``
