@@ -356,6 +356,10 @@ class MeDUETTrainStep:
         if cfg.clean_domain_weight > 0:
             n_domains = self.model.content_domain_head[-1].out_features
             self.adversary = CleanDomainAdversary(self.model.content_dim, n_domains).to(self.device)
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():  # same start on every rank, as DDP does for the network
+                for p in self.adversary.parameters():
+                    dist.broadcast(p.data, src=0)
             self.adversary_optimizer = torch.optim.AdamW(
                 self.adversary.parameters(), lr=cfg.clean_domain_lr, betas=tuple(cfg.betas), weight_decay=0.0
             )
