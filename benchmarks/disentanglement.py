@@ -718,13 +718,15 @@ def publish(out: Path, records: dict[str, Any], plan: list[tuple[str, int]], arg
         write_json(args.results, {"command": command, "entries": entries,
                                   "pending": [f"{a}_s{s}" for a, s in plan if f"{a}_s{s}" not in records]})
     figs: dict[str, Path] = {}
-    proj_keys = [k for k in ("raw_s0", "paper_s0", "combined_s0") if k in records]
+    # the best-trained paper and combination arms (long when finished), beside the raw latent
+    shown = [k for k in ("raw_s0", "paper_s0", "paper_long_s0", "combined_s0", "combined_long_s0") if k in records]
+    proj_keys = [k for k in shown if f"{k[:-3]}_long_s0" not in records]
     if proj_keys:
         figs["content and style projections (PCA), by domain and by anatomy"] = plot_projection(
             records, proj_keys, out / "figures" / "disentanglement_projection.png")
     figs["training curves of the losses"] = plot_curves({k: v for k, v in records.items() if v.get("curves")},
                                                         out / "figures" / "disentanglement_curves.png")
-    for k in ("paper_s0", "combined_s0"):
+    for k in proj_keys:
         if k in records and records[k]["detail"].get("swap", {}) and records[k]["detail"]["swap"].get("montage"):
             figs[f"swap ({k}): A, B, swap, truth, A rebuilt, B rebuilt"] = Path(records[k]["detail"]["swap"]["montage"])
     if not args.report:
