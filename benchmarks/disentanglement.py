@@ -101,7 +101,7 @@ ARMS.update({"paper+domain_share": {**PAPER, **DOMAIN_SHARE}, "combined+domain_s
 LONG = {f"{k}_long": k for k in ARMS}
 ARMS.update({k: ARMS[v] for k, v in LONG.items()})
 BASELINES = ("raw", "random_init")
-CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "decorrelation",
+CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "domain_share", "decorrelation",
               "swap_cycle_content", "swap_cycle_style")
 
 
@@ -692,13 +692,15 @@ def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: a
                          f"{m['latent']['b_raw']:.4f} | {f(m['latent'].get('truth_raw'), 4)} |")
     lines += ["", "Final training losses (mean of the last tenth of the logged curve; the content head's CE near "
                   "ln 4 = 1.386 means it is fooled, which the probe above can contradict):", "",
-              "| arm | rec | domain_content CE | domain_style CE | clean adversary pooled CE |", "|---|---|---|---|---|"]
+              "| arm | rec | domain_content CE | domain_style CE | clean adversary pooled CE | batch between-domain share |",
+              "|---|---|---|---|---|---|"]
     for k in done:
         c = records[k].get("curves") or {}
         if not c:
             continue
         last = lambda key: f(np.mean([v for _, v in c[key][-max(1, len(c[key]) // 10):]])) if key in c else "n/a"  # noqa: E731
-        lines.append(f"| {k} | {last('rec')} | {last('domain_content')} | {last('domain_style')} | {last('clean_domain_pooled')} |")
+        lines.append(f"| {k} | {last('rec')} | {last('domain_content')} | {last('domain_style')} | {last('clean_domain_pooled')} | "
+                     f"{last('domain_share')} |")
     if missing:
         lines += ["", f"Not finished in this sitting: {', '.join(missing)}. The command above resumes them."]
     if args.reading and args.reading.is_file():
@@ -717,13 +719,15 @@ def publish(out: Path, records: dict[str, Any], plan: list[tuple[str, int]], arg
         write_json(args.results, {"command": command, "entries": entries,
                                   "pending": [f"{a}_s{s}" for a, s in plan if f"{a}_s{s}" not in records]})
     figs: dict[str, Path] = {}
-    proj_keys = [k for k in ("raw_s0", "paper_s0", "combined_s0") if k in records]
+    # the best-trained paper and combination arms (long when finished), beside the raw latent
+    shown = [k for k in ("raw_s0", "paper_s0", "paper_long_s0", "combined_s0", "combined_long_s0") if k in records]
+    proj_keys = [k for k in shown if f"{k[:-3]}_long_s0" not in records]
     if proj_keys:
         figs["content and style projections (PCA), by domain and by anatomy"] = plot_projection(
             records, proj_keys, out / "figures" / "disentanglement_projection.png")
     figs["training curves of the losses"] = plot_curves({k: v for k, v in records.items() if v.get("curves")},
                                                         out / "figures" / "disentanglement_curves.png")
-    for k in ("paper_s0", "combined_s0"):
+    for k in proj_keys:
         if k in records and records[k]["detail"].get("swap", {}) and records[k]["detail"]["swap"].get("montage"):
             figs[f"swap ({k}): A, B, swap, truth, A rebuilt, B rebuilt"] = Path(records[k]["detail"]["swap"]["montage"])
     if not args.report:
@@ -787,6 +791,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             path = out / "arms" / f"{arm}_s{seed}.json"
             if path.is_file():
                 records[f"{arm}_s{seed}"] = json.loads(path.read_text())
+                run_dir = out / "runs" / f"{arm}_s{seed}"
+                if (run_dir / "tensorboard").is_dir():  # curves of keys added after the arm ran
+                    records[f"{arm}_s{seed}"]["curves"] = loss_curves(run_dir)
         publish(out, records, plan, args, command, time.perf_counter() - t0)
         return records
     data = build_data(out, args)

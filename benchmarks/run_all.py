@@ -10,7 +10,7 @@ section. CUDA rows are added when ``torch.cuda.is_available()``.
 
 Expected wall time on an idle 2-core CPU: latent_cache 1 min, ssl_step ~10 min, ldm_sampling ~10 min,
 seg_inference ~1.5 h (three whole-CT runs at paper scale), vae_encode 1-2 h; with ``--experiments``
-the disentanglement evaluation adds ~25 min.
+the disentanglement comparison adds ~1.5 h (resumable: finished arms are kept).
 """
 
 from __future__ import annotations
@@ -209,9 +209,11 @@ def suites(cuda: bool, outdir: Path) -> list[Suite]:
         Suite("seg_inference", seg, seg_section),
         Suite("vae_encode", [Run("vae encode+decode", ["benchmarks/vae_encode.py", "--roi", "128",
                                                        "--decode-roi", "32"], two)]),
-        Suite("disentanglement", [Run("disentanglement", ["benchmarks/disentanglement.py", "--out",
-                                                          str(ROOT / "outputs" / "disentanglement"), "--report",
-                                                          str(REPORT)])], experiment=True),
+        Suite("disentanglement", [Run("disentanglement", [
+            "benchmarks/disentanglement.py", "--out", str(ROOT / "outputs" / "disentanglement"), "--epochs", "30",
+            "--long-epochs", "150", "--long-arms", "paper,combined,combined+domain_share", "--report", str(REPORT),
+            "--results", str(ROOT / "benchmarks" / "results" / "disentanglement.json"),
+            "--reading", str(ROOT / "benchmarks" / "disentanglement_reading.md")])], experiment=True),
     ]
 
 

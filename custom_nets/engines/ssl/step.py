@@ -244,6 +244,10 @@ class MeDUETTrainStep:
         if cfg.clean_domain_weight > 0:
             n_domains = self.model.content_domain_head[-1].out_features
             self.adversary = CleanDomainAdversary(self.model.content_dim, n_domains).to(self.device)
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():  # same start on every rank, as DDP does for the network
+                for p in self.adversary.parameters():
+                    dist.broadcast(p.data, src=0)
             self.adversary_optimizer = torch.optim.AdamW(
                 self.adversary.parameters(), lr=cfg.clean_domain_lr, betas=tuple(cfg.betas), weight_decay=0.0
             )
@@ -421,6 +425,8 @@ class MeDUETTrainStep:
         del total
         with record_function("meduet.optimizer"):
             extra = [self.adversary_optimizer] if self.adversary_optimizer is not None else []
+            if extra:
+                self._average_adversary_gradients()  # outside DDP's module: averaged by hand
             grad_norm = clip_and_step(self.optimizer, self.model.parameters(), self.scaler, cfg.grad_clip,
                                       measure_norm=True, extra_optimizers=extra)
             for opt in extra:
@@ -434,6 +440,16 @@ class MeDUETTrainStep:
         out.update(lr=float(lr), momentum=float(momentum), grad_norm=float(grad_norm), step=float(self.step))
         self.step += 1
         return out
+
+    def _average_adversary_gradients(self) -> None:
+        """Average the adversary's gradients over processes (it is not inside the DDP wrapper)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for p in self.adversary.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
 
     def iteration_update(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, float]:
         """MONAI ``SupervisedTrainer(iteration_update=...)`` hook: one step on ``batchdata["latent"]``
