@@ -135,7 +135,7 @@ def ssl_step_run(passes: str, batch: int, args: argparse.Namespace) -> dict:
 def generator_run(precision: str, args: argparse.Namespace) -> dict:
     """Guided rectified-flow sampling with the SiT-B/4 generator (tiny: a 2-block, 96-wide one on 4x16x16x8)."""
     from custom_nets.engines.ldm.sample import sample_latents
-    from custom_nets.engines.ldm.train import make_scheduler
+    from custom_nets.engines.ldm.objective import make_scheduler
     from custom_nets.nets.latent_dit import LDM_MODELS, LatentDiT
 
     device = torch.device(args.device)
