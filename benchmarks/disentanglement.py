@@ -548,8 +548,11 @@ def arm_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     plan += [(a, s) for s in seeds[1:] for a in ("paper", "combined")]
     plan += [("domain_weight_0", 0)] + [(f"paper+{a}", 0) for a in ADDITIONS]
     plan += [("paper+domain_share", 0), ("combined+domain_share", 0)]
-    if args.long_epochs > 0:
-        plan += [(f"{a}_long", 0) for a in args.long_arms.split(",") if a]
+    if args.long_epochs > 0:  # the paper and the combination over --long-seeds seeds first, then the rest
+        long_arms = [a for a in args.long_arms.split(",") if a]
+        final = [a for a in long_arms if a in ("paper", "combined")]
+        plan += [(f"{a}_long", s) for s in range(args.long_seeds) for a in final]
+        plan += [(f"{a}_long", 0) for a in long_arms if a not in final]
     wanted = set(args.arms.split(",")) if args.arms else None
     return [(a, s) for a, s in plan if wanted is None or a in wanted]
 
@@ -760,6 +763,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--long-epochs", type=int, default=0, help="also train the --long-arms this long (0: not)")
     p.add_argument("--long-arms", default="paper,combined", help="arms also trained --long-epochs epochs")
+    p.add_argument("--long-seeds", type=int, default=2, help="seeds of the long paper and combined arms")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the paper and combined arms")
     p.add_argument("--max-pairs", type=int, default=48)
     p.add_argument("--data-seed", type=int, default=0)
