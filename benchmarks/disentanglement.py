@@ -786,7 +786,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    command = ("python benchmarks/disentanglement.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--publish-only"]  # the command that computes
+    command = ("python benchmarks/disentanglement.py " + " ".join(given)).strip()
     plan = arm_plan(args)
     records: dict[str, Any] = {}
     if args.publish_only:
