@@ -506,7 +506,6 @@ def gates(out: Path, data: dict[str, Any], vae_result: dict[str, Any]) -> dict[s
 
 
 def build_model(model: str, vae_result: dict[str, Any], ssl_result: dict[str, Any] | None, num_classes: int) -> Any:
-    import torch
     from monai.networks.nets import UNet
 
     from custom_nets.nets.latent_segmenter import LatentSegmenter
@@ -587,7 +586,6 @@ def loss_function() -> Any:
 
 def constant_frequency_line(sampler: CropSampler, num_classes: int, n: int = 64) -> tuple[list[float], float]:
     """Class frequencies of the sampled crops and the loss of predicting them everywhere."""
-    import torch
 
     from custom_nets.engines.seg.recipe import class_frequencies
 
