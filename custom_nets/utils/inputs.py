@@ -14,13 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from custom_nets.utils.errors import InputError
+from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
 
 
 def is_missing(path: str | Path | None) -> bool:
     """True for no path (None, "", "none", "null") and for a path that does not exist."""
-    return path is None or str(path).strip().lower() in ("", "none", "null") or not Path(path).exists()
+    p = as_path(path)
+    return p is None or not p.exists()
 
 
 def note_missing(path: str | Path | None, what: str) -> None:

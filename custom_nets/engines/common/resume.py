@@ -47,7 +47,7 @@ from custom_nets.utils.values import as_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["as_bool", "epoch_seed", "reseed", "latest_checkpoint", "AtomicDiskSaver", "EvaluatorBest",
+__all__ = ["epoch_seed", "reseed", "latest_checkpoint", "AtomicDiskSaver", "EvaluatorBest",
            "ResumableCheckpoint"]
 
 

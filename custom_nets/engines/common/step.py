@@ -30,7 +30,7 @@ from ignite.handlers import ProgressBar
 from custom_nets.utils.hardware import cpu_has_native_bf16
 
 __all__ = [
-    "cpu_has_native_bf16", "resolve_precision", "precision_autocast", "engine_amp", "scaled_backward",
+    "resolve_precision", "precision_autocast", "engine_amp", "scaled_backward",
     "clip_and_step", "optimizer_step", "as_decollated", "first_item", "scalars", "LossProgressBar",
 ]
 

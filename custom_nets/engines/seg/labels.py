@@ -19,6 +19,7 @@ from typing import Any
 from custom_nets.utils.checkpoint import meta_path
 from custom_nets.utils.errors import InputError
 from custom_nets.utils.io import read_json
+from custom_nets.utils.values import as_path
 
 
 def as_channel_def(labels: Mapping[Any, str], source: str | Path = "labels") -> dict[str, str]:
@@ -55,7 +56,7 @@ def bundle_labels(model_path: str | Path | None, shipped: Mapping[str, Any] | st
     Raises:
         InputError: neither holds labels (names the config id to set).
     """
-    if model_path is not None and str(model_path).strip().lower() not in ("", "none", "null"):
+    if as_path(model_path) is not None:
         mp = meta_path(model_path)
         if Path(model_path).is_file() and mp.is_file():
             labels = read_json(mp).get("labels")
