@@ -149,7 +149,8 @@ def write_real_split(
         datalist["training" if part == "cranial" else "testing"].append(entry)
         if part == "cranial":
             # the bundle's datalists need a validation list; the held-out part must not choose the
-            # model, so it repeats the training slab (the demo trains with export "final")
+            # model, so it repeats the training slab (the demo neither runs it nor selects on it:
+            # export "final")
             datalist["validation"].append(entry)
         counts = np.bincount(lb.ravel(), minlength=len(names))
         voxels[part] = {names[str(v)]: int(counts[v]) for v in range(1, len(names))}
