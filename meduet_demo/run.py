@@ -221,8 +221,8 @@ def unet_cmd(datalist: Path, out: Path, labels: dict[str, str]) -> list[str]:
 # the phantom labels as a channel_def (meduet_seg ships them in its metadata.json)
 PHANTOM_CHANNELS = {"0": "background", "1": "body", "2": "liver", "3": "kidney", "4": "spleen", "5": "vessel",
                     "6": "bone", "7": "lesion"}
-# steps (one volume, two 64^3 crops each) of the real-CT fine-tuning; ~20 s a step on 2 CPU cores
-# shared with other jobs (not yet timed on idle cores)
+# steps (one volume, two 64^3 crops each) of the real-CT fine-tuning: 25 min on 2 CPU cores shared
+# with a benchmark (not yet timed on idle cores)
 REAL_SEG_EPOCHS = 60
 
 
