@@ -37,6 +37,11 @@ REAL_STRUCTURES: dict[str, tuple[int, ...]] = {
 }
 
 
+def channel_def(groups: Mapping[str, Sequence[int]]) -> dict[str, str]:
+    """``{"0": "background", "1": first group's name, ...}``: the label set :func:`remap_labels` writes."""
+    return {"0": "background", **{str(i): name for i, name in enumerate(groups, start=1)}}
+
+
 def remap_labels(label: np.ndarray, groups: Mapping[str, Sequence[int]]) -> tuple[np.ndarray, dict[str, str]]:
     """Merge source label values into a small label set.
 
@@ -53,15 +58,13 @@ def remap_labels(label: np.ndarray, groups: Mapping[str, Sequence[int]]) -> tupl
     """
     seen: dict[int, str] = {}
     out = np.zeros(label.shape, dtype=np.uint8)
-    names = {"0": "background"}
     for i, (name, values) in enumerate(groups.items(), start=1):
         for v in values:
             if int(v) in seen:
                 raise ValueError(f"label value {v} is in both {seen[int(v)]!r} and {name!r}")
             seen[int(v)] = name
         out[np.isin(label, list(values))] = i
-        names[str(i)] = name
-    return out, names
+    return out, channel_def(groups)
 
 
 def superior_axis(affine: np.ndarray) -> tuple[int, int]:

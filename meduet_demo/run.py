@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from custom_nets.utils.proc import run_logged
+from meduet_demo.phantoms import PHANTOM_LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +196,8 @@ def demo_stages(out: Path, rel, domains: Sequence[str] = GRID_CONTENT + GRID_STY
         Stage("seg train", bundle_cmd("meduet_seg", ["train.json", "demo.json"], datalist=out / "phantoms/datalist.json",
                                       output_dir=out / "seg", max_epochs=32, val_interval=8)),
         # the baseline: a MONAI UNet on the same phantoms for the wall time "seg train" took
-        Stage("unet baseline", unet_cmd(out / "phantoms/datalist.json", out / "unet_phantoms", PHANTOM_CHANNELS),
+        Stage("unet baseline", unet_cmd(out / "phantoms/datalist.json", out / "unet_phantoms",
+                                                {str(v): n for v, n in PHANTOM_LABELS.items()}),
               budget_of="seg train"),
         # the README's main command, typed as a user would, on the held-out phantoms only
         Stage("seg inference", [sys.executable, "-m", "monai.bundle", "run", "--config_file",
@@ -218,9 +220,6 @@ def unet_cmd(datalist: Path, out: Path, labels: dict[str, str]) -> list[str]:
             "--labels", json.dumps(labels), "--roi", "64", "--num-samples", "2"]
 
 
-# the phantom labels as a channel_def (meduet_seg ships them in its metadata.json)
-PHANTOM_CHANNELS = {"0": "background", "1": "body", "2": "liver", "3": "kidney", "4": "spleen", "5": "vessel",
-                    "6": "bone", "7": "lesion"}
 # steps (one volume, two 64^3 crops each) of the real-CT fine-tuning: 25 min on 2 CPU cores shared
 # with a benchmark (not yet timed on idle cores)
 REAL_SEG_EPOCHS = 60
@@ -230,10 +229,10 @@ def real_ct_stages(out: Path) -> list[Stage]:
     """Segmentation of a real CT with real labels: meduet_seg fine-tuned on the sample chest CT's cranial
     slab (TotalSegmentator structures merged into a few large ones), a same-wall-time UNet beside it,
     both scored on the caudal slab."""
-    from meduet_demo.real_ct import REAL_STRUCTURES
+    from meduet_demo.real_ct import REAL_STRUCTURES, channel_def
 
     real = out / "real"
-    labels = {"0": "background", **{str(i): n for i, n in enumerate(REAL_STRUCTURES, start=1)}}
+    labels = channel_def(REAL_STRUCTURES)
     return [
         Stage("real ct slabs", [sys.executable, "-m", "meduet_demo.real_ct", "--sample-datalist",
                                 str(out / "sample" / "datalist.json"), "--out", str(real)]),
