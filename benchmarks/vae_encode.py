@@ -70,7 +70,8 @@ def decode_options(args: argparse.Namespace) -> str:
     """The decode's command-line options as given (for the report's command line)."""
     return (f"--decode-roi {args.decode_roi}{'' if args.decode_exact else ' --no-decode-exact'}"
             f"{'' if args.decode_low_memory else ' --no-decode-low-memory'}"
-            f"{'' if args.decode_store_dtype == 'float32' else ' --decode-store-dtype ' + args.decode_store_dtype}")
+            f"{'' if args.decode_store_dtype == 'float32' else ' --decode-store-dtype ' + args.decode_store_dtype}"
+            f"{'' if args.decode_tile_cap == 64 else f' --decode-tile-cap {args.decode_tile_cap}'}")
 
 
 def decode_only(args: argparse.Namespace, store_dtype: torch.dtype) -> int:
@@ -88,7 +89,7 @@ def decode_only(args: argparse.Namespace, store_dtype: torch.dtype) -> int:
     rss0 = peak_rss_gb()
     t0, c0 = time.perf_counter(), cpu_seconds()
     x = decode_latent(vae, z, roi=args.decode_roi, exact=args.decode_exact, low_memory=args.decode_low_memory,
-                      store_dtype=store_dtype, progress=False)
+                      store_dtype=store_dtype, progress=False, tile_cap=args.decode_tile_cap)
     t_dec, c_dec = time.perf_counter() - t0, cpu_seconds() - c0
     print(f"decode {decode_options(args)} of a random 4x{'x'.join(map(str, shape))} latent to "
           f"{'x'.join(map(str, x.shape))}: wall {t_dec:.0f} s, CPU {c_dec:.0f} s, peak RSS before the decode "
@@ -109,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "low_memory) or holding whole input and output volumes (--no-decode-low-memory)")
     p.add_argument("--decode-store-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the exact decode's stored volumes (bfloat16 halves them)")
+    p.add_argument("--decode-tile-cap", type=int, default=64,
+                   help="low-memory decode: largest tile edge in output voxels of a stage (decode_latent's tile_cap)")
     p.add_argument("--random-latent", default=None, metavar="X,Y,Z",
                    help="decode a random latent of this size only (no CT, no encode, no NIfTI): peak memory "
                         "and time of the decode alone; prints one line, writes no report")
@@ -186,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_decode:
         t0, c0 = time.perf_counter(), cpu_seconds()
         x = decode_latent(vae, z, roi=args.decode_roi, exact=args.decode_exact, progress=True,
-                          low_memory=args.decode_low_memory, store_dtype=store_dtype)
+                          low_memory=args.decode_low_memory, store_dtype=store_dtype,
+                          tile_cap=args.decode_tile_cap)
         t_dec, c_dec = time.perf_counter() - t0, cpu_seconds() - c0
         rss_dec = peak_rss_gb()
         decode_kind = ("blended sliding window, overlap 0.25" if not args.decode_exact else
