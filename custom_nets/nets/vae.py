@@ -478,6 +478,36 @@ def _progress(items: list, desc: str, enabled: bool) -> Any:
     return tqdm(items, desc=desc, leave=False)
 
 
+def _collect_statistics(
+    seq: torch.nn.Module,
+    gn: GlobalGroupNorm,
+    parts: Sequence[tuple[tuple[int, int, int, int], ...]],
+    crop: Callable[[Sequence[slice]], torch.Tensor],
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Freeze whole-volume statistics of every GroupNorm of ``gn``, one pass over all tiles per layer.
+
+    Args:
+        seq: the stage.
+        gn: its GroupNorm layers, patched (inside the ``GlobalGroupNorm`` context).
+        parts: per tile and axis ``(tile_start, tile_stop, core_start, core_stop)``; the cores partition the volume.
+        crop: the stage input's region for a tuple of slices.
+        device: where the network runs.
+        progress: tqdm bars.
+    """
+    for i in range(len(gn.norms)):
+        gn.collect(i)
+        for part in _progress(parts, f"GroupNorm statistics {i + 1}/{len(gn.norms)}", progress):
+            gn.tile_shape = tuple(t1 - t0 for t0, t1, _, _ in part)
+            gn.core = tuple((c0 - t0, c1 - t0) for t0, _, c0, c1 in part)
+            try:
+                seq(crop([slice(t0, t1) for t0, t1, _, _ in part]).to(device, torch.float32))
+            except _StopForward:
+                pass
+        gn.freeze()
+
+
 def run_stage_exact(
     stage: Sequence[torch.nn.Module],
     x: torch.Tensor,
@@ -518,16 +548,7 @@ def run_stage_exact(
     norms = [m for blk in stage for m in blk.modules() if isinstance(m, torch.nn.GroupNorm)]
     out: torch.Tensor | None = None
     with GlobalGroupNorm(norms) as gn:
-        for i in range(len(norms)):
-            gn.collect(i)
-            for part in _progress(parts, f"GroupNorm statistics {i + 1}/{len(norms)}", progress):
-                gn.tile_shape = tuple(t1 - t0 for t0, t1, _, _ in part)
-                gn.core = tuple((c0 - t0, c1 - t0) for t0, _, c0, c1 in part)
-                try:
-                    seq(_crop(x, [slice(t0, t1) for t0, t1, _, _ in part]).to(device, torch.float32))
-                except _StopForward:
-                    pass
-            gn.freeze()
+        _collect_statistics(seq, gn, parts, lambda sl: _crop(x, sl), device, progress)
         for part in _progress(parts, "tiles", progress):
             y = seq(_crop(x, [slice(t0, t1) for t0, t1, _, _ in part]).to(device, torch.float32))
             if out is None:
@@ -568,6 +589,245 @@ def run_blocks_exact(
         for blk in stage:
             res *= _resampling(blk)
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-memory exact tiling: whole volumes as slabs, each stage replacing its input slab by slab
+# ---------------------------------------------------------------------------------------------
+
+
+#: Rows of a stage's output per slab in the low-memory path (:func:`run_stage_slabs`). Thin slabs
+#: let the next stage free its input a few rows at a time; a full-resolution row of the paper VAE's
+#: 128-channel volume is 10.5 MB in bfloat16.
+SLAB_ROWS = 4
+
+
+class SlabVolume:
+    """A whole volume ``(B, C, X, Y, Z)`` held as slabs along X, each its own tensor.
+
+    A stage reads its input through :meth:`crop` and frees the rows it no longer needs with
+    :meth:`drop_before`, so that the input shrinks while the output grows: a stage holds about one
+    volume plus one slab instead of its whole input and its whole output at once.
+
+    Args:
+        slabs: tensors ``(B, C, x_i, Y, Z)`` in X order (may be empty; :meth:`append` adds more).
+        start: X index of the first slab's first row.
+    """
+
+    def __init__(self, slabs: Sequence[torch.Tensor] = (), start: int = 0) -> None:
+        self.slabs: list[torch.Tensor] = []
+        self.starts: list[int] = []
+        self.stop = start  # X index after the last row held
+        for s in slabs:
+            self.append(s)
+
+    def append(self, slab: torch.Tensor) -> None:
+        """Add the rows that follow the last slab."""
+        if self.slabs and slab.shape[:2] + slab.shape[3:] != self.slabs[0].shape[:2] + self.slabs[0].shape[3:]:
+            raise ValueError(f"slab {tuple(slab.shape)} does not continue slabs of {tuple(self.slabs[0].shape)}")
+        self.slabs.append(slab)
+        self.starts.append(self.stop)
+        self.stop += slab.shape[2]
+
+    @property
+    def first_row(self) -> int:
+        """X index of the first row still held."""
+        return self.starts[0] if self.starts else self.stop
+
+    def spatial_shape(self, rows: int) -> list[int]:
+        """``[rows, Y, Z]``: spatial size of a volume of ``rows`` rows along X."""
+        return [rows, *self.slabs[0].shape[3:]]
+
+    def nbytes(self) -> int:
+        """Bytes of the rows held."""
+        return sum(s.numel() * s.element_size() for s in self.slabs)
+
+    def crop(self, sl: Sequence[slice]) -> torch.Tensor:
+        """The region ``[:, :, sl[0], sl[1], sl[2]]`` (a view when it lies in one slab, else a new tensor).
+
+        Raises:
+            IndexError: some of the rows were dropped or are not there yet.
+        """
+        lo, hi = sl[0].start, sl[0].stop
+        if lo < self.first_row or hi > self.stop:
+            raise IndexError(f"rows [{lo}, {hi}) requested, rows [{self.first_row}, {self.stop}) held")
+        pieces = []
+        for s, a in zip(self.slabs, self.starts):
+            b = a + s.shape[2]
+            if b > lo and a < hi:
+                pieces.append(_crop(s, [slice(max(lo, a) - a, min(hi, b) - a), *sl[1:]]))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+    def drop_before(self, row: int) -> None:
+        """Free the rows before ``row``: slabs that end there go; a slab across it keeps a copy of its rows
+        from ``row`` on (the halo rows later tiles still read), so the rest of it is freed too."""
+        while self.slabs and self.starts[0] + self.slabs[0].shape[2] <= row:
+            self.slabs.pop(0)
+            self.starts.pop(0)
+        if self.slabs and self.starts[0] < row:
+            self.slabs[0] = self.slabs[0][:, :, row - self.starts[0]:].clone()
+            self.starts[0] = row
+
+    def tensor(self) -> torch.Tensor:
+        """The whole volume as one tensor (all rows must still be held)."""
+        if self.first_row != 0:
+            raise IndexError(f"rows before {self.first_row} were dropped")
+        return self.slabs[0] if len(self.slabs) == 1 else torch.cat(self.slabs, dim=2)
+
+
+def row_cores(size: int, core: int, align: int = 1) -> list[tuple[int, int]]:
+    """Cores that partition ``[0, size)`` along X for :func:`run_stage_slabs`, growing from ``core / 4``.
+
+    At the start of a stage its whole input is held; the first output slab comes on top of it, so the
+    first cores are thin (less memory at that moment) and later ones, while the input has shrunk,
+    double up to ``core`` (fewer halos to recompute).
+
+    Returns:
+        ``(start, stop)`` per core, multiples of ``align`` (but the last stop, ``size``).
+    """
+    cores, lo = [], 0
+    width = max(align, core // 4 // align * align)
+    while lo < size:
+        cores.append((lo, min(size, lo + width)))
+        lo += width
+        width = min(core, 2 * width)
+    return cores
+
+
+def detach_resampling(stages: Sequence[Sequence[torch.nn.Module]]) -> list[list[torch.nn.Module]]:
+    """Put each up/downsampling block in a stage of its own.
+
+    A resampling block has no GroupNorm, so its stage needs no statistics pass; alone, its halo is
+    its own (3 voxels), not that of the ResBlock before it too, and its tile can be sized for its
+    larger output (the tile cap of :func:`run_blocks_slabs`) without shrinking the ResBlock's tile.
+    """
+    out: list[list[torch.nn.Module]] = []
+    for stage in stages:
+        current: list[torch.nn.Module] = []
+        for blk in stage:
+            if _resampling(blk) != 1:
+                out += [current] if current else []
+                out.append([blk])
+                current = []
+            else:
+                current.append(blk)
+        out += [current] if current else []
+    return out
+
+
+def run_stage_slabs(
+    stage: Sequence[torch.nn.Module],
+    vol: SlabVolume,
+    tile: int,
+    device: torch.device,
+    store_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> tuple[SlabVolume, int]:
+    """:func:`run_stage_exact` on a :class:`SlabVolume`, giving up the input as the output is written.
+
+    The tiles, halos and GroupNorm statistics passes are those of :func:`run_stage_exact` (the
+    statistics passes read the whole input). The final pass runs row of tiles by row of tiles along X
+    (:func:`row_cores`); each row's output is one new slab, after which the input rows that no later
+    tile's halo reaches are freed (``vol`` is emptied by the end).
+
+    Args:
+        stage: blocks run in sequence.
+        vol: the stage input (consumed).
+        tile: tile edge in input voxels (halo included).
+        device: where the network runs.
+        store_dtype: dtype of the output slabs.
+        progress: tqdm bars.
+
+    Returns:
+        ``(output volume, most bytes held by input and output slabs together at any time)``.
+    """
+    scale = Fraction(1)
+    for blk in stage:
+        scale *= _resampling(blk)
+    align = scale.denominator
+    halo = -(-(_stage_halo(stage) + 1) // align) * align
+    size = vol.spatial_shape(vol.stop - vol.first_row)
+    if vol.first_row != 0 or any(n % align for n in size):
+        raise ValueError(f"stage input must be whole (first row {vol.first_row}) with size {size} a multiple of {align}")
+    core = max(align, (tile - 2 * halo) // align * align)
+    rows = [(max(0, lo - halo), min(size[0], hi + halo), lo, hi) for lo, hi in row_cores(size[0], core, align)]
+    cols = [partition_tiles(n, core, halo) for n in size[1:]]
+    seq = torch.nn.Sequential(*stage)
+    norms = [m for blk in stage for m in blk.modules() if isinstance(m, torch.nn.GroupNorm)]
+    out = SlabVolume()
+    peak = vol.nbytes()
+    with GlobalGroupNorm(norms) as gn:
+        parts = [(a, b, c) for a in rows for b in cols[0] for c in cols[1]]
+        _collect_statistics(seq, gn, parts, vol.crop, device, progress)
+        for k, row in enumerate(_progress(rows, "rows of tiles", progress)):
+            # the row's output as thin slabs of their own: the next stage frees them as it goes, and a
+            # slab across the rows it still needs costs a copy of at most SLAB_ROWS - 1 rows
+            out_rows = int((row[3] - row[2]) * scale)
+            bounds = [(r, min(out_rows, r + SLAB_ROWS)) for r in range(0, out_rows, SLAB_ROWS)]
+            slabs: list[torch.Tensor] = []
+            for part in [(row, b, c) for b in cols[0] for c in cols[1]]:
+                y = seq(vol.crop([slice(t0, t1) for t0, t1, _, _ in part]).to(device, torch.float32))
+                if not slabs:
+                    yz = [int(n * scale) for n in size[1:]]
+                    slabs = [torch.empty([y.shape[0], y.shape[1], r1 - r0, *yz], dtype=store_dtype,
+                                         device=vol.slabs[0].device) for r0, r1 in bounds]
+                x0 = int((row[2] - row[0]) * scale)  # first core row in the tile's output
+                src_yz = [slice(int((c0 - t0) * scale), int((c1 - t0) * scale)) for t0, _, c0, c1 in part[1:]]
+                dst_yz = [slice(int(c0 * scale), int(c1 * scale)) for _, _, c0, c1 in part[1:]]
+                for slab, (r0, r1) in zip(slabs, bounds):
+                    _crop(slab, [slice(None), *dst_yz]).copy_(_crop(y, [slice(x0 + r0, x0 + r1), *src_yz]))
+                del y  # the tile's output: freed before the next tile is computed
+            for slab in slabs:
+                out.append(slab)
+            peak = max(peak, vol.nbytes() + out.nbytes())
+            vol.drop_before(rows[k + 1][0] if k + 1 < len(rows) else size[0])
+    return out, peak
+
+
+def run_blocks_slabs(
+    blocks: Sequence[torch.nn.Module],
+    x: torch.Tensor,
+    roi: int,
+    device: torch.device,
+    store_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    granularity: str = "block",
+    tile_cap: int | None = 64,
+) -> tuple[torch.Tensor, int]:
+    """:func:`run_blocks_exact` with each stage replacing its input by its output slab by slab.
+
+    The same numbers as :func:`run_blocks_exact` (both equal one untiled pass up to float rounding),
+    holding about one stored volume plus one slab per stage instead of two volumes
+    (:func:`run_stage_slabs`). Resampling blocks get stages of their own (:func:`detach_resampling`)
+    except with the "resolution" split, whose stages start at them on purpose.
+
+    Args:
+        blocks, x, roi, device, store_dtype, progress, granularity: as for :func:`run_blocks_exact`.
+        tile_cap: largest tile edge in *output* voxels of a stage (an upsampling stage's tile is
+            half of it in its input). A tile's activations are several float32 copies of it (about
+            1.5 kB a voxel for a 128-channel ResBlock): the cap bounds them where the stored volumes
+            are largest. ``None``: tiles as in :func:`run_blocks_exact`.
+
+    Returns:
+        ``(output (B, C', *spatial) in store_dtype, most bytes of stored volumes held at once)``.
+    """
+    stages = split_stages(blocks, granularity)
+    if granularity != "resolution":
+        stages = detach_resampling(stages)
+    vol = SlabVolume([x])
+    peak, res = 0, Fraction(1)
+    for stage in stages:
+        scale = Fraction(1)
+        for blk in stage:
+            scale *= _resampling(blk)
+        tile = max(int(roi * res), 6 * (_stage_halo(stage) + 2))
+        if tile_cap is not None:
+            # keep the tile's output edge (tile * scale) within the cap, but the core wider than the halo
+            tile = min(tile, max(int(tile_cap / scale), 4 * (_stage_halo(stage) + 2)))
+        vol, stage_peak = run_stage_slabs(stage, vol, tile, device, store_dtype=store_dtype, progress=progress)
+        peak = max(peak, stage_peak)
+        res *= scale
+    return vol.tensor(), peak
 
 
 def gaussian_window(shape: Sequence[int], sigma_scale: float = 0.125, floor: float = 1e-3) -> torch.Tensor:
@@ -645,6 +905,14 @@ ENCODE_PRECISIONS = ("fp32", "bf16", "auto")
 #: (random weights, smooth phantom): demo VAE rms 0.017 / max 0.14, paper VAE rms 0.019 / max 0.12;
 #: each convolution rounds its inputs and output to 8 significant bits, which no layout avoids.
 BF16_LATENT_TOLERANCE: dict[str, float] = {"rms": 0.03, "max": 0.25}
+
+#: How far a decode with bfloat16 stored volumes (``store_dtype=torch.bfloat16``) may lie from the
+#: float32-stored decode, as fractions of the float32 image's standard deviation: root-mean-square and
+#: largest absolute difference. Measured (random weights, standard normal latents): paper VAE, 4x30x23x28
+#: latent, rms 0.0072 / max 0.054; the paper VAE's structure at 1/8 of its widths on the chest CT's
+#: 4x61x46x56 latent, max 0.21 (the largest of 10 M voxels); demo VAE rms 0.0064 / max 0.042. Only the
+#: stored stage outputs are rounded (8 significant bits); the convolutions still run in float32.
+BF16_DECODE_TOLERANCE: dict[str, float] = {"rms": 0.02, "max": 0.25}
 
 
 def resolve_encode_precision(precision: str, device: str | torch.device) -> str:
@@ -792,6 +1060,8 @@ def decode_latent(
     store_dtype: torch.dtype = torch.float32,
     progress: bool = False,
     granularity: str = "block",
+    low_memory: bool = True,
+    tile_cap: int | None = 64,
 ) -> torch.Tensor:
     """Decode a whole latent in tiles (see :func:`encode_volume` for the two tiling modes).
 
@@ -805,6 +1075,13 @@ def decode_latent(
         progress: tqdm bars.
         granularity: stage split of the exact mode (:func:`split_stages`); ``"block"`` avoids
             recomputing the full-resolution upsampling convolution once per GroupNorm layer.
+        low_memory: exact mode only: each stage replaces its input by its output slab by slab
+            (:func:`run_blocks_slabs`) instead of holding both whole, with tiles capped at
+            ``tile_cap``; the same numbers up to float rounding. With ``store_dtype=torch.bfloat16``
+            the paper VAE decodes the 244x184x224 chest CT in under 4 GB (benchmarks/REPORT.md,
+            "VAE whole-volume encoding"); the decoded image then stays within
+            ``BF16_DECODE_TOLERANCE`` of the float32 decode.
+        tile_cap: largest tile edge in output voxels of a stage (:func:`run_blocks_slabs`).
 
     Returns:
         Image ``(1, 4x, 4y, 4z)`` (with a batch axis if one was given), float32 on CPU.
@@ -814,6 +1091,10 @@ def decode_latent(
     device = next(vae.parameters()).device
     if roi is None:
         x = vae.decode(z.to(device)).float().cpu()
+    elif exact and low_memory:
+        blocks = [vae.post_quant_conv, *vae.decoder.blocks]
+        x = run_blocks_slabs(blocks, z, int(roi), device, store_dtype=store_dtype, progress=progress,
+                             granularity=granularity, tile_cap=tile_cap)[0].float()
     elif exact:
         blocks = [vae.post_quant_conv, *vae.decoder.blocks]
         x = run_blocks_exact(blocks, z, int(roi), device, store_dtype=store_dtype, progress=progress,

@@ -79,17 +79,23 @@ class TiledVAEDecoder:
         overlap, exact, store_dtype, progress, granularity: as for :class:`TiledVAEEncoder`; the
             decoder defaults to "block", which spares the full-resolution upsampling convolution
             one recomputation per GroupNorm layer.
+        low_memory: exact mode: stages replace their input by their output slab by slab
+            (:func:`custom_nets.nets.vae.run_blocks_slabs`; the same image, about half the stored bytes).
+        tile_cap: largest tile edge in output voxels of a stage in the low-memory mode.
     """
 
     def __init__(self, roi: int | None = 32, overlap: float = 0.25, exact: bool = True,
-                 store_dtype: str = "float32", progress: bool = False, granularity: str = "block") -> None:
+                 store_dtype: str = "float32", progress: bool = False, granularity: str = "block",
+                 low_memory: bool = True, tile_cap: int | None = 64) -> None:
         self.roi, self.overlap = roi, float(overlap)
         self.exact, self.progress = as_bool(exact, "exact_tiling"), as_bool(progress, "progress")
         self.store_dtype, self.granularity = getattr(torch, store_dtype), granularity
+        self.low_memory, self.tile_cap = as_bool(low_memory, "low_memory_tiling"), tile_cap
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         return decode_latent(network, inputs, roi=self.roi, overlap=self.overlap, exact=self.exact,
-                             store_dtype=self.store_dtype, progress=self.progress, granularity=self.granularity)
+                             store_dtype=self.store_dtype, progress=self.progress, granularity=self.granularity,
+                             low_memory=self.low_memory, tile_cap=self.tile_cap)
 
 
 # ---------------------------------------------------------------------------------------------
