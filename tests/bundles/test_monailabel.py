@@ -78,8 +78,10 @@ def make_app(parts: dict[str, Path], folder: Path, upstream: bool, model: bool =
 def error_chain(error: BaseException) -> str:
     """Every message of an exception and its causes (MONAI wraps a failing config expression)."""
     messages: list[str] = []
+    visited: set[int] = set()
     seen: BaseException | None = error
-    while seen is not None:
+    while seen is not None and id(seen) not in visited:  # a context chain can loop back on itself
+        visited.add(id(seen))
         messages.append(str(seen))
         seen = seen.__cause__ or seen.__context__
     return "\n".join(messages)
