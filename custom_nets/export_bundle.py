@@ -97,6 +97,21 @@ def zip_name(bundle_dir: str | Path) -> str:
     return f"{bundle_dir.name}_v{version}.zip"
 
 
+def with_crop_size(metadata: dict[str, Any], roi_size: Sequence[int]) -> dict[str, Any]:
+    """``metadata`` with the image input's and prediction's ``spatial_shape`` set to ``roi_size``.
+
+    The shipped metadata describes the paper-scale crop (96^3); a packed model trained at another
+    crop size (the demo's) takes that one, and Model Zoo's shape check (``verify_net_in_out``) feeds
+    the network a tensor of the metadata's shape.
+    """
+    formats = metadata.get("network_data_format", {})
+    for section, key in (("inputs", "image"), ("outputs", "pred")):
+        entry = formats.get(section, {}).get(key)
+        if isinstance(entry, dict) and "spatial_shape" in entry:
+            entry["spatial_shape"] = [int(v) for v in roi_size]
+    return metadata
+
+
 def write_sha256(path: Path) -> Path:
     """``<path>.sha256`` in ``sha256sum`` format (``<hex>  <file name>``), written atomically."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -138,14 +153,20 @@ def export_bundle(
     name = bundle_dir.name
     out = Path(out_dir) / zip_name(bundle_dir)
     # the labels the packed model was trained on become the zip's metadata channel_def (what MONAI
-    # Label and Model Zoo read), so a model trained on other labels is not served with the defaults
+    # Label and Model Zoo read), so a model trained on other labels is not served with the defaults;
+    # its crop size becomes the metadata's spatial_shape (Model Zoo's shape check feeds that shape)
     model_json = (models_dir or bundle_dir / "models") / "model.json"
-    trained = read_json(model_json).get("labels") if include_models and model_json.is_file() else None
+    model_meta = read_json(model_json) if include_models and model_json.is_file() else {}
+    trained = model_meta.get("labels")
+    roi_size = (model_meta.get("network") or {}).get("roi_size")
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         for rel, f in bundle_entries(bundle_dir, models_dir, include_models):
             data = _config_bytes(f) if rel.startswith("configs/") else f.read_bytes()
-            if rel == "configs/metadata.json" and trained:
-                data = (json.dumps(with_labels(json.loads(data), trained), indent=4) + "\n").encode()
+            if rel == "configs/metadata.json" and (trained or roi_size):
+                meta = json.loads(data)
+                meta = with_labels(meta, trained) if trained else meta
+                meta = with_crop_size(meta, roi_size) if roi_size else meta
+                data = (json.dumps(meta, indent=4) + "\n").encode()
             _add(zf, f"{name}/{rel}", data)
         for f in _files(PACKAGE_DIR):
             _add(zf, f"{name}/custom_nets/{f.relative_to(PACKAGE_DIR).as_posix()}", f.read_bytes())

@@ -17,6 +17,9 @@ from tests.support.world import write_meduet, write_phantoms, write_vae
 BUNDLE = "bundles/meduet_seg"
 CONFIGS = f"{BUNDLE}/configs"
 ROI = 64  # image crops -> 16^3 latents -> 4^3 tokens (volumes are padded to 96^3: 8 windows each)
+SHIPPED_META = json.loads(Path(BUNDLE, "configs", "metadata.json").read_text())
+# the training labels: the shipped ones with label 7 renamed, so that training must update the metadata
+TRAIN_LABELS = {**SHIPPED_META["network_data_format"]["outputs"]["pred"]["channel_def"], "7": "tumour"}
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +31,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> dict[s
     write_meduet(ssl_ckpt, domains=["ct_sharp"])
     data = write_phantoms(root / "phantoms", subjects=3, styles=["ct_sharp"], shape=(40, 40, 40), val_fraction=0.34)
     bundle_root = root / "meduet_seg"
+    (bundle_root / "configs").mkdir(parents=True)  # the bundle's metadata, which training keeps in step
+    (bundle_root / "configs" / "metadata.json").write_text(json.dumps(SHIPPED_META, indent=4) + "\n")
     proc = run_bundle(
         [f"{CONFIGS}/train.json", f"{CONFIGS}/demo.json"],
         {"bundle_root": bundle_root, "dataset_dir": data, "vae_ckpt": vae_ckpt, "ssl_ckpt": ssl_ckpt,
          "roi_size": f"[{ROI},{ROI},{ROI}]", "max_epochs": 2, "val_interval": 2, "num_samples": 1,
-         "style_aug": True, "style_prob": 1.0, "output_dir": root / "eval"},
+         "style_aug": True, "style_prob": 1.0, "output_dir": root / "eval", "labels": json.dumps(TRAIN_LABELS)},
         cwd=repo_root,
     )
     return {"root": root, "data": data, "bundle_root": bundle_root, "vae_ckpt": vae_ckpt, "ssl_ckpt": ssl_ckpt,
@@ -46,11 +51,23 @@ def test_training_exports_stage_checkpoint(trained: dict) -> None:
     meta = json.loads((trained["bundle_root"] / "models" / "model.json").read_text())
     assert meta["stage"] == "meduet_seg" and meta["export"] == "best" and meta["epoch"] == 2
     assert meta["network"]["encoder"]["embed_dim"] == 48 and meta["network"]["roi_size"] == [ROI] * 3
-    assert meta["labels"]["2"] == "liver" and meta["num_classes"] == 8
+    assert meta["labels"] == TRAIN_LABELS and meta["num_classes"] == 8
     vae_meta = json.loads(trained["vae_ckpt"].with_suffix(".json").read_text())
     assert meta["vae_sha256"] == vae_meta["sha256"] and meta["ssl_sha256"]
     assert (trained["bundle_root"] / "models" / "checkpoints" / "checkpoint_final.pt").is_file()
     assert list((trained["root"] / "eval" / "val_overlays").glob("*.png"))
+
+
+def test_training_writes_its_labels_into_the_bundle_metadata(trained: dict) -> None:
+    """The run's labels differ from the shipped metadata's: the bundle's configs/metadata.json now
+    names what models/model.pt predicts (MONAI Label and Model Zoo read it), and nothing else changed."""
+    meta = json.loads((trained["bundle_root"] / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == TRAIN_LABELS
+    assert "7 tumour" in meta["label_classes"]
+    unchanged = {k: v for k, v in meta.items() if k not in ("network_data_format", "label_classes")}
+    assert unchanged == {k: v for k, v in SHIPPED_META.items() if k not in ("network_data_format", "label_classes")}
+    assert meta["network_data_format"]["inputs"] == SHIPPED_META["network_data_format"]["inputs"]
+    assert not list((trained["bundle_root"] / "configs").glob(".*"))  # no temporary file left behind
 
 
 def test_inference_writes_masks_on_the_input_grid(trained: dict, repo_root: Path) -> None:

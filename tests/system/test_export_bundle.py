@@ -238,3 +238,33 @@ def test_segmenter_exports_to_onnx_matching_eager(tmp_path_factory: pytest.TempP
         want = net(x).numpy()
     assert got.shape == (1, 8, SEG_ROI, SEG_ROI, SEG_ROI)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_seg_zip_passes_model_zoo_bundle_checks_offline(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                                       shared_dir: Path) -> None:
+    """The checks of Model Zoo's ci/verify_bundle.py (full mode) on the extracted seg zip, run with
+    MONAI's own functions and without the network: required files (metadata, LICENSE), preferred
+    files (models/model.pt, configs/inference.json), version listed in the changelog, metadata
+    against the schema (the copy in ../shared instead of a download), and verify_net_in_out of
+    inference.json's network_def. Model Zoo's TorchScript step is skipped for this bundle, as for
+    swin_unetr_btcv_segmentation: the segmenter is traced (test_seg_bundle), not scripted."""
+    from monai.bundle import verify_metadata, verify_net_in_out
+
+    from custom_nets.export_bundle import export_bundle
+
+    world = session_world(tmp_path_factory)
+    zip_path = export_bundle(ROOT / "bundles" / "meduet_seg", tmp_path / "dist", models_dir=world["seg_model"].parent)
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp_path / "models")
+    bundle = tmp_path / "models" / "meduet_seg"
+    for f in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"):
+        assert (bundle / f).is_file(), f"{zip_path.name} lacks {f}"
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"),
+                    filepath=str(shared_dir / "schema" / "meta_schema_20240725.json"))
+    # the packed model's crop size is the metadata's shape, the shape verify_net_in_out feeds it
+    for section, key in (("inputs", "image"), ("outputs", "pred")):
+        assert meta["network_data_format"][section][key]["spatial_shape"] == [SEG_ROI] * 3
+    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
+                      config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle))

@@ -58,3 +58,23 @@ def test_the_zip_s_metadata_says_what_its_model_predicts(tmp_path: Path) -> None
     plain = export_bundle(ROOT / "bundles" / "meduet_seg", tmp_path / "plain", include_models=False)
     with zipfile.ZipFile(plain) as zf:
         assert json.loads(zf.read("meduet_seg/configs/metadata.json")) == SHIPPED
+
+
+def test_record_bundle_labels_rewrites_only_a_differing_metadata(tmp_path: Path) -> None:
+    from custom_nets.engines.seg.labels import record_bundle_labels
+
+    meta = tmp_path / "configs" / "metadata.json"
+    meta.parent.mkdir()
+    meta.write_text(json.dumps(SHIPPED, indent=4) + "\n")
+    shipped = metadata_labels(SHIPPED)
+    assert record_bundle_labels(meta, shipped) is False and json.loads(meta.read_text()) == SHIPPED
+    assert record_bundle_labels(meta, TRAINED) is True
+    written = json.loads(meta.read_text())
+    assert metadata_labels(written) == TRAINED
+    assert written["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
+    assert written["label_classes"] == "0 background, 1 tumour, 2 cyst"
+    assert [p.name for p in meta.parent.iterdir()] == ["metadata.json"]  # replaced in place, no temporary left
+    assert record_bundle_labels(tmp_path / "elsewhere" / "metadata.json", TRAINED) is False  # no bundle metadata there
+    meta.write_text(json.dumps({"version": "0.1.0"}))
+    with pytest.raises(InputError, match="no network_data_format.outputs.pred"):
+        record_bundle_labels(meta, TRAINED)

@@ -25,13 +25,16 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from ignite.handlers import ProgressBar
+try:
+    from ignite.handlers import ProgressBar
+except ImportError:  # pytorch-ignite 0.4.11 (what monai's ignite extra and so MONAI Label install) keeps it in contrib
+    from ignite.contrib.handlers import ProgressBar
 
 from custom_nets.utils.hardware import cpu_has_native_bf16
 
 __all__ = [
     "resolve_precision", "precision_autocast", "engine_amp", "scaled_backward",
-    "clip_and_step", "optimizer_step", "as_decollated", "first_item", "scalars", "LossProgressBar",
+    "clip_and_step", "optimizer_step", "as_decollated", "first_item", "scalars", "LossProgressBar", "ProgressBar",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -5,21 +5,27 @@ what MONAI Label and Model Zoo read) holds the labels the bundle ships with, and
 ``models/model.json`` (``labels``) holds the labels that model was trained on. The configs' ``labels``
 id is :func:`bundle_labels`: the trained model's when there is one (inference; training that
 fine-tunes), else the metadata's (training from scratch; ``--labels`` overrides). Training records
-them in model.json, and the export writes model.json's into the zipped metadata, so the zip says
-what its model predicts.
+them in model.json and, when they differ from the metadata's, writes them into the bundle's
+``configs/metadata.json`` (:func:`record_bundle_labels`, called by the seg exporter each time it writes
+``model.pt``); the export writes model.json's into the zipped metadata, so the zip says what its model
+predicts. :func:`with_labels` is the one writer of labels into metadata.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from custom_nets.utils.checkpoint import meta_path
 from custom_nets.utils.errors import InputError
-from custom_nets.utils.io import read_json
+from custom_nets.utils.io import atomic_write, read_json
 from custom_nets.utils.values import as_path
+
+logger = logging.getLogger(__name__)
 
 
 def as_channel_def(labels: Mapping[Any, str], source: str | Path = "labels") -> dict[str, str]:
@@ -75,13 +81,45 @@ def bundle_labels(model_path: str | Path | None, shipped: Mapping[str, Any] | st
 
 
 def with_labels(metadata: Mapping[str, Any], labels: Mapping[Any, str]) -> dict[str, Any]:
-    """A copy of a bundle's metadata whose prediction ``channel_def`` (and channel count) are ``labels``."""
+    """A copy of a bundle's metadata whose prediction ``channel_def`` (and channel count) are ``labels``;
+    its ``label_classes`` / ``pred_classes`` texts, where present, are rewritten to match."""
     meta = copy.deepcopy(dict(metadata))
+    labels = as_channel_def(labels)
     pred = meta.get("network_data_format", {}).get("outputs", {}).get("pred")
     if isinstance(pred, dict):
-        pred["channel_def"] = as_channel_def(labels)
-        pred["num_channels"] = len(pred["channel_def"])
+        pred["channel_def"] = labels
+        pred["num_channels"] = len(labels)
+    if "label_classes" in meta:
+        meta["label_classes"] = ", ".join(f"{k} {v}" for k, v in labels.items())
+    if "pred_classes" in meta:
+        meta["pred_classes"] = f"{len(labels)} channels of logits, one per label value"
     return meta
 
 
-__all__ = ["as_channel_def", "bundle_labels", "metadata_labels", "with_labels"]
+def record_bundle_labels(metadata_file: str | Path, labels: Mapping[Any, str]) -> bool:
+    """Write ``labels`` into a bundle's metadata file when its prediction ``channel_def`` differs.
+
+    The file is replaced atomically (a reader never sees half a file); nothing is written when the
+    labels already match, or when there is no such file (a ``bundle_root`` that holds only the
+    trained model, its configs elsewhere: no metadata to keep in step). Returns whether the file was
+    rewritten.
+
+    Raises:
+        InputError: the file is not a bundle metadata with a prediction output.
+    """
+    path = Path(metadata_file)
+    if not path.is_file():
+        logger.info("%s: no bundle metadata there; the trained labels stay in model.json only", path)
+        return False
+    metadata = read_json(path)
+    if not isinstance(metadata.get("network_data_format", {}).get("outputs", {}).get("pred"), dict):
+        raise InputError(path, "no network_data_format.outputs.pred to record the trained labels in")
+    labels = as_channel_def(labels)
+    if metadata_labels(metadata, path) == labels:
+        return False
+    text = json.dumps(with_labels(metadata, labels), indent=4) + "\n"  # the bundles' metadata layout
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return True
+
+
+__all__ = ["as_channel_def", "bundle_labels", "metadata_labels", "record_bundle_labels", "with_labels"]

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "finetune_source",
+    "finetune_arg",
     "network_args_from_upstream",
     "build_segmenter",
     "load_vae_weights",
@@ -167,6 +168,21 @@ def finetune_source(vae_ckpt: str | Path | None, model_ckpt: str | Path | None) 
     if is_missing(vae_ckpt) and not is_missing(model_ckpt) and Path(model_ckpt).is_file():  # type: ignore[arg-type]
         return str(model_ckpt)
     return None
+
+
+def finetune_arg(finetune_from: str | Path | None, name: str, default: Any) -> Any:
+    """A constructor argument of the model being fine-tuned (its ``model.json``), else ``default``.
+
+    Fine-tuning builds the network from the trained model's recorded arguments, so settings that
+    must agree with the network (the crop size ``roi_size``) follow them too; a caller that cannot
+    pass the original configs (MONAI Label training an exported bundle) then needs no overrides.
+    """
+    if as_path(finetune_from) is None:
+        return default
+    net = read_stage_meta(finetune_from, "meduet_seg").get("network")  # type: ignore[arg-type]
+    if not isinstance(net, Mapping) or name not in net:
+        raise CheckpointError(f"{meta_path(finetune_from)}: no network argument {name!r} recorded")  # type: ignore[arg-type]
+    return net[name]
 
 
 def init_from_upstream(

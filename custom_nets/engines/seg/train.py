@@ -15,6 +15,7 @@ from ignite.engine import Events
 from torch import nn
 
 from custom_nets.engines.common.export import StageExporter
+from custom_nets.engines.seg.labels import as_channel_def, record_bundle_labels
 from custom_nets.utils.checkpoint import read_stage_meta
 from custom_nets.utils.overlay import save_label_overlay
 from custom_nets.utils.values import as_path
@@ -25,7 +26,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "select_fraction",
     "trainable_parameters",
-    "channel_def",
     "SegModelExporter",
     "ValidationOverlayHandler",
 ]
@@ -72,11 +72,6 @@ def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def channel_def(labels: Mapping[Any, str]) -> dict[str, str]:
-    """{"0": "background", ...} from a label-value -> name mapping (metadata.json form)."""
-    return {str(int(k)): str(v) for k, v in sorted(labels.items(), key=lambda kv: int(kv[0]))}
-
-
 def _upstream_sha(path: str | Path | None, stage: str) -> str | None:
     if as_path(path) is None:
         return None
@@ -99,6 +94,10 @@ class SegModelExporter(StageExporter):
             upstream provenance is carried over, read when the handler is attached (before the
             first export may overwrite it).
         extra: more JSON facts for model.json (e.g. label_fraction).
+        metadata_file: the bundle's ``configs/metadata.json``: after each export whose labels differ
+            from its prediction ``channel_def``, it is rewritten (atomically) with the trained labels,
+            so that MONAI Label and Model Zoo, which read the metadata, name what ``model.pt``
+            predicts. None: leave it alone.
     """
 
     def __init__(
@@ -112,12 +111,14 @@ class SegModelExporter(StageExporter):
         policy: str = "best",
         finetune_from: str | Path | None = None,
         extra: Mapping[str, Any] | None = None,
+        metadata_file: str | Path | None = None,
     ) -> None:
         super().__init__(network, path, "meduet_seg", policy, evaluator, extra)
         self.finetune_from = None if is_missing(finetune_from) else Path(finetune_from)  # type: ignore[arg-type]
         self.inherited: dict[str, Any] | None = None
-        self.labels = channel_def(labels) if labels else None
+        self.labels = as_channel_def(labels) if labels else None
         self.vae_ckpt, self.ssl_ckpt = vae_ckpt, ssl_ckpt
+        self.metadata_file = as_path(metadata_file)
 
     def attach(self, engine: Any) -> None:
         if self.finetune_from is not None:
@@ -144,6 +145,15 @@ class SegModelExporter(StageExporter):
             network=args, labels=self.labels, num_classes=args.get("num_classes"), key_metric=self.key_metric(),
             **upstream,
         )
+
+    def export(self, reason: str) -> dict[str, Any] | None:
+        """Write model.pt / model.json, then bring the bundle's metadata labels in line with them."""
+        info = super().export(reason)
+        if info is not None and self.labels and self.metadata_file is not None:
+            if record_bundle_labels(self.metadata_file, self.labels):
+                logger.info("%s: prediction channel_def set to the trained labels %s", self.metadata_file,
+                            self.labels)
+        return info
 
 
 class ValidationOverlayHandler:
