@@ -245,7 +245,8 @@ def real_ct_stages(out: Path) -> list[Stage]:
                                            labels=json.dumps(labels), model_path=real / "seg/model.pt",
                                            ckpt_dir=real / "seg/checkpoints", output_dir=real / "seg",
                                            max_epochs=REAL_SEG_EPOCHS, val_interval=REAL_SEG_EPOCHS + 1,
-                                           export="final", **{"validate#dataset#data": "[]"})),
+                                           export="final", metadata_file="$None",  # keep the shipped labels
+                                           **{"validate#dataset#data": "[]"})),
         Stage("real unet baseline", unet_cmd(real / "datalist.json", real / "unet", labels), budget_of="real seg train"),
         Stage("real seg inference", bundle_cmd("meduet_seg", ["inference.json"], datalist=real / "datalist.json",
                                                model_path=real / "seg/model.pt", output_dir=real / "seg_inference",

@@ -44,6 +44,8 @@ def test_unet_stages_take_the_wall_time_of_their_meduet_seg_peer(tmp_path):
     real_train = stages["real seg train"].cmd
     assert real_train[real_train.index("--model_path") + 1] == str(tmp_path / "real/seg/model.pt")
     assert json.loads(real_train[real_train.index("--labels") + 1])["1"] == "lung"
+    # the real-label side run must not rewrite the repository's shipped metadata labels
+    assert real_train[real_train.index("--metadata_file") + 1] == "$None"
     assert "real ct slabs" not in {s.name for s in demo_stages(tmp_path, str, ["ct_sharp"], real=False)}
     done = {"seg train": Stage("seg train", ["python"], None, 123.46)}
     give_budget(stages["unet baseline"], done)
