@@ -467,6 +467,33 @@ def _stage_halo(stage: Sequence[torch.nn.Module]) -> int:
     return radius
 
 
+def _stage_scale(stage: Sequence[torch.nn.Module]) -> Fraction:
+    """Output over input resolution of a stage (product of its blocks' resampling factors)."""
+    scale = Fraction(1)
+    for blk in stage:
+        scale *= _resampling(blk)
+    return scale
+
+
+def _stage_tiling(stage: Sequence[torch.nn.Module], tile: int) -> tuple[Fraction, int, int, int]:
+    """``(scale, align, halo, core)`` of a stage tiled with edge ``tile`` (input voxels, halo included).
+
+    Tile starts must land on the coarser grid of a downsampling stage (``align``); the halo covers
+    the receptive field, rounded up to that grid; the core is what remains of the tile, at least
+    one grid step.
+    """
+    scale = _stage_scale(stage)
+    align = scale.denominator
+    halo = -(-(_stage_halo(stage) + 1) // align) * align
+    core = max(align, (tile - 2 * halo) // align * align)
+    return scale, align, halo, core
+
+
+def _stage_tile(stage: Sequence[torch.nn.Module], roi: int, res: Fraction) -> int:
+    """Tile edge of a stage at resolution ``res``: ``roi`` scaled, but cores kept wider than the halos."""
+    return max(int(roi * res), 6 * (_stage_halo(stage) + 2))
+
+
 def _crop(t: torch.Tensor, sl: Sequence[slice]) -> torch.Tensor:
     return t[(slice(None), slice(None), *sl)]
 
@@ -533,15 +560,10 @@ def run_stage_exact(
     Returns:
         The stage output for the whole volume, on ``x``'s device.
     """
-    scale = Fraction(1)
-    for blk in stage:
-        scale *= _resampling(blk)
-    align = scale.denominator  # tile starts must land on the coarser grid of a downsampling stage
-    halo = -(-(_stage_halo(stage) + 1) // align) * align
+    scale, align, halo, core = _stage_tiling(stage, tile)
     size = list(x.shape[2:])
     if any(n % align for n in size):
         raise ValueError(f"stage input size {size} must be a multiple of {align}")
-    core = max(align, (tile - 2 * halo) // align * align)
     axes = [partition_tiles(n, core, halo) for n in size]
     parts = [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
     seq = torch.nn.Sequential(*stage)
@@ -583,11 +605,8 @@ def run_blocks_exact(
     """
     res = Fraction(1)
     for stage in split_stages(blocks, granularity):
-        # deeper stages run at lower resolution: scale the tile, but keep cores wider than the halos
-        tile = max(int(roi * res), 6 * (_stage_halo(stage) + 2))
-        x = run_stage_exact(stage, x, tile, device, store_dtype=store_dtype, progress=progress)
-        for blk in stage:
-            res *= _resampling(blk)
+        x = run_stage_exact(stage, x, _stage_tile(stage, roi, res), device, store_dtype=store_dtype, progress=progress)
+        res *= _stage_scale(stage)
     return x
 
 
@@ -741,15 +760,10 @@ def run_stage_slabs(
     Returns:
         ``(output volume, most bytes held by input and output slabs together at any time)``.
     """
-    scale = Fraction(1)
-    for blk in stage:
-        scale *= _resampling(blk)
-    align = scale.denominator
-    halo = -(-(_stage_halo(stage) + 1) // align) * align
+    scale, align, halo, core = _stage_tiling(stage, tile)
     size = vol.spatial_shape(vol.stop - vol.first_row)
     if vol.first_row != 0 or any(n % align for n in size):
         raise ValueError(f"stage input must be whole (first row {vol.first_row}) with size {size} a multiple of {align}")
-    core = max(align, (tile - 2 * halo) // align * align)
     rows = [(max(0, lo - halo), min(size[0], hi + halo), lo, hi) for lo, hi in row_cores(size[0], core, align)]
     cols = [partition_tiles(n, core, halo) for n in size[1:]]
     seq = torch.nn.Sequential(*stage)
@@ -817,10 +831,8 @@ def run_blocks_slabs(
     vol = SlabVolume([x])
     peak, res = 0, Fraction(1)
     for stage in stages:
-        scale = Fraction(1)
-        for blk in stage:
-            scale *= _resampling(blk)
-        tile = max(int(roi * res), 6 * (_stage_halo(stage) + 2))
+        scale = _stage_scale(stage)
+        tile = _stage_tile(stage, roi, res)
         if tile_cap is not None:
             # keep the tile's output edge (tile * scale) within the cap, but the core wider than the halo
             tile = min(tile, max(int(tile_cap / scale), 4 * (_stage_halo(stage) + 2)))
