@@ -429,6 +429,32 @@ def latent_grid_ceilings(out: Path, data: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def fit_probe(probe: Any, xtr: Any, ytr: Any, xte: Any, yte: Any, max_iter: int = 200, l2: float = 0.0) -> dict[str, float]:
+    """Fit a latent -> label probe with L-BFGS on (xtr, ytr); mean test Dice per label on (xte, yte)."""
+    import numpy as np
+    import torch
+
+    from meduet_demo.phantoms import PHANTOM_LABELS
+
+    opt = torch.optim.LBFGS(probe.parameters(), lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(xtr), ytr)
+        if l2:
+            loss = loss + l2 * sum((p**2).sum() for p in probe.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = probe(xte).argmax(1)
+    per = np.array([[np.nan if v is None else v for v in dice_per_label(p, y, len(PHANTOM_LABELS))]
+                    for p, y in zip(pred, yte)])
+    means = np.nanmean(per, axis=0)
+    return {PHANTOM_LABELS[c + 1]: round(float(v), 4) for c, v in enumerate(means)}
+
+
 def gates(out: Path, data: dict[str, Any], vae_result: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -474,22 +500,8 @@ def gates(out: Path, data: dict[str, Any], vae_result: dict[str, Any]) -> dict[s
         ytr = torch.stack([latent_labels(d["label"], offset) for d in data["labelled"]])
         yte = torch.stack([latent_labels(d["label"], offset) for d in test_seen])
         torch.manual_seed(0)
-        probe = torch.nn.Conv3d(4, len(PHANTOM_LABELS), 1)
-        opt = torch.optim.LBFGS(probe.parameters(), lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
-        xtr = (train_lat - mu) / sd
-
-        def closure() -> Any:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(probe(xtr), ytr)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            pred = probe((test_lat - mu) / sd).argmax(1)
-        per = np.array([[np.nan if v is None else v for v in dice_per_label(p, y)] for p, y in zip(pred, yte)])
-        means = np.nanmean(per, axis=0)
-        probe_rows[str(offset)] = {PHANTOM_LABELS[c + 1]: round(float(v), 4) for c, v in enumerate(means)}
+        probe_rows[str(offset)] = fit_probe(torch.nn.Conv3d(4, len(PHANTOM_LABELS), 1), (train_lat - mu) / sd, ytr,
+                                            (test_lat - mu) / sd, yte)
     best = max((k for k in probe_rows if k != "block"), key=lambda k: probe_rows[k]["body"] + probe_rows[k]["liver"])
     result = {
         "vae": vae_gate, "vae_train": {k: vae_result[k] for k in ("steps", "cpu_s", "wall_s", "final_l1")},
@@ -593,7 +605,6 @@ def probe_diagnostics(out: Path, data: dict[str, Any], vae_result: dict[str, Any
     A probe that passes where the pooled linear one fails says the labels are in the latent but not
     linearly across styles; one that fails too says the VAE did not keep them.
     """
-    import numpy as np
     import torch
 
     from meduet_demo.phantoms import PHANTOM_LABELS
@@ -612,21 +623,7 @@ def probe_diagnostics(out: Path, data: dict[str, Any], vae_result: dict[str, Any
 
     def fit_score(make: Any, tr: Any, ytr: Any, te: Any, yte: Any) -> dict[str, float]:
         torch.manual_seed(0)
-        probe = make()
-        opt = torch.optim.LBFGS(probe.parameters(), lr=0.5, max_iter=300, line_search_fn="strong_wolfe")
-
-        def closure() -> Any:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(probe(tr), ytr) + 1e-4 * sum((p**2).sum() for p in probe.parameters())
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            pred = probe(te).argmax(1)
-        per = np.array([[np.nan if v is None else v for v in dice_per_label(p, y, k)] for p, y in zip(pred, yte)])
-        means = np.nanmean(per, axis=0)
-        return {PHANTOM_LABELS[c + 1]: round(float(v), 4) for c, v in enumerate(means)}
+        return fit_probe(make(), tr, ytr, te, yte, max_iter=300, l2=1e-4)
 
     probes = {
         "linear_1x1": lambda: torch.nn.Conv3d(4, k, 1),
