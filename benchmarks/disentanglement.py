@@ -244,6 +244,19 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def arm_overlay(run_dir: Path, seed: int, switches: dict[str, Any], latent_datalist: Path, batch_size: int,
+                epochs: int) -> dict[str, Any]:
+    """meduet_ssl overrides of one arm's run. Every file the run writes or resumes from lies in
+    ``run_dir``: with the bundle's default ``ckpt_dir`` every arm after the first resumed from the
+    previous arm's final checkpoint (the results before 2026-12-06 are void for that reason)."""
+    return {"network_overrides": NETWORK, "crop": CROP, "batch_size": batch_size, "val_batch_size": 2,
+            "max_epochs": epochs, "val_interval": epochs, "save_interval": max(1, epochs // 8),
+            "warmup_epochs": max(1, epochs // 20), "mftd_start_epoch": epochs // 5,
+            "learning_rate": 5e-4, "start_lr": 1e-5, "final_lr": 1e-4, "seed": seed, "resume": True,
+            "latent_datalist": str(latent_datalist), "output_dir": str(run_dir), "model_path": str(run_dir / "models" / "model.pt"),
+            "ckpt_dir": str(run_dir / "models" / "checkpoints"), **switches}
+
+
 def train_arm(out: Path, arm: str, seed: int, switches: dict[str, Any], latent_datalist: Path,
               args: argparse.Namespace, epochs: int) -> Path:
     """Pretrain one arm for ``epochs`` epochs (resuming an interrupted run); returns the exported teacher."""
@@ -252,13 +265,7 @@ def train_arm(out: Path, arm: str, seed: int, switches: dict[str, Any], latent_d
     if (run_dir / "done").is_file() and ckpt.is_file():
         return ckpt
     run_dir.mkdir(parents=True, exist_ok=True)
-    overlay = {"network_overrides": NETWORK, "crop": CROP, "batch_size": args.batch_size, "val_batch_size": 2,
-               "max_epochs": epochs, "val_interval": epochs, "save_interval": max(1, epochs // 8),
-               "warmup_epochs": max(1, epochs // 20), "mftd_start_epoch": epochs // 5,
-               "learning_rate": 5e-4, "start_lr": 1e-5, "final_lr": 1e-4, "seed": seed, "resume": True,
-               "latent_datalist": str(latent_datalist), "output_dir": str(run_dir), "model_path": str(ckpt),
-               **switches}
-    cfg = write_json(run_dir / "arm.json", overlay)
+    cfg = write_json(run_dir / "arm.json", arm_overlay(run_dir, seed, switches, latent_datalist, args.batch_size, epochs))
     files = ["bundles/meduet_ssl/configs/train.json", "bundles/meduet_ssl/configs/demo.json", str(cfg)]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", "bundles/meduet_ssl"]
     log(f"training {arm} seed {seed}: {json.dumps(switches)}")

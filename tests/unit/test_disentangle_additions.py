@@ -262,3 +262,28 @@ def test_between_domain_share_loss_extremes_and_descent() -> None:
     assert between_domain_share_loss(z - 0.5 * g, d) < before
     with pytest.raises(ValueError, match="disagree"):
         between_domain_share_loss(torch.randn(5, 3), d)
+
+
+def test_benchmark_arms_write_and_resume_only_inside_their_own_folder(tmp_path: Path) -> None:
+    """Each arm's run resolves its checkpoint, output and model paths inside its own folder (the
+    bundle default ckpt_dir made every arm resume from the previous arm's final checkpoint)."""
+    import sys
+
+    from monai.bundle import ConfigParser
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import disentanglement as bench
+
+    runs = []
+    for arm in ("paper", "combined"):
+        run_dir = tmp_path / arm
+        overlay = bench.arm_overlay(run_dir, 0, bench.ARMS[arm], tmp_path / "latents.json", 8, 30)
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "bundles/meduet_ssl/configs/train.json"),
+                            str(ROOT / "bundles/meduet_ssl/configs/demo.json")])
+        parser.update(overlay)
+        parser["bundle_root"] = str(ROOT / "bundles/meduet_ssl")
+        paths = {k: Path(parser.get_parsed_content(k)) for k in ("ckpt_dir", "output_dir", "model_path")}
+        assert all(p.is_relative_to(run_dir) for p in paths.values()), paths
+        runs.append(paths["ckpt_dir"])
+    assert runs[0] != runs[1]
