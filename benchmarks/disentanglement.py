@@ -96,12 +96,25 @@ ARMS: dict[str, dict[str, Any]] = {
 #: fresh linear probe still reads the domain (see REPORT.md)
 DOMAIN_SHARE = {"domain_share_weight": 1.0}
 ARMS.update({"paper+domain_share": {**PAPER, **DOMAIN_SHARE}, "combined+domain_share": {**ARMS["combined"], **DOMAIN_SHARE}})
+#: also not in the issue's list, tried after the arms above: the between-domain Fisher criterion over
+#: running per-domain means (no batch sampling floor, the linear probe's own view of the domain), and
+#: the all-visible reconstruction (the swaps' precondition: the decoder learns to rebuild a token
+#: from its own factors, so these arms' swaps are decoded all-visible)
+DOMAIN_MEAN = {"domain_mean_weight": 100.0}
+SELF_REC = {"self_rec_weight": 1.0}
+ARMS.update({"paper+domain_mean": {**PAPER, **DOMAIN_MEAN}, "paper+self_rec": {**PAPER, **SELF_REC},
+             "combined+domain_mean+self_rec": {**ARMS["combined"], **DOMAIN_MEAN, **SELF_REC}})
+#: the weight of the Fisher criterion (its value falls to ~0.01 within 30 steps, so it needs a large one)
+ARMS.update({f"paper+domain_mean_w{w}": {**PAPER, "domain_mean_weight": float(w)} for w in (1, 10)})
+#: the arms whose long runs get ``--long-seeds`` seeds: the paper, the issue's combination, and the
+#: combination with the two later additions
+FINAL_ARMS = ("paper", "combined", "combined+domain_mean+self_rec")
 #: every arm also exists trained ``--long-epochs`` epochs as ``<arm>_long`` (same switches: does the
 #: training length change the verdict?)
 LONG = {f"{k}_long": k for k in ARMS}
 ARMS.update({k: ARMS[v] for k, v in LONG.items()})
 BASELINES = ("raw", "random_init")
-CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "domain_share", "decorrelation",
+CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "domain_share", "domain_mean", "self_rec", "decorrelation",
               "swap_cycle_content", "swap_cycle_style")
 
 
@@ -309,10 +322,11 @@ class NetworkFactors:
     """Content/style token maps of whole 4 x 16^3 latents from a MeDUET, by non-overlapping crops,
     and decoding of (content, style) maps back to latents in the decoder's training regime."""
 
-    def __init__(self, net: torch.nn.Module, seed: int = 0) -> None:
+    def __init__(self, net: torch.nn.Module, seed: int = 0, decode_mode: str = "complementary") -> None:
         self.net = net.eval()
         self.p = net.patch_size
         self.seed = seed
+        self.decode_mode = decode_mode
 
     def crops(self, latent: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         s = latent.shape[-3:]
@@ -339,12 +353,12 @@ class NetworkFactors:
 
     @torch.no_grad()
     def decode(self, content: torch.Tensor, style: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-        """Crop tokens (K, n, .) -> (C, X, Y, Z) latent (complementary halves, the training regime)."""
+        """Crop tokens (K, n, .) -> (C, X, Y, Z) latent in the decoder's training regime (``decode_mode``)."""
         from custom_nets.engines.ssl.swap import decode_factors
 
         g = CROP // self.p
         gen = torch.Generator().manual_seed(self.seed)
-        cubes = decode_factors(self.net, content, style, (g, g, g), "complementary", draws=2, generator=gen)
+        cubes = decode_factors(self.net, content, style, (g, g, g), self.decode_mode, draws=2, generator=gen)
         out = torch.zeros(cubes.shape[1], *spatial)
         starts = [(a, b, c) for a in range(0, spatial[0], CROP) for b in range(0, spatial[1], CROP)
                   for c in range(0, spatial[2], CROP)]
@@ -535,13 +549,20 @@ def run_arm(out: Path, arm: str, seed: int, data: dict[str, Any], args: argparse
             ckpt = train_arm(out, arm, seed, ARMS[arm], data["latent_datalist"], args, arm_epochs(arm, args))
             net, _ = load_meduet(ckpt)
             curves = loss_curves(ckpt.parents[1])
-        res = evaluate(data, NetworkFactors(net, seed), args, f"{arm}_s{seed}", figures)
+        res = evaluate(data, NetworkFactors(net, seed, decode_mode(arm)), args, f"{arm}_s{seed}", figures)
+        res["decode_mode"] = decode_mode(arm)
     record = {"entry": {**entry(arm, seed, res), "epochs": arm_epochs(arm, args) if arm not in BASELINES else 0},
               "detail": res, "curves": curves, "switches": ARMS.get(arm, {}),
               "seconds": time.perf_counter() - t0}
     write_json(path, record)
     log(f"{arm} seed {seed}: {json.dumps(record['entry'])}")
     return record
+
+
+def decode_mode(arm: str) -> str:
+    """How an arm's factors are decoded for the swap test: all-visible where it was trained to
+    (``self_rec_weight`` > 0), else complementary halves (the paper's decoder regime)."""
+    return "all_visible" if ARMS.get(arm, {}).get("self_rec_weight", 0) > 0 else "complementary"
 
 
 def arm_epochs(arm: str, args: argparse.Namespace) -> int:
@@ -556,9 +577,11 @@ def arm_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     plan += [(a, s) for s in seeds[1:] for a in ("paper", "combined")]
     plan += [("domain_weight_0", 0)] + [(f"paper+{a}", 0) for a in ADDITIONS]
     plan += [("paper+domain_share", 0), ("combined+domain_share", 0)]
+    plan += [("paper+domain_mean_w1", 0), ("paper+domain_mean_w10", 0), ("paper+domain_mean", 0), ("paper+self_rec", 0),
+             ("combined+domain_mean+self_rec", 0)]
     if args.long_epochs > 0:  # the paper and the combination over --long-seeds seeds first, then the rest
         long_arms = [a for a in args.long_arms.split(",") if a]
-        final = [a for a in long_arms if a in ("paper", "combined")]
+        final = [a for a in long_arms if a in FINAL_ARMS]
         plan += [(f"{a}_long", s) for s in range(args.long_seeds) for a in final]
         plan += [(f"{a}_long", 0) for a in long_arms if a not in final]
     wanted = set(args.arms.split(",")) if args.arms else None
@@ -773,7 +796,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--long-epochs", type=int, default=0, help="also train the --long-arms this long (0: not)")
     p.add_argument("--long-arms", default="paper,combined", help="arms also trained --long-epochs epochs")
-    p.add_argument("--long-seeds", type=int, default=2, help="seeds of the long paper and combined arms")
+    p.add_argument("--long-seeds", type=int, default=2, help="seeds of the long runs of FINAL_ARMS")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the paper and combined arms")
     p.add_argument("--max-pairs", type=int, default=48)
     p.add_argument("--data-seed", type=int, default=0)

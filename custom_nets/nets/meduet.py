@@ -457,7 +457,8 @@ class MeDUET(nn.Module):
         return self.encode_factors(self.unpatchify(pred, grid))
 
     def forward_pretrain(
-        self, x: torch.Tensor, mask: torch.Tensor, swap_styles: bool = True, with_clean: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor, swap_styles: bool = True, with_clean: bool = False,
+        self_reconstruct: bool = False,
     ) -> dict[str, torch.Tensor]:
         """The student's pass of one pretraining step up to the decoded latents.
 
@@ -471,6 +472,8 @@ class MeDUET(nn.Module):
             swap_styles: also decode the style swaps (SiQC).
             with_clean: also the clean (unmixed) factors "content", "style" (B, N, .), from the same
                 2B encoder pass as the mixture (the clean-pass domain losses need them).
+            self_reconstruct: also decode the clean factors with every fused token visible,
+                "self_pred" (B, N, p^3 C) (the all-visible reconstruction; implies ``with_clean``).
 
         Returns:
             dict with "ids1", "ids2" (B, n); "content1", "style1", "content2", "style2" (B, n, .)
@@ -480,12 +483,16 @@ class MeDUET(nn.Module):
             decoded as one batch.
         """
         grid = self.encoder.grid_of(x.shape[2:])
-        out = self.encode_mixture(x, mask, with_clean=with_clean)
+        out = self.encode_mixture(x, mask, with_clean=with_clean or self_reconstruct)
         c_logits, s_logits = self.domain_logits(
             torch.cat([out["content1"], out["content2"]], dim=0), torch.cat([out["style1"], out["style2"]], dim=0)
         )
         out["domain_content"], out["domain_style"] = c_logits, s_logits
         out.update(self.decode_streams(out, grid, reconstruct=True, swap=swap_styles))
+        if self_reconstruct:
+            n = out["content"].shape[1]
+            ids = torch.arange(n, device=x.device).expand(x.shape[0], n)
+            out["self_pred"] = self.decode(self.fuse(out["content"], out["style"]), ids, grid)
         return out
 
     @torch.no_grad()
@@ -515,14 +522,15 @@ class MeDUET(nn.Module):
         return out
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, swap_styles: bool = True, with_clean: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, swap_styles: bool = True, with_clean: bool = False,
+        self_reconstruct: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
         """Without ``mask``: :meth:`encode_factors` (content, style tokens). With ``mask``:
         :meth:`forward_pretrain` (the training pass goes through ``forward`` so that a
         DistributedDataParallel wrapper sees it)."""
         if mask is None:
             return self.encode_factors(x)
-        return self.forward_pretrain(x, mask, swap_styles, with_clean)
+        return self.forward_pretrain(x, mask, swap_styles, with_clean, self_reconstruct)
 
 
 def load_meduet(ssl_ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[MeDUET, dict[str, Any]]:

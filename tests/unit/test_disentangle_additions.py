@@ -14,7 +14,7 @@ from custom_nets.engines.ssl.disentangle import between_group_variance_share, gr
 from custom_nets.engines.ssl.step import MeDUETStepConfig, MeDUETTrainStep
 from custom_nets.losses.clean_domain import CleanDomainAdversary, dann_lambda
 from custom_nets.losses.decorrelation import cross_correlation_loss
-from custom_nets.losses.domain_variance import between_domain_share_loss
+from custom_nets.losses.domain_variance import DomainMeanBank, between_domain_share_loss
 from custom_nets.losses.swap_cycle import swap_cycle_targets, swap_cycle_terms
 from custom_nets.nets.meduet import MeDUET, meduet_config, random_mix_mask
 
@@ -157,13 +157,16 @@ def test_off_equals_the_paper() -> None:
     assert train["style_mode"] == "token" and train["domain_weight"] == 0.2
     assert train["clean_domain_weight"] == train["decorrelation_weight"] == train["swap_cycle_weight"] == 0.0
     assert train["domain_share_weight"] == 0.0 and cfg.domain_share_weight == 0
+    assert train["domain_mean_weight"] == train["self_rec_weight"] == 0.0 == cfg.domain_mean_weight == cfg.self_rec_weight
+    assert step.domain_bank is None and "domain_bank" not in step.state_dict()
     assert train["pair_sampling"] in ("random", "cross_domain")
 
 
 @pytest.mark.parametrize(
     "switch, parts",
     [("decorrelation_weight", ("decorrelation",)), ("swap_cycle_weight", ("swap_cycle_content", "swap_cycle_style")),
-     ("clean_domain_weight", ("clean_domain_token", "clean_domain_pooled")), ("domain_share_weight", ("domain_share",))],
+     ("clean_domain_weight", ("clean_domain_token", "clean_domain_pooled")), ("domain_share_weight", ("domain_share",)),
+     ("domain_mean_weight", ("domain_mean",)), ("self_rec_weight", ("self_rec",))],
 )
 def test_each_addition_adds_exactly_its_weighted_term(switch: str, parts: tuple[str, ...]) -> None:
     x, d = batch()
@@ -262,6 +265,89 @@ def test_between_domain_share_loss_extremes_and_descent() -> None:
     assert between_domain_share_loss(z - 0.5 * g, d) < before
     with pytest.raises(ValueError, match="disagree"):
         between_domain_share_loss(torch.randn(5, 3), d)
+
+
+# ------------------------------------------------------------------------------------ banked domain means
+def fisher(z: torch.Tensor, d: torch.Tensor, within: torch.Tensor, k: int, shrinkage: float = 0.1) -> torch.Tensor:
+    """The criterion written out: (1/D) sum_k pi_k (mu_k - mu)^T W_s^-1 (mu_k - mu), means from z."""
+    dim = z.shape[1]
+    means = torch.stack([z[d == i].mean(0) for i in range(k)])
+    offsets = means - means.mean(0)
+    w = (1 - shrinkage) * within + shrinkage * within.diagonal().mean() * torch.eye(dim, dtype=z.dtype)
+    return sum((offsets[i] @ torch.linalg.solve(w, offsets[i])) / k for i in range(k)) / dim
+
+
+def test_domain_mean_bank_is_the_fisher_criterion_with_its_gradient() -> None:
+    """With momentum 0 the bank holds this batch: value and gradient equal the written-out criterion's
+    (the within-domain covariance held constant)."""
+    torch.manual_seed(0)
+    d = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    z = (torch.randn(8, 5) + torch.nn.functional.one_hot(d, 5).float()).requires_grad_(True)
+    bank = DomainMeanBank(5, 3, momentum=0.0)
+    value = bank(z, d)
+    (grad,) = torch.autograd.grad(value, z)
+    zz = z.detach().clone().requires_grad_(True)
+    unit = zz / zz.var(0, unbiased=False).mean().sqrt()  # the bank's units: the batch's spread
+    means = torch.stack([unit.detach()[d == i].mean(0) for i in range(3)])
+    centred = unit.detach() - means[d]
+    ref = fisher(unit, d, centred.T @ centred / 8, 3)
+    (ref_grad,) = torch.autograd.grad(ref, zz)
+    torch.testing.assert_close(value.detach(), ref.detach())
+    torch.testing.assert_close(grad, ref_grad)
+    assert value.item() > 0
+    assert bank(z - 0.5 * grad, d).item() < value.item()  # a gradient step shrinks it
+    # shrinking the content does not: the criterion has no scale (a bank in absolute units would
+    # still hold the larger covariance and report less)
+    slow = DomainMeanBank(5, 3, momentum=0.9)
+    for _ in range(20):
+        slow(z.detach(), d)
+    assert slow(0.1 * z.detach(), d).item() == pytest.approx(slow(z.detach(), d).item(), rel=1e-4)
+
+
+def test_domain_mean_bank_has_no_batch_sampling_floor() -> None:
+    """On domain-free features the banked criterion falls towards 0 while the batch share stays near
+    its floor (K - 1) / (n - 1); with a real domain shift the bank keeps it large."""
+    torch.manual_seed(0)
+    d = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    bank, shifted_bank = DomainMeanBank(6, 4, momentum=0.95), DomainMeanBank(6, 4, momentum=0.95)
+    shares = []
+    for _ in range(300):
+        z = torch.randn(8, 6)
+        value = bank(z, d)
+        shifted = shifted_bank(z + 2.0 * torch.nn.functional.one_hot(d, 6).float(), d)
+        shares.append(between_domain_share_loss(z, d).item())
+    assert value.item() < 0.1 and sum(shares[-50:]) / 50 > 0.3
+    assert shifted.item() > 5 * value.item()
+    with pytest.raises(ValueError, match="domain index"):
+        bank(torch.randn(2, 6), torch.tensor([0, 4]))
+
+
+def test_self_reconstruction_decodes_every_token_from_its_own_factors() -> None:
+    """The all-visible decode equals decoding fused clean factors at every position (no mask token)."""
+    net = demo_net().eval()
+    x, _ = batch()
+    mask = random_mix_mask(4, 64, 0.5, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = net(x, mask, swap_styles=False, self_reconstruct=True)
+        content, style = net.encode_factors(x)
+        ids = torch.arange(64).expand(4, 64)
+        ref = net.decode(net.fuse(content, style), ids, net.encoder.grid_of(x.shape[2:]))
+    assert out["self_pred"].shape == (4, 64, net.patch_size**3 * 4)
+    torch.testing.assert_close(out["self_pred"], ref, rtol=1e-4, atol=1e-5)
+    assert "self_pred" not in net(x, mask, swap_styles=False)
+
+
+def test_domain_bank_resumes() -> None:
+    x, d = batch()
+    cfg = step_config(domain_mean_weight=1.0, self_rec_weight=1.0)
+    step = MeDUETTrainStep(demo_net(), cfg)
+    for _ in range(2):
+        out = step(x, d)
+    assert out["domain_mean"] > 0 and out["self_rec"] > 0
+    again = MeDUETTrainStep(demo_net(seed=1), cfg)
+    again.load_state_dict(step.state_dict())
+    for a, b in zip(step.domain_bank.buffers(), again.domain_bank.buffers()):
+        torch.testing.assert_close(a, b)
 
 
 def test_benchmark_arms_write_and_resume_only_inside_their_own_folder(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from custom_nets.losses.clean_domain import CleanDomainAdversary, dann_lambda
 from custom_nets.losses.decorrelation import cross_correlation_loss
 from custom_nets.losses.demix import demix_reconstruction_loss
 from custom_nets.losses.domain import domain_loss
-from custom_nets.losses.domain_variance import between_domain_share_loss
+from custom_nets.losses.domain_variance import DomainMeanBank, between_domain_share_loss
 from custom_nets.losses.mftd import mftd_row_targets, mftd_terms
 from custom_nets.losses.siqc import pool_groups, pool_tokens, quadruplet_ids, supcon_row_losses
 from custom_nets.utils.parallel import unwrap
@@ -146,6 +146,13 @@ class MeDUETStepConfig:
         clean_domain_gamma: steepness of its DANN reversal ramp over ``total_steps``.
         domain_share_weight: weight of the between-domain variance share of the student's pooled clean
             content in the batch (:mod:`custom_nets.losses.domain_variance`); 0: off (paper).
+        domain_mean_weight: weight of the Fisher criterion of the student's pooled clean content over
+            running per-domain means and within-domain covariance
+            (:class:`~custom_nets.losses.domain_variance.DomainMeanBank`); 0: off (paper).
+        domain_mean_momentum: EMA momentum of that bank.
+        self_rec_weight: weight of the all-visible reconstruction: the clean factors of every token,
+            fused and decoded with no mask token, must give back the clean latent (mean squared
+            error); 0: off (paper, whose decoder only ever predicts hidden tokens).
         decorrelation_weight: weight of the batch cross-correlation loss between the pooled content
             and style of the mixture's sources (:mod:`custom_nets.losses.decorrelation`); 0: off (paper).
         swap_cycle_weight: weight of swap cycle consistency on the re-encoded style swaps
@@ -180,6 +187,9 @@ class MeDUETStepConfig:
     decorrelation_weight: float = 0.0
     swap_cycle_weight: float = 0.0
     domain_share_weight: float = 0.0
+    domain_mean_weight: float = 0.0
+    domain_mean_momentum: float = 0.95
+    self_rec_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -190,7 +200,8 @@ class MeDUETStepConfig:
             raise ValueError(f"mftd_start_step must be >= 0, got {self.mftd_start_step}")
         if self.reencode_chunk < 0:
             raise ValueError(f"reencode_chunk must be >= 0, got {self.reencode_chunk}")
-        for name in ("clean_domain_weight", "decorrelation_weight", "swap_cycle_weight", "domain_share_weight"):
+        for name in ("clean_domain_weight", "decorrelation_weight", "swap_cycle_weight", "domain_share_weight",
+                     "domain_mean_weight", "self_rec_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.swap_cycle_weight > 0 and not self.siqc:
@@ -251,6 +262,11 @@ class MeDUETTrainStep:
             self.adversary_optimizer = torch.optim.AdamW(
                 self.adversary.parameters(), lr=cfg.clean_domain_lr, betas=tuple(cfg.betas), weight_decay=0.0
             )
+        # training-only running domain statistics of the clean content (not exported)
+        self.domain_bank: DomainMeanBank | None = None
+        if cfg.domain_mean_weight > 0:
+            n_domains = self.model.content_domain_head[-1].out_features
+            self.domain_bank = DomainMeanBank(self.model.content_dim, n_domains, cfg.domain_mean_momentum).to(self.device)
 
     # ---------------------------------------------------------------- pieces
     def autocast(self):
@@ -307,8 +323,8 @@ class MeDUETTrainStep:
             with record_function("meduet.student"):
                 # the clean-pass losses take the clean content from the mixture's own 2B encoder pass
                 # (one forward through the wrapper, as DistributedDataParallel requires)
-                clean = self.adversary is not None or cfg.domain_share_weight > 0
-                s_out = self.student(x, mask, swap_styles=siqc, with_clean=clean)
+                clean = self.adversary is not None or cfg.domain_share_weight > 0 or self.domain_bank is not None
+                s_out = self.student(x, mask, swap_styles=siqc, with_clean=clean, self_reconstruct=cfg.self_rec_weight > 0)
                 clean_content = s_out.get("content")
         # losses in float32 (outside autocast)
         l_rec = demix_reconstruction_loss(s_out["pred"], self.model.patchify(x), mask)
@@ -325,6 +341,14 @@ class MeDUETTrainStep:
             l_share = between_domain_share_loss(clean_content, d)
             total = total + cfg.domain_share_weight * l_share
             extra["domain_share"] = l_share
+        if self.domain_bank is not None:
+            l_mean = self.domain_bank(clean_content, d)
+            total = total + cfg.domain_mean_weight * l_mean
+            extra["domain_mean"] = l_mean
+        if cfg.self_rec_weight > 0:
+            l_self = (s_out["self_pred"].float() - self.model.patchify(x).float()).pow(2).mean()
+            total = total + cfg.self_rec_weight * l_self
+            extra["self_rec"] = l_self
         if cfg.decorrelation_weight > 0:
             l_decor = cross_correlation_loss(torch.cat([s_out["content1"], s_out["content2"]]),
                                              torch.cat([s_out["style1"], s_out["style2"]]))
@@ -473,6 +497,7 @@ class MeDUETTrainStep:
             "config": asdict(self.config),
             **({"adversary": self.adversary.state_dict(), "adversary_optimizer": self.adversary_optimizer.state_dict()}
                if self.adversary is not None else {}),
+            **({"domain_bank": self.domain_bank.state_dict()} if self.domain_bank is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -486,6 +511,8 @@ class MeDUETTrainStep:
         if self.adversary is not None and "adversary" in state:
             self.adversary.load_state_dict(state["adversary"])
             self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
+        if self.domain_bank is not None and "domain_bank" in state:
+            self.domain_bank.load_state_dict(state["domain_bank"])
         rng = state.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"].cpu())
