@@ -215,9 +215,10 @@ def demo_stages(out: Path, rel, domains: Sequence[str] = GRID_CONTENT + GRID_STY
 
 
 def unet_cmd(datalist: Path, out: Path, labels: dict[str, str]) -> list[str]:
-    """The UNet baseline's command; the demo appends ``--seconds`` (its meduet_seg peer's wall time)."""
+    """The UNet baseline's command (crops, augmentation and loss from meduet_seg's train.json + demo.json,
+    as its peer trains); the demo appends ``--seconds`` (its meduet_seg peer's wall time)."""
     return [sys.executable, "-m", "meduet_demo.unet_baseline", "--datalist", str(datalist), "--out", str(out),
-            "--labels", json.dumps(labels), "--roi", "64", "--num-samples", "2"]
+            "--labels", json.dumps(labels)]
 
 
 # steps (one volume, two 64^3 crops each) of the real-CT fine-tuning: 25 min on 2 CPU cores shared

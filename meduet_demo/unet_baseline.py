@@ -1,9 +1,9 @@
 """The demo's segmentation baseline: a small MONAI UNet trained for the same wall time as meduet_seg.
 
-It reads the same datalist, preprocesses with the bundles' own transforms (RAS, intensity window,
-``pixdim`` spacing, foreground crop), draws the same class-balanced crops as meduet_seg's train.json
-(``RandCropByLabelClassesd`` with equal ratios, the same flips and rotations) and trains with the
-same loss (``DiceCELoss``, squared Dice, batch Dice) in image space. Training stops when the wall-time
+It reads the same datalist and takes its preprocessing, crops, augmentation and loss from meduet_seg's
+own training config (``train#preprocessing``: RAS, intensity window, ``pixdim`` spacing, foreground
+crop, class-balanced ``RandCropByLabelClassesd``, flips, rotations; ``loss``; ``roi_size``;
+``num_samples``), read with MONAI's ConfigParser, and trains in image space. Training stops when the wall-time
 budget is spent (or after ``--max-steps``); the held-out ("testing") volumes are then segmented with a
 sliding window and written as masks on each input's own grid, named like meduet_seg's
 (``<stem>_seg.nii.gz``), so both are scored by the same code.
@@ -11,7 +11,7 @@ sliding window and written as masks on each input's own grid, named like meduet_
 Command line::
 
     python -m meduet_demo.unet_baseline --datalist DATALIST --seconds 600 --out DIR \
-        [--labels '{"0": "background", ...}'] [--pixdim 1.5] [--roi 64] [--num-samples 2]
+        [--labels '{"0": "background", ...}'] [--config-file train.json demo.json] [--roi 64] [--num-samples 2]
 """
 
 from __future__ import annotations
@@ -41,29 +41,54 @@ def build_unet(num_classes: int) -> torch.nn.Module:
                 strides=(2, 2, 2), num_res_units=2)
 
 
-def train_transforms(num_classes: int, roi: int, pixdim: float, num_samples: int) -> Any:
-    """Preprocessing then crops and augmentation as in meduet_seg's train.json (``train#augmentation``)."""
-    from monai import transforms as T
-
-    size = [roi] * 3
-    return preprocess_transforms(keys=["image"], label_key="label", pixdim=pixdim, min_size=size, num_classes=num_classes,
-                                 then=[
-        T.ClassesToIndicesd(keys="label", num_classes=num_classes, indices_postfix="_cls_indices"),
-        T.RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=size,
-                                  ratios=[1.0] * num_classes, num_classes=num_classes, num_samples=num_samples,
-                                  indices_key="label_cls_indices", warn=False),
-        T.DeleteItemsd(keys="label_cls_indices"),
-        *(T.RandFlipd(keys=["image", "label"], spatial_axis=[a], prob=0.1) for a in range(3)),
-        T.RandRotate90d(keys=["image", "label"], prob=0.1, max_k=3),
-        T.EnsureTyped(keys=["image", "label"], track_meta=False),
-    ])
+ROOT = Path(__file__).resolve().parents[1]
+#: meduet_seg's configs whose crops, augmentation and loss the baseline takes (the demo's overlay)
+SEG_CONFIGS = ("bundles/meduet_seg/configs/train.json", "bundles/meduet_seg/configs/demo.json")
 
 
-def dice_ce_loss() -> torch.nn.Module:
-    """meduet_seg's train.json loss."""
-    from monai.losses import DiceCELoss
+@dataclass
+class SegRecipe:
+    """What the baseline takes from meduet_seg's training config, so the two cannot drift apart."""
 
-    return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, batch=True)
+    transform: Any
+    loss: torch.nn.Module
+    roi: int
+    pixdim: float
+    num_samples: int
+
+
+def seg_recipe(labels: Mapping[str, str], config_files: Sequence[str | Path] = SEG_CONFIGS, roi: int | None = None,
+               num_samples: int | None = None) -> SegRecipe:
+    """Read meduet_seg's training preprocessing (``train#preprocessing``: intensity, spacing, foreground
+    crop, class-balanced crops, flips, rotations), ``loss``, ``roi_size``, ``pixdim`` and ``num_samples``.
+
+    Args:
+        labels: channel_def of the run (sets ``num_classes`` and the crop ratios as in meduet_seg).
+        config_files: meduet_seg config files, later ones overriding earlier ones (paths relative to
+            the repository root, or absolute).
+        roi: crop side overriding the config's ``roi_size`` (None: the config's).
+        num_samples: crops per volume overriding the config's (None: the config's).
+
+    Returns:
+        :class:`SegRecipe`.
+    """
+    from monai.bundle import ConfigParser
+
+    files = [str(f if Path(f).is_absolute() else ROOT / f) for f in config_files]
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser["bundle_root"] = str(Path(files[0]).parents[1])
+    parser["labels"] = dict(labels)
+    if roi is not None:
+        parser["roi_size"] = [int(roi)] * 3
+    if num_samples is not None:
+        parser["num_samples"] = int(num_samples)
+    size = parser.get_parsed_content("roi_size")
+    if len(set(size)) != 1:
+        raise ValueError(f"{files}: roi_size {size} is not a cube; the baseline's sliding window takes one side")
+    return SegRecipe(transform=parser.get_parsed_content("train#preprocessing"), loss=parser.get_parsed_content("loss"),
+                     roi=int(size[0]), pixdim=float(parser.get_parsed_content("pixdim")),
+                     num_samples=int(parser.get_parsed_content("num_samples")))
 
 
 @dataclass
@@ -79,8 +104,8 @@ class TrainRecord:
 
 
 def train_unet(
-    items: Sequence[Mapping[str, Any]], num_classes: int, seconds: float | None, max_steps: int | None = None,
-    roi: int = 64, pixdim: float = 1.5, num_samples: int = 2, learning_rate: float = 1e-3, seed: int = 0,
+    items: Sequence[Mapping[str, Any]], recipe: SegRecipe, num_classes: int, seconds: float | None,
+    max_steps: int | None = None, learning_rate: float = 1e-3, seed: int = 0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[torch.nn.Module, TrainRecord]:
     """Train :func:`build_unet` on ``items`` until ``seconds`` of wall time or ``max_steps`` steps.
@@ -91,12 +116,10 @@ def train_unet(
 
     Args:
         items: labelled datalist items ("image", "label", optional "modality").
+        recipe: meduet_seg's transforms and loss (:func:`seg_recipe`).
         num_classes: label values 0..num_classes-1.
         seconds: wall-time budget (None: steps only).
         max_steps: step budget (None: time only); at least one of the two must be set.
-        roi: crop side in voxels.
-        pixdim: spacing the volumes are resampled to, mm.
-        num_samples: crops per volume per step (the batch).
         learning_rate: Adam's step size (constant: the number of steps is not known in advance).
         seed: weights, data order and crops.
         clock: seconds, monotonic (tests pass a fake one).
@@ -111,13 +134,13 @@ def train_unet(
     start = clock()
     set_determinism(seed=seed)
     record = TrainRecord(budget_seconds=seconds, max_steps=max_steps)
-    dataset = CacheDataset(list(items), transform=train_transforms(num_classes, roi, pixdim, num_samples),
+    dataset = CacheDataset(list(items), transform=recipe.transform,
                            num_workers=0, progress=False)
     loader = DataLoader(dataset, batch_size=1, shuffle=True, num_workers=0, collate_fn=list_data_collate)
     net = build_unet(num_classes)
     record.params = sum(p.numel() for p in net.parameters())
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
-    loss_fn = dice_ce_loss()
+    loss_fn = recipe.loss
 
     def spent() -> bool:
         record.seconds = clock() - start
@@ -181,9 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="step budget of training")
     ap.add_argument("--labels", default=None,
                     help="channel_def JSON {\"0\": \"background\", ...} (default: the label values seen, 0..max)")
-    ap.add_argument("--pixdim", type=float, default=1.5)
-    ap.add_argument("--roi", type=int, default=64, help="crop side (meduet_seg demo: 64)")
-    ap.add_argument("--num-samples", type=int, default=2, help="crops per step (meduet_seg demo: 2)")
+    ap.add_argument("--config-file", nargs="+", default=list(SEG_CONFIGS),
+                    help="meduet_seg configs whose crops, augmentation, spacing and loss are used (default: train + demo)")
+    ap.add_argument("--roi", type=int, default=None, help="crop side (default: the config's roi_size)")
+    ap.add_argument("--num-samples", type=int, default=None, help="crops per step (default: the config's num_samples)")
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -197,15 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         top = max(int(np.asarray(nib.load(it["label"]).dataobj).max()) for it in data["training"])
         labels = {str(v): f"label {v}" if v else "background" for v in range(top + 1)}
     out = Path(args.out)
-    net, record = train_unet(data["training"], len(labels), args.seconds, args.max_steps, roi=args.roi,
-                             pixdim=args.pixdim, num_samples=args.num_samples, learning_rate=args.learning_rate,
-                             seed=args.seed)
+    recipe = seg_recipe(labels, args.config_file, roi=args.roi, num_samples=args.num_samples)
+    net, record = train_unet(data["training"], recipe, len(labels), args.seconds, args.max_steps,
+                             learning_rate=args.learning_rate, seed=args.seed)
     print(f"[unet] {record.steps} steps in {record.seconds:.0f} s (budget {args.seconds} s, {record.params} parameters)",
           flush=True)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), out / "unet.pt")
     t0 = time.perf_counter()
-    masks = segment(net, data.get("testing", []), out / "masks", roi=args.roi, pixdim=args.pixdim)
+    masks = segment(net, data.get("testing", []), out / "masks", roi=recipe.roi, pixdim=recipe.pixdim)
     summary = {"model": "monai.networks.nets.UNet", "labels": labels, **asdict(record),
                "inference_seconds": time.perf_counter() - t0, "masks": [str(m) for m in masks]}
     write_json(out / "summary.json", summary)

@@ -22,6 +22,23 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"path": path, **load_datalist(path, keys=("training", "testing"), require_labels=True)}
 
 
+def recipe(roi: int | None = 16, num_samples: int | None = 1) -> U.SegRecipe:
+    return U.seg_recipe({str(k): v for k, v in PHANTOM_LABELS.items()}, roi=roi, num_samples=num_samples)
+
+
+def test_the_recipe_is_meduet_segs_own():
+    """Crops, augmentation, spacing and loss come from meduet_seg's train.json + demo.json: a change
+    there changes the baseline."""
+    r = recipe(roi=None, num_samples=None)
+    seg = json.loads((U.ROOT / "bundles/meduet_seg/configs/train.json").read_text())
+    demo = json.loads((U.ROOT / "bundles/meduet_seg/configs/demo.json").read_text())
+    assert (r.roi, r.num_samples, r.pixdim) == (64, demo["num_samples"], seg["pixdim"])
+    crop = next(t for t in r.transform.transforms if type(t).__name__ == "RandCropByLabelClassesd")
+    assert crop.cropper.num_samples == demo["num_samples"] and list(crop.cropper.ratios) == [1.0] * len(PHANTOM_LABELS)
+    assert type(r.loss).__name__ == seg["loss"]["_target_"] and r.loss.dice.squared_pred and r.loss.dice.batch
+    assert sum(type(t).__name__ == "RandFlipd" for t in r.transform.transforms) == 3
+
+
 class FakeClock:
     """Advances ``tick`` seconds at every reading: the run's length depends only on how often it looks."""
 
@@ -36,8 +53,7 @@ class FakeClock:
 
 def test_training_stops_when_the_wall_time_is_spent(phantoms):
     clock = FakeClock(10.0)
-    _, record = U.train_unet(phantoms["training"], len(PHANTOM_LABELS), seconds=25.0, roi=16, num_samples=1,
-                             clock=clock)
+    _, record = U.train_unet(phantoms["training"], recipe(), len(PHANTOM_LABELS), seconds=25.0, clock=clock)
     # read at the start (10), then after each step: step 1 (20: 10 s spent), step 2 (30: 20 s), step 3
     # (40: 30 s spent, past the 25 s budget: stop)
     assert record.steps == 3 and len(record.losses) == 3 and clock.reads == 4
@@ -46,12 +62,11 @@ def test_training_stops_when_the_wall_time_is_spent(phantoms):
 
 
 def test_training_stops_at_max_steps_and_the_loss_falls(phantoms):
-    net, record = U.train_unet(phantoms["training"], len(PHANTOM_LABELS), seconds=None, max_steps=6, roi=16,
-                               num_samples=1)
+    net, record = U.train_unet(phantoms["training"], recipe(), len(PHANTOM_LABELS), seconds=None, max_steps=6)
     assert record.steps == 6 and not net.training
     assert np.isfinite(record.losses).all() and record.losses[-1] < record.losses[0]
     with pytest.raises(ValueError, match="unbounded"):
-        U.train_unet(phantoms["training"], 8, seconds=None, max_steps=None)
+        U.train_unet(phantoms["training"], recipe(), 8, seconds=None, max_steps=None)
 
 
 def test_command_line_writes_masks_on_the_label_grid(phantoms, tmp_path):
