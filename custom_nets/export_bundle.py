@@ -17,7 +17,8 @@ elsewhere pass ``--bundle_root``. A zipped config that has both ``initialize`` a
 ``initialize`` steps at the front of ``run`` instead: MONAI resolves a config's imports (``custom_nets``
 among them) at the first step it evaluates, but puts the bundle folder on ``sys.path`` only when
 ``run`` starts, so from another folder an ``initialize`` step would meet an unimportable
-``custom_nets``. The steps and their order are unchanged. Training state (``models/checkpoints``), TensorBoard folders and
+``custom_nets``. The steps and their order are unchanged. ``multi_gpu_train.json`` (an overlay with
+``initialize`` and no ``run``) gets ``run`` = its ``initialize`` + ``train.json``'s ``run``. Training state (``models/checkpoints``), TensorBoard folders and
 default output folders are left out: a Model Zoo bundle carries the exported weights only
 (``models/model.pt`` with its ``model.json``, and ``model.ts`` / ``model.onnx`` when exported).
 
@@ -58,12 +59,29 @@ def _files(root: Path) -> list[Path]:
 
 
 def _config_bytes(path: Path) -> bytes:
-    """A config file as it goes into the zip: JSON configs with a top-level ``bundle_root`` get ``"."``."""
+    """A config file as it goes into the zip: JSON configs with a top-level ``bundle_root`` get ``"."``,
+    and ``initialize`` moves to the front of ``run`` (module docstring).
+
+    An overlay with ``initialize`` but no ``run`` (``multi_gpu_train.json``, read after ``train.json``)
+    gets a ``run`` of its own: its ``initialize`` steps, then the ``run`` of the config it overlays
+    (its name without the ``multi_gpu_`` prefix), because the overlay's ``initialize`` replaces
+    ``train.json``'s and would otherwise run before the bundle folder is on ``sys.path``.
+    """
     raw = path.read_bytes()
     if path.suffix != ".json":
         return raw
     config = json.loads(raw)
-    if not isinstance(config, dict) or "bundle_root" not in config:
+    if not isinstance(config, dict):
+        return raw
+    base = path.with_name(path.name.removeprefix("multi_gpu_"))
+    if "bundle_root" not in config and isinstance(config.get("initialize"), list) and "run" not in config \
+            and base != path and base.is_file():
+        base_run = json.loads(base.read_text()).get("run")
+        if not isinstance(base_run, list):
+            raise ValueError(f"{path}: overlays {base.name}, whose 'run' is not a list of steps")
+        config["run"] = config.pop("initialize") + base_run
+        return (json.dumps(config, indent=4) + "\n").encode()
+    if "bundle_root" not in config:
         return raw
     config["bundle_root"] = "."
     if isinstance(config.get("initialize"), list) and isinstance(config.get("run"), list):

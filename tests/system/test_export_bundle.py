@@ -268,3 +268,32 @@ def test_seg_zip_passes_model_zoo_bundle_checks_offline(tmp_path_factory: pytest
         assert meta["network_data_format"][section][key]["spatial_shape"] == [SEG_ROI] * 3
     verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
                       config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle))
+
+
+def test_extracted_bundle_trains_with_its_multi_gpu_config_from_another_folder(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """``train.json`` + ``multi_gpu_train.json`` of an extracted zip, run from another folder with
+    ``--bundle_root`` by the isolated interpreter, as one gloo rank: the overlay's initialize steps
+    (process group, ``custom_nets`` imports, upstream weights) run after the bundle folder is on
+    ``sys.path``, so the bundle's own ``custom_nets`` copy is found."""
+    from custom_nets.export_bundle import export_bundle
+    from tests.support.ddp_utils import free_port
+    from tests.support.world import train_overrides
+
+    world = session_world(tmp_path_factory)
+    bundle = extract(export_bundle(ROOT / "bundles" / "meduet_seg", tmp_path / "dist", models_dir=world["seg_model"].parent),
+                     tmp_path / "fetched")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    files = [str(bundle / "configs" / f) for f in ("train.json", "multi_gpu_train.json", "demo.json")]
+    overrides = {**train_overrides("meduet_seg", world, tmp_path / "run", epochs=1), "bundle_root": bundle,
+                 "style_aug": False}
+    cmd = ["-m", "monai.bundle", "run", "--config_file", str(files)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    env = {**isolated_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-S", *cmd], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert (tmp_path / "run" / "models" / "model.pt").is_file() and not list(elsewhere.iterdir())
