@@ -69,7 +69,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint interval in steps (default 100)")
     p.add_argument("--curve-at", default="100,300,700", help="steps with a Dice point on the curve subset")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--stage", choices=("all", "gates", "runs", "report"), default="all")
+    p.add_argument("--stage", choices=("all", "gates", "runs", "lr", "report"), default="all",
+                   help="'lr': the learning-rate check on the validation anatomies (--lrs, --lr-steps, --lr-models; L8, seed 0)")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning rates of the validation check")
+    p.add_argument("--lr-steps", type=int, default=500, help="steps of each validation-check run")
+    p.add_argument("--lr-models", default="unet_small,latent_meduet", help="models of the validation check")
     p.add_argument("--all-seeds", action="store_true", help="every seed for every model (default: the decisive set only)")
     return p.parse_args(argv)
 
@@ -790,7 +794,13 @@ def mean_dice(rows: Sequence[dict[str, Any]]) -> float | None:
 
 
 def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int, args: argparse.Namespace,
-           vae_result: dict[str, Any], ssl_result: dict[str, Any] | None) -> dict[str, Any]:
+           vae_result: dict[str, Any], ssl_result: dict[str, Any] | None, lr: float = 1e-3, steps: int | None = None,
+           eval_split: str = "test", run_root: str = "runs") -> dict[str, Any]:
+    """One training run (resumable), scored on ``data[eval_split]``; kept in ``out/run_root/<name>``.
+
+    The learning-rate check passes ``lr``, ``steps`` (its shorter budget), ``eval_split="val"`` and its
+    own ``run_root``; the benchmark's runs use the defaults (lr 1e-3, ``args.steps``, the test set).
+    """
     import numpy as np
     import torch
 
@@ -798,7 +808,9 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
     from custom_nets.engines.seg.recipe import init_output_bias, segmenter_param_groups
     from meduet_demo.phantoms import PHANTOM_LABELS
 
-    run_dir = out / "runs" / f"{model}_L{labelled}_seed{seed}_steps{args.steps}"
+    steps = args.steps if steps is None else steps
+    name = f"{model}_L{labelled}_seed{seed}_steps{steps}" + ("" if run_root == "runs" else f"_lr{lr:g}")
+    run_dir = out / run_root / name
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
@@ -809,15 +821,14 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
     sampler = CropSampler(labelled_subset(data, labelled), k, seed=seed, intensity_aug=model == "unet_aug")
     freq, const_loss = constant_frequency_line(sampler, k)
     latent = model.startswith("latent")
-    lr = 1e-3
     if latent:
         init_output_bias(net, freq)  # the recipe; the UNets start as MONAI ships them
         groups = segmenter_param_groups(net, lr=lr, encoder_lr_scale=0.5, layer_decay=0.75, weight_decay=1e-5)
     else:
         groups = [{"params": [p for p in net.parameters() if p.requires_grad], "lr": lr, "weight_decay": 1e-5}]
     opt = torch.optim.AdamW(groups)
-    warm = min(50, args.steps // 10)
-    sched = warmup_cosine_scheduler(opt, args.steps, warm, start_lr=lr / 100, final_lr=lr / 100)
+    warm = min(50, steps // 10)
+    sched = warmup_cosine_scheduler(opt, steps, warm, start_lr=lr / 100, final_lr=lr / 100)
     n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     n_params_all = sum(p.numel() for p in net.parameters())
     style = None
@@ -841,12 +852,12 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
             style[1].load_state_dict(st["bank"])
         log(f"{run_dir.name}: resumed at step {step}")
     fn = loss_function()
-    curve_at = {int(s) for s in args.curve_at.split(",") if s.strip()}
+    curve_at = {int(s) for s in args.curve_at.split(",") if s.strip()} if eval_split == "test" else set()
     curve_items = [d for d in data["test"] if d["anatomy"] == data["test"][0]["anatomy"]]  # 1 anatomy x 5 styles
     c0, w0 = cpu_seconds(), time.perf_counter()
     net.train()
     macs = None
-    while step < args.steps:
+    while step < steps:
         x, y = sampler()
         if macs is None and step == 0:
             macs = macs_per_step(net, x, y)
@@ -883,17 +894,19 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
                           "mean_dice": mean_dice(evaluate(net, model, curve_items, k))})
             c0 += cpu_seconds() - e_cpu  # evaluation time is not training time
             w0 += time.perf_counter() - e_wall
-        if step % args.ckpt_every == 0 and step < args.steps:
+        if step % args.ckpt_every == 0 and step < steps:
             atomic_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                          "sampler": sampler.state(), "torch_rng": torch.get_rng_state(), "step": step,
                          "cpu_s": cpu + cpu_seconds() - c0, "wall_s": wall + time.perf_counter() - w0,
                          "losses": losses, "curve": curve, "bank": style[1].state_dict() if style else None}, state_path)
-            log(f"{run_dir.name}: step {step}/{args.steps}, loss {np.mean(losses[-args.ckpt_every:]):.4f} "
+            log(f"{run_dir.name}: step {step}/{steps}, loss {np.mean(losses[-args.ckpt_every:]):.4f} "
                 f"(constant-frequency line {const_loss:.4f})")
     train_cpu, train_wall = cpu + cpu_seconds() - c0, wall + time.perf_counter() - w0
     t_eval = time.perf_counter()
-    rows = evaluate(net, model, data["test"], k)
-    curve.append({"step": step, "cpu_s": round(train_cpu, 1), "mean_dice": mean_dice([r for r in rows if r["anatomy"] == curve_items[0]["anatomy"]])})
+    rows = evaluate(net, model, data[eval_split], k)
+    if eval_split == "test":
+        curve.append({"step": step, "cpu_s": round(train_cpu, 1),
+                      "mean_dice": mean_dice([r for r in rows if r["anatomy"] == curve_items[0]["anatomy"]])})
     # first step whose 20-step running mean of the loss is below the constant-frequency line
     run_mean = np.convolve(losses, np.ones(20) / 20, mode="valid")
     below = np.nonzero(run_mean < const_loss)[0]
@@ -901,7 +914,7 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
         "model": model, "labelled": labelled, "seed": seed, "steps": step, "wall_s": round(train_wall, 1),
         "cpu_s": round(train_cpu, 1), "eval_s": round(time.perf_counter() - t_eval, 1),
         "peak_rss_mb": round(peak_rss_mb(), 0), "params_trainable": n_params, "params_total": n_params_all,
-        "macs_per_step": macs, "lr": lr, "warmup_steps": warm,
+        "macs_per_step": macs, "lr": lr, "warmup_steps": warm, "eval_split": eval_split,
         "class_frequencies": freq, "constant_frequency_loss": const_loss,
         "loss_first20": float(np.mean(losses[:20])), "loss_last100": float(np.mean(losses[-100:])),
         "loss_crosses_constant_at_step": int(below[0]) + 20 if len(below) else None,
@@ -911,6 +924,34 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
     write_json(result_path, result)
     state_path.unlink(missing_ok=True)
     return result
+
+
+def lr_check(out: Path, data: dict[str, Any], args: argparse.Namespace, vae_result: dict[str, Any],
+             ssl_result: dict[str, Any]) -> dict[str, Any]:
+    """The learning rate against the validation anatomies (never the test set): each of ``--lr-models``
+    trained ``--lr-steps`` steps on L8 (seed 0) at each of ``--lrs``, mean Dice on ``data["val"]``.
+    Written to ``out/lr_check.json``; the report says whether the benchmark's lr (1e-3) is the best."""
+    lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+    models = [m.strip() for m in args.lr_models.split(",") if m.strip()]
+    rows = []
+    for model in models:
+        for lr in lrs:
+            run_dir = out / "lr_check" / f"{model}_L8_seed0_steps{args.lr_steps}_lr{lr:g}"
+            if not (run_dir / "result.json").is_file() and not acquire(run_dir / "LOCK"):
+                log(f"{run_dir.name}: another worker runs it; next")
+                continue
+            r = do_run(out, data, model, 8, 0, args, vae_result, ssl_result, lr=lr, steps=args.lr_steps,
+                       eval_split="val", run_root="lr_check")
+            (run_dir / "LOCK").unlink(missing_ok=True)
+            rows.append({"model": model, "lr": lr, "steps": r["steps"], "cpu_s": r["cpu_s"],
+                         "val_mean_dice": mean_dice(r["volumes"]), "val_volumes": len(r["volumes"])})
+            log(f"lr check {model} lr {lr:g}: validation Dice {rows[-1]['val_mean_dice']:.3f}")
+    best = {m: max((r for r in rows if r["model"] == m), key=lambda r: r["val_mean_dice"])["lr"]
+            for m in models if any(r["model"] == m for r in rows)}
+    doc = {"steps": args.lr_steps, "labelled": 8, "seed": 0, "lrs": lrs, "rows": rows, "best_lr": best,
+           "benchmark_lr": 1e-3}
+    write_json(out / "lr_check.json", doc)
+    return doc
 
 
 # --------------------------------------------------------------------------------------------
@@ -1003,6 +1044,7 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
            "latent_grid_ceilings": ceilings,
            "probe_diagnostics": read_json_if_present(out / "probe_diagnostics.json"),
            "real_ct_ceilings": read_json_if_present(out / "real_ct_ceilings.json"),
+           "lr_check": read_json_if_present(out / "lr_check.json"),
            "train_styles": TRAIN_STYLES, "unseen_styles": UNSEEN_STYLES, "runs": entries}
     write_json(Path(args.json), doc)
     return doc
@@ -1046,6 +1088,16 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"{f(real['mean_fraction_trilinear_large'])}):", "",
                   "| structure | voxels | majority, nearest | fraction, trilinear |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['voxels']} | {f(v['majority_nearest'])} | {f(v['fraction_trilinear'])} |" for k, v in big]
+        lines.append("")
+    lrc = doc.get("lr_check")
+    if lrc:
+        lines += [f"Learning rate on the validation anatomies (L8, seed 0, {lrc['steps']} steps each; mean Dice over "
+                  f"{lrc['rows'][0]['val_volumes'] if lrc['rows'] else 0} validation volumes; the benchmark runs use "
+                  f"{lrc['benchmark_lr']:g}):", "", "| model | " + " | ".join(f"lr {v:g}" for v in lrc["lrs"]) + " | best |",
+                  "|---|" + "---|" * (len(lrc["lrs"]) + 1)]
+        for m, best in lrc["best_lr"].items():
+            by_lr = {r["lr"]: r["val_mean_dice"] for r in lrc["rows"] if r["model"] == m}
+            lines.append(f"| {m} | " + " | ".join(f(by_lr.get(v)) for v in lrc["lrs"]) + f" | {best:g} |")
         lines.append("")
     runs = sorted(doc["runs"], key=lambda e: (-e["labelled"], e["seed"], MODELS.index(e["model"])))
     if runs:
@@ -1116,6 +1168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 k: r[k] for k in ("final_l1", "loss_first", "loss_last", "latent_scale") if k in r}
     if gate is None and (out / "gates.json").is_file():
         gate = json.loads((out / "gates.json").read_text())
+    if args.stage == "lr":
+        if vae_result is None or ssl_result is None:
+            vae_result = train_vae(out, data, args.vae_steps, args.ckpt_every)
+            ssl_result = train_ssl(out, data, vae_result, args.ssl_steps, args.ckpt_every)
+        lr_check(out, data, args, vae_result, ssl_result)
     if args.stage in ("all", "runs"):
         for model, n, seed in runs:
             if model.startswith("latent") and (vae_result is None or ssl_result is None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -87,3 +88,22 @@ def test_markdown_shows_probe_diagnostics_and_real_ct_ceilings() -> None:
     md = sb.markdown(doc)
     assert "| mlp_1x1_64 | 0.900 | 0.500 |" in md and "linear_1x1 within ct_sharp" in md
     assert "| liver | 100 | 0.900 | 0.950 |" in md and "tiny" not in md
+
+
+def test_lr_check_scores_the_validation_anatomies_only(tmp_path: Path) -> None:
+    """Each learning rate trains its own run and is scored on data["val"], never on the test set."""
+    from meduet_demo.phantoms import get_style, make_anatomy, render, render_seed
+
+    def item(seed: int, style: str = "ct_sharp") -> dict:
+        lab = make_anatomy(seed, sb.SHAPE).astype(np.int16)
+        img = sb.normalise(render(lab, get_style(style), render_seed(seed, style)), get_style(style).modality)
+        return {"image": img, "label": lab, "style": style, "anatomy": seed}
+
+    data = {"labelled": [item(0), item(1)], "val": [item(100)], "test": [item(200)]}
+    args = sb.parse_args(["--lrs", "1e-3,1e-2", "--lr-steps", "2", "--lr-models", "unet_small", "--ckpt-every", "100"])
+    doc = sb.lr_check(tmp_path, data, args, vae_result={}, ssl_result=None)
+    assert [r["lr"] for r in doc["rows"]] == [1e-3, 1e-2] and set(doc["best_lr"]) == {"unet_small"}
+    for lr in ("0.001", "0.01"):
+        r = json.loads((tmp_path / "lr_check" / f"unet_small_L8_seed0_steps2_lr{lr}" / "result.json").read_text())
+        assert r["eval_split"] == "val" and {v["anatomy"] for v in r["volumes"]} == {100} and r["lr"] == float(lr)
+    assert (tmp_path / "lr_check.json").is_file() and not (tmp_path / "runs").exists()
