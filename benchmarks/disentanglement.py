@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:
 
 from custom_nets.engines.ssl.disentangle import (  # noqa: E402
     between_group_variance_share,
+    domain_fisher,
     group_kfold,
     probe_scores,
     token_map_retrieval,
@@ -411,6 +412,9 @@ def evaluate(data: dict[str, Any], factors: NetworkFactors | None, args: argpars
         "domain_from_content": probe_scores(content, domain, by_anatomy, n_dom),
         "domain_from_style": probe_scores(style, domain, by_anatomy, n_dom),
         "content_between_domain_variance_share": between_group_variance_share(content, domain),
+        # the training criterion of domain_mean_weight, on held-out volumes and on crops at fixed positions
+        "content_domain_fisher_volume": domain_fisher(content, domain),
+        "content_domain_fisher_crop": crop_fisher(c_maps_t, domain),
         "style_between_domain_variance_share": between_group_variance_share(style, domain),
         "anatomy_from_content": probe_scores(content, anatomy_idx, by_style, len(anatomies)),
         "anatomy_from_style": probe_scores(style, anatomy_idx, by_style, len(anatomies)),
@@ -421,6 +425,23 @@ def evaluate(data: dict[str, Any], factors: NetworkFactors | None, args: argpars
     res["projection_labels"] = {"domain": domain, "anatomy": anatomy_idx}
     res["swap"] = swap_test(data, factors, latents, tokens, spatial, args, tag, figures) if factors is not None else None
     return res
+
+
+def crop_fisher(maps: torch.Tensor, domain: Sequence[int]) -> float:
+    """Mean over the fixed crop positions of the domain Fisher criterion of crop-pooled content.
+
+    Args:
+        maps: (N, D, gx, gy, gz) whole-volume token maps, made of non-overlapping crops of
+            ``CROP // 2`` tokens a side (patch 2).
+        domain: (N,) domain of each volume.
+    """
+    g = CROP // 2
+    values = []
+    for a in range(0, maps.shape[2], g):
+        for b in range(0, maps.shape[3], g):
+            for c in range(0, maps.shape[4], g):
+                values.append(domain_fisher(maps[:, :, a:a + g, b:b + g, c:c + g].flatten(2).mean(2), domain))
+    return float(np.mean(values))
 
 
 def projection(content: torch.Tensor, style: torch.Tensor) -> dict[str, list[list[float]]]:
@@ -520,6 +541,8 @@ def entry(arm: str, seed: int, res: dict[str, Any]) -> dict[str, Any]:
         "domain_chance_ce": res["domain_from_content"]["chance_cross_entropy"],
         "content_between_domain_variance_share": res["content_between_domain_variance_share"],
         "content_map_retrieval_acc": res["content_map_retrieval"]["accuracy"],
+        "content_domain_fisher_volume": res.get("content_domain_fisher_volume"),
+        "content_domain_fisher_crop": res.get("content_domain_fisher_crop"),
         "content_map_retrieval_chance": res["content_map_retrieval"]["chance"],
         "anatomy_from_style_acc": res["anatomy_from_style"]["accuracy"],
         "swap_beats_both_raw": sw.get("swap_beats_both_raw"),
@@ -530,8 +553,9 @@ def entry(arm: str, seed: int, res: dict[str, Any]) -> dict[str, Any]:
 def run_arm(out: Path, arm: str, seed: int, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Train (if needed) and evaluate one arm+seed; stored in ``<out>/arms`` and reused when present."""
     path = out / "arms" / f"{arm}_s{seed}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    if previous is not None and not args.reevaluate:
+        return previous
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -553,7 +577,8 @@ def run_arm(out: Path, arm: str, seed: int, data: dict[str, Any], args: argparse
         res["decode_mode"] = decode_mode(arm)
     record = {"entry": {**entry(arm, seed, res), "epochs": arm_epochs(arm, args) if arm not in BASELINES else 0},
               "detail": res, "curves": curves, "switches": ARMS.get(arm, {}),
-              "seconds": time.perf_counter() - t0}
+              # a re-evaluation keeps the time of the run that trained the arm
+              "seconds": previous["seconds"] if previous is not None else time.perf_counter() - t0}
     write_json(path, record)
     log(f"{arm} seed {seed}: {json.dumps(record['entry'])}")
     return record
@@ -692,14 +717,15 @@ def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: a
              "4 folds split by anatomy; anatomy probes: leave one style out; map retrieval: 8 candidates, chance 0.125.", "",
              "| arm | seed | steps | domain\\|content acc | CE (nats) | between-domain share | domain\\|style acc | "
              "anatomy\\|content | anatomy\\|style | map retrieval | rebuild / B unchanged | swap beats both decoded | "
-             "beats both raw |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "beats both raw | domain Fisher: volume / crop |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in done:
         e = records[key]["entry"]
         lines.append(f"| {e['arm']} | {e['seed']} | {steps(e)} | {f(e['domain_from_content_acc'])} | {f(e['domain_from_content_ce'])} | "
                      f"{f(e['content_between_domain_variance_share'])} | {f(e['domain_from_style_acc'])} | "
                      f"{f(e['anatomy_from_content_acc'])} | {f(e['anatomy_from_style_acc'])} | "
                      f"{f(e['content_map_retrieval_acc'])} | {f(e['rebuild_over_b_unchanged'])} | "
-                     f"{f(e['swap_beats_both_decoded'], 2)} | {f(e['swap_beats_both_raw'], 2)} |")
+                     f"{f(e['swap_beats_both_decoded'], 2)} | {f(e['swap_beats_both_raw'], 2)} | "
+                     f"{f(e.get('content_domain_fisher_volume'))} / {f(e.get('content_domain_fisher_crop'))} |")
     first = records[done[0]]["entry"] if done else None
     if first:
         lines += ["", f"Chance: domain {first['domain_chance']:.3f} (CE ln 4 = {first['domain_chance_ce']:.3f} nats), "
@@ -727,15 +753,15 @@ def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: a
                          f"{m['latent']['b_raw']:.4f} | {f(m['latent'].get('truth_raw'), 4)} |")
     lines += ["", "Final training losses (mean of the last tenth of the logged curve; the content head's CE near "
                   "ln 4 = 1.386 means it is fooled, which the probe above can contradict):", "",
-              "| arm | rec | domain_content CE | domain_style CE | clean adversary pooled CE | batch between-domain share |",
-              "|---|---|---|---|---|---|"]
+              "| arm | rec | self_rec | domain_content CE | domain_style CE | clean adversary pooled CE | batch between-domain share | "
+              "banked domain Fisher |", "|---|---|---|---|---|---|---|---|"]
     for k in done:
         c = records[k].get("curves") or {}
         if not c:
             continue
         last = lambda key: f(np.mean([v for _, v in c[key][-max(1, len(c[key]) // 10):]])) if key in c else "n/a"  # noqa: E731
-        lines.append(f"| {k} | {last('rec')} | {last('domain_content')} | {last('domain_style')} | {last('clean_domain_pooled')} | "
-                     f"{last('domain_share')} |")
+        lines.append(f"| {k} | {last('rec')} | {last('self_rec')} | {last('domain_content')} | {last('domain_style')} | "
+                     f"{last('clean_domain_pooled')} | {last('domain_share')} | {last('domain_mean')} |")
     if missing:
         lines += ["", f"Not finished in this sitting: {', '.join(missing)}. The command above resumes them."]
     if args.reading and args.reading.is_file():
@@ -804,6 +830,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--report", type=Path, default=None, help="Markdown file whose Disentanglement section is (re)written")
     p.add_argument("--results", type=Path, default=None, help="results JSON (benchmarks/results/disentanglement.json)")
     p.add_argument("--reading", type=Path, default=None, help="Markdown paragraph(s) inserted as the section's reading")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="recompute every measure of finished arms from their saved models (no training)")
     p.add_argument("--publish-only", action="store_true",
                    help="train and evaluate nothing: rewrite results, figures and report from the finished arms")
     args = p.parse_args(argv)
@@ -819,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--publish-only"]  # the command that computes
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--publish-only", "--reevaluate")]
     command = ("python benchmarks/disentanglement.py " + " ".join(given)).strip()
     plan = arm_plan(args)
     records: dict[str, Any] = {}

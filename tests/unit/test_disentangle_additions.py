@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_nets.engines.ssl.disentangle import between_group_variance_share, group_kfold, probe_scores, token_map_retrieval
+from custom_nets.engines.ssl.disentangle import (
+    between_group_variance_share,
+    domain_fisher,
+    group_kfold,
+    probe_scores,
+    token_map_retrieval,
+)
 from custom_nets.engines.ssl.step import MeDUETStepConfig, MeDUETTrainStep
 from custom_nets.losses.clean_domain import CleanDomainAdversary, dann_lambda
 from custom_nets.losses.decorrelation import cross_correlation_loss
@@ -302,6 +308,18 @@ def test_domain_mean_bank_is_the_fisher_criterion_with_its_gradient() -> None:
     for _ in range(20):
         slow(z.detach(), d)
     assert slow(0.1 * z.detach(), d).item() == pytest.approx(slow(z.detach(), d).item(), rel=1e-4)
+
+
+def test_the_benchmark_measures_the_banks_criterion() -> None:
+    """domain_fisher on given features equals a one-batch bank's value, has no scale, and is ~0 when
+    the domains share their mean."""
+    torch.manual_seed(0)
+    d = torch.tensor([0, 1, 2, 3] * 6)
+    z = torch.randn(24, 5) + 2 * torch.nn.functional.one_hot(d, 5).float()
+    assert domain_fisher(z, d.tolist()) == pytest.approx(DomainMeanBank(5, 4, momentum=0.0)(z, d).item(), rel=1e-5)
+    assert domain_fisher(3 * z, d.tolist()) == pytest.approx(domain_fisher(z, d.tolist()), rel=1e-6)
+    same = z - torch.stack([z[d == k].mean(0) for k in range(4)])[d]
+    assert domain_fisher(same, d.tolist()) < 1e-12 < domain_fisher(z, d.tolist())
 
 
 def test_domain_mean_bank_has_no_batch_sampling_floor() -> None:

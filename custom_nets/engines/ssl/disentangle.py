@@ -24,6 +24,7 @@ __all__ = [
     "probe_accuracy",
     "probe_scores",
     "between_group_variance_share",
+    "domain_fisher",
     "token_map_retrieval",
     "mse",
 ]
@@ -167,6 +168,37 @@ def between_group_variance_share(features: torch.Tensor, groups: Sequence[object
         between += len(idx) / len(g) * (x[idx].mean(0) - mean).pow(2)
     keep = total > 1e-12
     return float((between[keep] / total[keep]).mean()) if bool(keep.any()) else 0.0
+
+
+def domain_fisher(features: torch.Tensor, groups: Sequence[object], shrinkage: float = 0.1) -> float:
+    """Fisher criterion of the groups' means: (1/D) sum_k pi_k (mu_k - mu)^T W_s^{-1} (mu_k - mu).
+
+    ``W`` is the pooled within-group covariance, shrunk towards its mean variance
+    (``W_s = (1 - s) W + s (tr W / D) I``), ``pi_k`` uniform over the groups. It is the quantity the
+    ``domain_mean_weight`` training loss (:class:`~custom_nets.losses.domain_variance.DomainMeanBank`)
+    lowers, measured on given features; it does not change with their scale. About 0 when the group
+    means coincide; what a linear probe separates grows with D times it.
+
+    Args:
+        features: (N, D).
+        groups: (N,) group (e.g. domain) of each row.
+        shrinkage: s above, in (0, 1].
+
+    Returns:
+        the criterion (>= 0); 0 with fewer than two groups.
+    """
+    x = features.double()
+    g = np.asarray([str(v) for v in groups])
+    names = sorted(set(g.tolist()))
+    if len(names) < 2:
+        return 0.0
+    index = [torch.as_tensor(np.flatnonzero(g == n)) for n in names]
+    means = torch.stack([x[i].mean(0) for i in index])
+    centred = torch.cat([x[i] - m for i, m in zip(index, means)])
+    w = centred.T @ centred / len(x)
+    w = (1 - shrinkage) * w + shrinkage * w.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[1], dtype=x.dtype)
+    offsets = means - means.mean(0)
+    return float((offsets * torch.linalg.solve(w, offsets.T).T).sum() / len(names) / x.shape[1])
 
 
 def token_map_retrieval(
