@@ -113,7 +113,9 @@ FINAL_ARMS = ("paper", "combined", "combined+domain_mean+self_rec")
 #: every arm also exists trained ``--long-epochs`` epochs as ``<arm>_long`` (same switches: does the
 #: training length change the verdict?)
 LONG = {f"{k}_long": k for k in ARMS}
-ARMS.update({k: ARMS[v] for k, v in LONG.items()})
+#: and trained ``--longer-epochs`` epochs as ``<arm>_longer`` (the trend of the final arms with length)
+LONGER = {f"{k}_longer": k for k in ARMS}
+ARMS.update({k: ARMS[v] for k, v in {**LONG, **LONGER}.items()})
 BASELINES = ("raw", "random_init")
 CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "domain_share", "domain_mean", "self_rec", "decorrelation",
               "swap_cycle_content", "swap_cycle_style")
@@ -592,7 +594,7 @@ def decode_mode(arm: str) -> str:
 
 def arm_epochs(arm: str, args: argparse.Namespace) -> int:
     """Training epochs of an arm: ``--long-epochs`` for the long arms, ``--epochs`` otherwise."""
-    return args.long_epochs if arm in LONG else args.epochs
+    return args.long_epochs if arm in LONG else args.longer_epochs if arm in LONGER else args.epochs
 
 
 def arm_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -609,6 +611,8 @@ def arm_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
         final = [a for a in long_arms if a in FINAL_ARMS]
         plan += [(f"{a}_long", s) for s in range(args.long_seeds) for a in final]
         plan += [(f"{a}_long", 0) for a in long_arms if a not in final]
+    if args.longer_epochs > 0:
+        plan += [(f"{a}_longer", s) for s in range(args.long_seeds) for a in args.longer_arms.split(",") if a]
     wanted = set(args.arms.split(",")) if args.arms else None
     return [(a, s) for a, s in plan if wanted is None or a in wanted]
 
@@ -708,7 +712,8 @@ def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: a
              "4 x 16^3. Network (CPU scale): crop 8, patch 2, 64 tokens of 32 latent values, width 72 (>= 2 x 32), "
              "4 encoder blocks, 2 decoder blocks, content 72, style 18. "
              f"Training: meduet_ssl train.json + demo.json, batch {args.batch_size}, {args.epochs} epochs of "
-             f"{args.train_anatomies * 4 // args.batch_size} steps ({args.long_epochs} for the `_long` arms), lr 5e-4 "
+             f"{args.train_anatomies * 4 // args.batch_size} steps ({args.long_epochs} for the `_long` arms, "
+             f"{args.longer_epochs} for the `_longer` arms), lr 5e-4 "
              "warm-up then cosine to 1e-4, MFTD from a fifth of training.", "",
              "Arms: `raw` = the latent itself (32 values per token; pooled = channel-patch means), `random_init` = "
              "an untrained network, `paper` = the paper's objective (random pairing, all additions off), "
@@ -780,9 +785,11 @@ def publish(out: Path, records: dict[str, Any], plan: list[tuple[str, int]], arg
         write_json(args.results, {"command": command, "entries": entries,
                                   "pending": [f"{a}_s{s}" for a, s in plan if f"{a}_s{s}" not in records]})
     figs: dict[str, Path] = {}
-    # the best-trained paper and combination arms (long when finished), beside the raw latent
-    shown = [k for k in ("raw_s0", "paper_s0", "paper_long_s0", "combined_s0", "combined_long_s0") if k in records]
-    proj_keys = [k for k in shown if f"{k[:-3]}_long_s0" not in records]
+    # the longest-trained paper and combination arms, beside the raw latent
+    proj_keys = [k for k in ("raw_s0",) if k in records]
+    for base in ("paper", "combined", "combined+domain_mean+self_rec"):
+        trained = [k for k in (f"{base}_longer_s0", f"{base}_long_s0", f"{base}_s0") if k in records]
+        proj_keys += trained[:1]
     if proj_keys:
         figs["content and style projections (PCA), by domain and by anatomy"] = plot_projection(
             records, proj_keys, out / "figures" / "disentanglement_projection.png")
@@ -822,7 +829,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--long-epochs", type=int, default=0, help="also train the --long-arms this long (0: not)")
     p.add_argument("--long-arms", default="paper,combined", help="arms also trained --long-epochs epochs")
-    p.add_argument("--long-seeds", type=int, default=2, help="seeds of the long runs of FINAL_ARMS")
+    p.add_argument("--long-seeds", type=int, default=2, help="seeds of the long runs of FINAL_ARMS and of the longer runs")
+    p.add_argument("--longer-epochs", type=int, default=0, help="also train the --longer-arms this long (0: not)")
+    p.add_argument("--longer-arms", default="paper,combined+domain_mean+self_rec", help="arms also trained --longer-epochs epochs")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the paper and combined arms")
     p.add_argument("--max-pairs", type=int, default=48)
     p.add_argument("--data-seed", type=int, default=0)
