@@ -700,8 +700,8 @@ def report_section(records: dict[str, Any], plan: list[tuple[str, int]], args: a
     steps = lambda e: e.get("epochs", 0 if e["arm"] in BASELINES else args.epochs) * per_epoch  # noqa: E731
     lines = [SECTION, "", f"Command (resumable; finished arms are kept in `<out>/arms` and skipped): `{command}`", "",
              f"Machine: {machine()}. Wall time of the finished arms (training + evaluation, each saved when done): "
-             f"{sum(r.get('seconds', 0) for r in records.values()) / 60:.0f} min in all, on cores shared with "
-             "three other jobs (phantom rendering, ~2 min, not included).", "",
+             f"{sum(r.get('seconds', 0) for r in records.values()) / 60:.0f} min in all, on 2 cores shared with "
+             "the other benchmarks of the sitting (load average above; phantom rendering not included).", "",
              "Setting. Phantoms 64^3 at 1.5 mm in 4 styles in which the anatomy stays equally visible: ct_sharp, "
              "ct_smooth_noisy, mr_t1like and mr_t2like, each **without bias field** (a spatial style: any content "
              "that keeps the anatomy would also keep it); ct_lowdose left out (organ contrast 10-26 HU under ~9 HU "

@@ -391,3 +391,17 @@ def test_benchmark_arms_write_and_resume_only_inside_their_own_folder(tmp_path: 
         assert all(p.is_relative_to(run_dir) for p in paths.values()), paths
         runs.append(paths["ckpt_dir"])
     assert runs[0] != runs[1]
+
+
+def test_the_disentangle_overlay_is_the_benchmarks_final_combination() -> None:
+    """configs/disentangle.json switches on exactly the arm the disentanglement benchmark measures as
+    ``combined+domain_mean+self_rec``, and every key is a train.json switch (a typo would be ignored)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import disentanglement as bench
+
+    overlay = json.loads((ROOT / "bundles/meduet_ssl/configs/disentangle.json").read_text())
+    train = json.loads((ROOT / "bundles/meduet_ssl/configs/train.json").read_text())
+    arm = bench.ARMS["combined+domain_mean+self_rec"]
+    assert overlay == arm and set(overlay) <= set(train)
