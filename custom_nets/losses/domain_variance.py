@@ -15,7 +15,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["between_domain_share_loss", "DomainMeanBank"]
+__all__ = ["between_domain_share_loss", "fisher_criterion", "DomainMeanBank"]
+
+
+def fisher_criterion(
+    means: torch.Tensor, weights: torch.Tensor, within: torch.Tensor, shrinkage: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fisher criterion of group means, ``(1/D) sum_k pi_k (mu_k - mu)^T W_s^{-1} (mu_k - mu)``.
+
+    ``mu = sum_k pi_k mu_k`` and ``W_s = (1 - s) W + s (tr W / D) I``. Groups of weight 0 take no
+    part. Shared by the training loss (:class:`DomainMeanBank`) and the benchmark's measure
+    (:func:`custom_nets.engines.ssl.disentangle.domain_fisher`), so that both read the same quantity.
+
+    Args:
+        means: (K, D) group means ``mu_k``.
+        weights: (K,) ``pi_k``, summing to 1 over the groups that take part.
+        within: (D, D) pooled within-group covariance ``W``.
+        shrinkage: s above, in (0, 1].
+
+    Returns:
+        the criterion (scalar, >= 0) and the directions ``W_s^{-1} (mu_k - mu)`` (K, D), zero rows
+        for groups of weight 0.
+    """
+    dim = means.shape[1]
+    offsets = (means - weights @ means) * (weights > 0).to(means.dtype)[:, None]
+    eye = torch.eye(dim, dtype=within.dtype, device=within.device)
+    w = (1 - shrinkage) * within + shrinkage * within.diagonal().mean().clamp_min(1e-12) * eye
+    directions = torch.linalg.solve(w, offsets.T).T
+    return (weights * (offsets * directions).sum(1)).sum() / dim, directions
 
 
 def between_domain_share_loss(content: torch.Tensor, domain_index: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -141,12 +168,7 @@ class DomainMeanBank(nn.Module):
             return z.sum() * 0.0
         dim = z.shape[1]
         pi = seen.to(z.dtype) / seen.sum()
-        centre = pi @ self.means
-        offsets = (self.means - centre) * seen[:, None]  # (K, D), zero for unseen domains
-        w = (1 - self.shrinkage) * self.within + self.shrinkage * self.within.diagonal().mean().clamp_min(1e-8) * torch.eye(
-            dim, device=z.device)
-        directions = torch.linalg.solve(w, offsets.T).T  # W_s^{-1} (mu_k - mu)
-        value = (pi * (offsets * directions).sum(1)).sum() / dim
+        value, directions = fisher_criterion(self.means, pi, self.within, self.shrinkage)
         counts = onehot.sum(0)
         batch_means = (onehot.T @ z) / counts.clamp_min(1.0)[:, None]  # with gradient; zero rows where absent
         weight = 2.0 * pi * (counts > 0).to(z.dtype) / dim

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from custom_nets.losses.domain_variance import fisher_criterion
+
 __all__ = [
     "fit_logistic_regression",
     "group_kfold",
@@ -195,10 +197,9 @@ def domain_fisher(features: torch.Tensor, groups: Sequence[object], shrinkage: f
     index = [torch.as_tensor(np.flatnonzero(g == n)) for n in names]
     means = torch.stack([x[i].mean(0) for i in index])
     centred = torch.cat([x[i] - m for i, m in zip(index, means)])
-    w = centred.T @ centred / len(x)
-    w = (1 - shrinkage) * w + shrinkage * w.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[1], dtype=x.dtype)
-    offsets = means - means.mean(0)
-    return float((offsets * torch.linalg.solve(w, offsets.T).T).sum() / len(names) / x.shape[1])
+    pi = torch.full((len(names),), 1.0 / len(names), dtype=x.dtype)
+    value, _ = fisher_criterion(means, pi, centred.T @ centred / len(x), shrinkage)
+    return float(value)
 
 
 def token_map_retrieval(
