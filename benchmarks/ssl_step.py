@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from custom_nets.engines.ssl.step import MeDUETTrainStep, set_malloc_mmap_threshold  # noqa: E402
+from custom_nets.engines.ssl.step import MeDUETTrainStep  # noqa: E402
+from custom_nets.utils.memory import set_malloc_mmap_threshold  # noqa: E402
 from custom_nets.losses.demix import demix_reconstruction_loss  # noqa: E402
 from custom_nets.losses.domain import domain_loss  # noqa: E402
 from custom_nets.losses.mftd import mftd_loss  # noqa: E402

@@ -71,7 +71,8 @@ def decode_options(args: argparse.Namespace) -> str:
     return (f"--decode-roi {args.decode_roi}{'' if args.decode_exact else ' --no-decode-exact'}"
             f"{'' if args.decode_low_memory else ' --no-decode-low-memory'}"
             f"{'' if args.decode_store_dtype == 'float32' else ' --decode-store-dtype ' + args.decode_store_dtype}"
-            f"{'' if args.decode_tile_cap == 64 else f' --decode-tile-cap {args.decode_tile_cap}'}")
+            f"{'' if args.decode_tile_cap == 64 else f' --decode-tile-cap {args.decode_tile_cap}'}"
+            f"{f' --malloc-mmap-threshold {args.malloc_mmap_threshold}' if args.malloc_mmap_threshold else ''}")
 
 
 def decode_only(args: argparse.Namespace, store_dtype: torch.dtype) -> int:
@@ -112,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="dtype of the exact decode's stored volumes (bfloat16 halves them)")
     p.add_argument("--decode-tile-cap", type=int, default=64,
                    help="low-memory decode: largest tile edge in output voxels of a stage (decode_latent's tile_cap)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                   help="bytes; >0: glibc serves blocks this large with mmap (set_malloc_mmap_threshold), so "
+                        "freed slabs leave the process instead of staying in its heap; 0 = glibc default")
     p.add_argument("--random-latent", default=None, metavar="X,Y,Z",
                    help="decode a random latent of this size only (no CT, no encode, no NIfTI): peak memory "
                         "and time of the decode alone; prints one line, writes no report")
@@ -123,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "REPORT.md")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
+    if args.malloc_mmap_threshold > 0:
+        from custom_nets.utils.memory import set_malloc_mmap_threshold
+
+        if not set_malloc_mmap_threshold(args.malloc_mmap_threshold):
+            raise SystemExit("--malloc-mmap-threshold: glibc's mallopt is not available here")
 
     from custom_nets.data.transforms import preprocess_transforms
     from custom_nets.engines.vae.encode import to_intensity
