@@ -37,7 +37,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,19 @@ def acquire(lock: Path) -> bool:
             except PermissionError:
                 return False
     return False
+
+
+def run_unless_taken(run_dir: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """``run()`` under ``run_dir``'s lock; None (and a log line) when another worker holds it.
+
+    A finished run (``result.json`` present) needs no lock: ``run`` reads it back."""
+    if not (run_dir / "result.json").is_file() and not acquire(run_dir / "LOCK"):
+        log(f"{run_dir.name}: another worker runs it; next")
+        return None
+    try:
+        return run()
+    finally:
+        (run_dir / "LOCK").unlink(missing_ok=True)
 
 
 def wait_for(final: Path, lock: Path) -> None:
@@ -937,12 +950,11 @@ def lr_check(out: Path, data: dict[str, Any], args: argparse.Namespace, vae_resu
     for model in models:
         for lr in lrs:
             run_dir = out / "lr_check" / f"{model}_L8_seed0_steps{args.lr_steps}_lr{lr:g}"
-            if not (run_dir / "result.json").is_file() and not acquire(run_dir / "LOCK"):
-                log(f"{run_dir.name}: another worker runs it; next")
+            r = run_unless_taken(run_dir, lambda: do_run(
+                out, data, model, 8, 0, args, vae_result, ssl_result, lr=lr, steps=args.lr_steps,
+                eval_split="val", run_root="lr_check"))
+            if r is None:
                 continue
-            r = do_run(out, data, model, 8, 0, args, vae_result, ssl_result, lr=lr, steps=args.lr_steps,
-                       eval_split="val", run_root="lr_check")
-            (run_dir / "LOCK").unlink(missing_ok=True)
             rows.append({"model": model, "lr": lr, "steps": r["steps"], "cpu_s": r["cpu_s"],
                          "val_mean_dice": mean_dice(r["volumes"]), "val_volumes": len(r["volumes"])})
             log(f"lr check {model} lr {lr:g}: validation Dice {rows[-1]['val_mean_dice']:.3f}")
@@ -1179,11 +1191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vae_result = train_vae(out, data, args.vae_steps, args.ckpt_every)
                 ssl_result = train_ssl(out, data, vae_result, args.ssl_steps, args.ckpt_every)
             run_dir = out / "runs" / f"{model}_L{n}_seed{seed}_steps{args.steps}"
-            if not (run_dir / "result.json").is_file() and not acquire(run_dir / "LOCK"):
-                log(f"{run_dir.name}: another worker runs it; next")
+            r = run_unless_taken(run_dir, lambda: do_run(out, data, model, n, seed, args, vae_result, ssl_result))
+            if r is None:
                 continue
-            r = do_run(out, data, model, n, seed, args, vae_result, ssl_result)
-            (run_dir / "LOCK").unlink(missing_ok=True)
             seen = summarise(r["volumes"], TRAIN_STYLES)["mean"]
             unseen = summarise(r["volumes"], UNSEEN_STYLES)["mean"]
             log(f"{model} L{n} seed {seed}: Dice seen {seen:.3f}, unseen {unseen:.3f}, {r['cpu_s']:.0f} CPU s")
