@@ -185,6 +185,22 @@ class PoolTokenizer:
         return torch.nn.functional.interpolate(z, scale_factor=4, mode="trilinear", align_corners=False)[0, 0]
 
 
+def test_anatomy_indices(n_train: int, n_test: int, test_start: int) -> list[int]:
+    """Indices of the test anatomies among anatomies ``0 .. n_train + n_test - 1``; the others train.
+
+    ``test_start`` = ``n_train`` puts the test set after the training anatomies (the default run);
+    a smaller one keeps the same test anatomies while ``n_train`` grows (more training anatomies,
+    identical test set). It must leave the first two anatomies for training (the bundle's
+    reconstruction check reads them).
+
+    Raises:
+        SystemExit: ``test_start`` outside ``[2, n_train]``.
+    """
+    if not 2 <= test_start <= n_train:
+        raise SystemExit(f"--test-start {test_start}: must lie in [2, --train-anatomies {n_train}]")
+    return list(range(test_start, test_start + n_test))
+
+
 def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Render, normalise and tokenize every phantom once (cached in ``<out>/data``).
 
@@ -201,6 +217,12 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     styles = achievable_styles()
     names = [s.name for s in styles]
     n_train, n_test = args.train_anatomies, args.test_anatomies
+    test_start = n_train if args.test_start is None else args.test_start
+    test_ids = set(test_anatomy_indices(n_train, n_test, test_start))
+
+    def held_out(i: int) -> bool:
+        return i in test_ids
+
     cache = data / "images.npz"
     if not cache.is_file():
         log(f"rendering {n_train} + {n_test} anatomies x {len(styles)} styles (+ ground truth draws)")
@@ -208,9 +230,8 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         for i in range(n_train + n_test):
             seed = content_seed_for_subject(args.data_seed, i)
             label = make_anatomy(seed, SHAPE)
-            held_out = i >= n_train
-            draws = [1] if held_out else [0]  # held-out anatomies: a fresh noise seed
-            if held_out and i - n_train < args.swap_anatomies:
+            draws = [1] if held_out(i) else [0]  # held-out anatomies: a fresh noise seed
+            if held_out(i) and i - test_start < args.swap_anatomies:
                 draws += list(range(2, 2 + args.gt_draws))
             for st in styles:
                 for k in draws:
@@ -227,7 +248,7 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     for i in range(n_train + n_test):
         anatomy = f"a{i:03d}"
         for d, st in enumerate(styles):
-            k = 0 if i < n_train else 1
+            k = 1 if held_out(i) else 0
             key = f"{anatomy}_{st.name}_n{k}"
             path = data / f"{key}.npy"
             if not path.is_file():
@@ -236,7 +257,7 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                     "spacing": [1.5, 1.5, 1.5], "original_affine": affine, "affine": affine,
                     "latent_affine": latent_affine(affine), "shape": [4, *(s // 4 for s in SHAPE)],
                     "content_id": anatomy, "style": st.name}
-            if i < n_train:
+            if not held_out(i):
                 lat_items["training"].append(item)
                 if i < 2:  # the bundle's reconstruction check; not used for any verdict
                     lat_items["validation"].append(item)
@@ -823,6 +844,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 8 + 8 anatomies, 2 epochs, 2 arms")
     p.add_argument("--train-anatomies", type=int, default=24)
     p.add_argument("--test-anatomies", type=int, default=24)
+    p.add_argument("--test-start", type=int, default=None,
+                   help="index of the first test anatomy (default: --train-anatomies, after the training ones); "
+                        "24 with --train-anatomies 96 keeps the default run's test set and trains on 72 more")
     p.add_argument("--swap-anatomies", type=int, default=8, help="held-out anatomies with a noise-averaged truth")
     p.add_argument("--gt-draws", type=int, default=4, help="noise draws averaged into the swap truth")
     p.add_argument("--epochs", type=int, default=60, help="meduet_ssl epochs per arm")

@@ -405,3 +405,21 @@ def test_the_disentangle_overlay_is_the_benchmarks_final_combination() -> None:
     train = json.loads((ROOT / "bundles/meduet_ssl/configs/train.json").read_text())
     arm = bench.ARMS["combined+domain_mean+self_rec"]
     assert overlay == arm and set(overlay) <= set(train)
+
+
+def test_more_training_anatomies_keep_the_default_runs_test_set() -> None:
+    """--test-start keeps the default run's test anatomies while --train-anatomies grows; the
+    training anatomies never include a test one; a start that leaves no room is refused."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import disentanglement as bench
+
+    default = bench.test_anatomy_indices(24, 24, 24)
+    grown = bench.test_anatomy_indices(96, 24, 24)
+    assert default == grown == list(range(24, 48))
+    train = [i for i in range(96 + 24) if i not in set(grown)]
+    assert len(train) == 96 and not set(train) & set(grown)
+    for bad in (1, 97):
+        with pytest.raises(SystemExit, match="--test-start"):
+            bench.test_anatomy_indices(96, 24, bad)
