@@ -119,18 +119,32 @@ def test_bf16_masks_agree_with_the_float32_path() -> None:
         opt.step()
     net.eval()
     image, truth = phantom_volume(10, (96, 96, 64))
-    masks = {}
+    # blended tiles: bf16 VAE against fp32; exact tiling (another latent by design, so its own fp32
+    # reference): the fast configuration, bf16 stored stage outputs + bf16 VAE + bf16 windows
+    exact = dict(vae_exact=True, vae_granularity="norm")
+    settings = {
+        "fp32": {},
+        "bf16": dict(vae_precision="bf16"),
+        "windows_bf16": dict(window_precision="bf16"),
+        "exact_fp32": exact,
+        "exact_bf16": dict(exact, vae_store_dtype="bfloat16", vae_precision="bf16", window_precision="bf16"),
+    }
+    masks, logits = {}, {}
     with torch.no_grad():
-        for precision in ("fp32", "bf16"):
-            inferer = LatentSlidingWindowInferer(roi_size=64, overlap=0.5, vae_precision=precision)
-            masks[precision] = inferer(image, net).argmax(1)
-    a, b = masks["fp32"], masks["bf16"]
-    assert float((a == truth).float().mean()) > 0.7  # the model learned something: its labels are not noise
-    present = [k for k in range(len(PHANTOM_LABELS)) if int((a == k).sum()) >= 100]
-    assert len(present) >= 3
-    for k in present:
-        dice = 2 * int(((a == k) & (b == k)).sum()) / (int((a == k).sum()) + int((b == k).sum()))
-        assert dice >= MASK_DICE, f"label {k} ({PHANTOM_LABELS[k]}): Dice {dice:.4f} between fp32 and bf16 masks"
+        for name, kw in settings.items():
+            logits[name] = LatentSlidingWindowInferer(roi_size=64, overlap=0.5, **kw)(image, net)
+            assert logits[name].dtype == torch.float32
+            masks[name] = logits[name].argmax(1)
+    for ref, fast in (("fp32", "windows_bf16"), ("exact_fp32", "exact_bf16")):
+        assert not torch.equal(logits[ref], logits[fast]), f"{fast} changed nothing: was bf16 applied?"
+    for ref, fast in (("fp32", "bf16"), ("fp32", "windows_bf16"), ("exact_fp32", "exact_bf16")):
+        a, b = masks[ref], masks[fast]
+        assert float((a == truth).float().mean()) > 0.7  # the model learned something: its labels are not noise
+        present = [k for k in range(len(PHANTOM_LABELS)) if int((a == k).sum()) >= 100]
+        assert len(present) >= 3
+        for k in present:
+            dice = 2 * int(((a == k) & (b == k)).sum()) / (int((a == k).sum()) + int((b == k).sum()))
+            assert dice >= MASK_DICE, f"label {k} ({PHANTOM_LABELS[k]}): Dice {dice:.4f} between {ref} and {fast} masks"
 
 
 def test_precision_choices_and_errors(demo_vae, volume) -> None:
@@ -140,3 +154,5 @@ def test_precision_choices_and_errors(demo_vae, volume) -> None:
         encode_volume(demo_vae, volume, roi=None, precision="fp16")
     with pytest.raises(ValueError, match="vae_precision must be one of"):
         LatentSlidingWindowInferer(roi_size=64, vae_precision="half")
+    with pytest.raises(ValueError, match="window_precision must be one of"):
+        LatentSlidingWindowInferer(roi_size=64, window_precision="fp16")

@@ -32,7 +32,7 @@ from monai.networks.utils import pixelshuffle, pixelunshuffle
 from monai.utils import convert_to_dst_type
 
 from custom_nets.data.datalist import folder_items, load_datalist
-from custom_nets.nets.vae import ENCODE_PRECISIONS, GRANULARITIES
+from custom_nets.nets.vae import ENCODE_PRECISIONS, GRANULARITIES, resolve_encode_precision
 from custom_nets.utils.flags import as_bool
 from custom_nets.utils.inputs import is_missing, note_missing
 from custom_nets.utils.parallel import unwrap
@@ -114,6 +114,10 @@ class LatentSlidingWindowInferer(Inferer):
             voxel encoded once up to halos; stores twice-wide full-resolution volumes).
         vae_store_dtype: dtype name of the whole-volume stage outputs ``vae_exact`` stores
             ("float32", or "bfloat16": half the memory, latent within the bf16 tolerance).
+        window_precision: precision of the segmenter's windows (ViT and decoder; in image space the
+            whole window network): "fp32" (default), "bf16" (autocast; logits returned in float32)
+            or "auto" (bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere). The VAE encode
+            follows ``vae_precision``.
         sw_device: device for the windows (default: the input's).
         device: device of the stitched output (default: the input's).
         progress: tqdm bar over windows.
@@ -134,6 +138,7 @@ class LatentSlidingWindowInferer(Inferer):
         vae_channels_last: bool = False,
         vae_granularity: str = "resolution",
         vae_store_dtype: str = "float32",
+        window_precision: str = "fp32",
         sw_device: str | torch.device | None = None,
         device: str | torch.device | None = None,
         progress: bool = False,
@@ -163,6 +168,9 @@ class LatentSlidingWindowInferer(Inferer):
         if vae_store_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"vae_store_dtype must be 'float32' or 'bfloat16', got {vae_store_dtype!r}")
         self.vae_granularity, self.vae_store_dtype = vae_granularity, getattr(torch, vae_store_dtype)
+        if window_precision not in ENCODE_PRECISIONS:
+            raise ValueError(f"window_precision must be one of {ENCODE_PRECISIONS}, got {window_precision!r}")
+        self.window_precision = window_precision
         self.sw_device = sw_device
         self.device = device
         self.progress = as_bool(progress, "progress")
@@ -175,12 +183,24 @@ class LatentSlidingWindowInferer(Inferer):
         """(B, Ci, X, Y, Z) image -> (B, K, X, Y, Z) logits."""
         net = unwrap(network)
         if self.space == "image":
-            return self._image_inferer(inputs, network, *args, **kwargs)
+            return self.image_windows(inputs, network, *args, **kwargs)
         if not (hasattr(net, "forward_latent") and hasattr(net, "encode_volume")):
             # e.g. a TorchScript export, which only keeps forward(image)
             logger.warning("%s has no latent interface; sliding windows over the image instead", type(net).__name__)
-            return self._image_inferer(inputs, network, *args, **kwargs)
+            return self.image_windows(inputs, network, *args, **kwargs)
         return self.latent_windows(inputs, net)
+
+    def window_autocast(self, device: str | torch.device) -> torch.autocast:
+        """The autocast context of ``window_precision`` on ``device`` (disabled for fp32)."""
+        device = torch.device(device)
+        precision = resolve_encode_precision(self.window_precision, device)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def image_windows(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """MONAI's image-space sliding window, under ``window_precision``; float32 logits."""
+        with self.window_autocast(self.sw_device or inputs.device):
+            logits = self._image_inferer(inputs, network, *args, **kwargs)
+        return logits.float() if logits.is_floating_point() else logits
 
     def latent_windows(self, image: torch.Tensor, net: Any) -> torch.Tensor:
         """Encode ``image`` once, slide over its latent, stitch logits on the image grid."""
@@ -199,10 +219,15 @@ class LatentSlidingWindowInferer(Inferer):
         needs_image = bool(getattr(net, "needs_image", False))
         packed = torch.cat([latent, pixelunshuffle(x, 3, f)], dim=1) if needs_image else latent
 
+        cast = self.window_autocast(self.sw_device or x.device)
+
         def predictor(window: torch.Tensor) -> torch.Tensor:
-            if needs_image:
-                return net.forward_latent(window[:, :c], pixelshuffle(window[:, c:], 3, f))
-            return net.forward_latent(window)
+            with cast:
+                if needs_image:
+                    out = net.forward_latent(window[:, :c], pixelshuffle(window[:, c:], 3, f))
+                else:
+                    out = net.forward_latent(window)
+            return out.float()  # stitch in float32 whatever the windows ran at
 
         weight = compute_importance_map(
             self.roi_size, mode=self.mode, sigma_scale=self.sigma_scale,
