@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --vae-exact: dtype of the stored whole-volume stage outputs")
     p.add_argument("--vae-precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="latent mode: precision of the VAE encode only (default fp32)")
+    p.add_argument("--vae-roi", type=int, default=None,
+                   help="latent mode: VAE tile edge in image voxels (default: the window, 96; with --vae-exact larger "
+                        "tiles recompute fewer halo voxels and hold more memory)")
     p.add_argument("--vae-channels-last", action="store_true",
                    help="latent mode: VAE convolutions with channels-last-3d weights")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -200,11 +203,13 @@ def run(args: argparse.Namespace) -> dict:
     net = build_network(args.mode, args.num_classes, args.size).to(device)
     roi = (64, 64, 64) if tiny else (96, 96, 96)
     vae_precision = "bf16" if args.precision == "bf16" else args.vae_precision
+    vae_roi = args.vae_roi or roi[0]
     if args.mode == "swinunetr":
         inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode="gaussian")
     else:
         inferer = LatentSlidingWindowInferer(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-                                             space=args.mode, vae_exact=args.vae_exact, vae_precision=vae_precision,
+                                             space=args.mode, vae_roi_size=args.vae_roi,
+                                             vae_exact=args.vae_exact, vae_precision=vae_precision,
                                              vae_channels_last=args.vae_channels_last,
                                              vae_granularity=args.vae_granularity,
                                              vae_store_dtype=args.vae_store_dtype)
@@ -279,8 +284,9 @@ def run(args: argparse.Namespace) -> dict:
         "inference_s": round(t2 - t1, 2),
         "vae_encode_s": round(timings["encode_s"], 2) if args.mode == "latent" else None,
         "vae_encode_cpu_s": round(timings["encode_cpu_s"], 1) if args.mode == "latent" else None,
-        "vae_tiles": count_windows(list(item["image"].shape[1:]), roi[0], 0.25) if args.mode == "latent" else None,
-        "vae_tiles_whole_volume": count_windows(full_shape, roi[0], 0.25) if args.mode == "latent" else None,
+        "vae_roi": vae_roi if args.mode == "latent" else None,
+        "vae_tiles": count_windows(list(item["image"].shape[1:]), vae_roi, 0.25) if args.mode == "latent" else None,
+        "vae_tiles_whole_volume": count_windows(full_shape, vae_roi, 0.25) if args.mode == "latent" else None,
         "postprocess_s": round(t3 - t2, 2),
         "windows": timings["windows"],
         "crop": crop,
