@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode="gaussian")
     else:
         inferer = LatentSlidingWindowInferer(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-                                             space=args.mode, vae_roi_size=args.vae_roi,
+                                             space=args.mode, vae_roi_size=vae_roi,
                                              vae_exact=args.vae_exact, vae_precision=vae_precision,
                                              vae_channels_last=args.vae_channels_last,
                                              vae_granularity=args.vae_granularity,
