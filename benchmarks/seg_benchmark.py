@@ -59,6 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/seg_benchmark", help="working folder (default outputs/seg_benchmark)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "seg_benchmark.json"))
+    p.add_argument("--archive", default=str(ROOT / "benchmarks" / "results" / "seg_runs"),
+                   help="folder that keeps every finished run's result (per-volume Dice included), so that the "
+                        "report survives the working folder; '' keeps none")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated models (default all)")
     p.add_argument("--labelled", default="8,3,1", help="labelled set sizes, in run order (default 8,3,1)")
     p.add_argument("--seeds", default="0,1", help="seeds (default 0,1; the second only for the decisive set at 3 and 8)")
@@ -137,6 +140,32 @@ def acquire(lock: Path) -> bool:
             except PermissionError:
                 return False
     return False
+
+
+def upstream_id(out: Path) -> str | None:
+    """A short fingerprint of the trained upstream (VAE and MeDUET checkpoints), None if not trained.
+
+    Latent runs are compared with each other (paired) only when they share it."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for path in (out / "vae" / "vae.pt", out / "ssl" / "ssl.pt"):
+        if not path.is_file():
+            return None
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def archive_result(archive: str, result: dict[str, Any], name: str) -> None:
+    """Copy a finished run's result into ``archive`` (kept in the repository, unlike ``--out``)."""
+    if archive:
+        write_json(Path(archive) / f"{name}.json", result)
+
+
+def archived_results(archive: str) -> list[dict[str, Any]]:
+    if not archive or not Path(archive).is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(Path(archive).glob("*.json"))]
 
 
 def run_unless_taken(run_dir: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
@@ -933,8 +962,11 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
         "loss_crosses_constant_at_step": int(below[0]) + 20 if len(below) else None,
         "loss_every10": [round(float(np.mean(losses[i:i + 10])), 4) for i in range(0, len(losses), 10)],
         "curve": curve, "volumes": rows,
+        "upstream_id": upstream_id(out) if model.startswith("latent") else None,
     }
     write_json(result_path, result)
+    if run_root == "runs":
+        archive_result(args.archive, result, name)
     state_path.unlink(missing_ok=True)
     return result
 
@@ -1010,10 +1042,21 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         # the probe at the segmenter's default placement (gates.json of the first sitting recorded 4k + 3)
         gate["probe_dice"] = gate["probe_dice_by_offset"]["block"]
         gate["gate_probe_pass"] = max(min(r["body"], r["liver"]) for r in gate["probe_dice_by_offset"].values()) > GATE_PROBE_DICE
-    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
-    results = [r for r in results if r["steps"] == args.steps]
+    # the archive holds earlier sittings' runs; a run in this working folder replaces its archived copy
+    here = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))}
+    by_key = {}
+    for r in [*archived_results(args.archive), *here.values()]:
+        if r["steps"] == args.steps:
+            by_key[(r["model"], r["labelled"], r["seed"])] = r
+    for name, r in here.items():  # idempotent; also keeps runs finished by workers that predate the archive
+        archive_result(args.archive, r, name)
+    results = list(by_key.values())
     entries = []
-    by_key = {(r["model"], r["labelled"], r["seed"]): r for r in results}
+
+    def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        """Paired only when both latent runs used the same upstream (UNets use none)."""
+        ua, ub = a.get("upstream_id"), b.get("upstream_id")
+        return ua is None or ub is None or ua == ub
     for r in results:
         e = {k: r[k] for k in ("model", "labelled", "seed", "steps", "wall_s", "cpu_s", "eval_s", "peak_rss_mb",
                                "params_trainable", "params_total", "macs_per_step", "constant_frequency_loss",
@@ -1021,20 +1064,26 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         e["dice_seen"] = summarise(r["volumes"], TRAIN_STYLES)
         e["dice_unseen"] = summarise(r["volumes"], UNSEEN_STYLES)
         e["dice_per_style"] = {s: summarise(r["volumes"], [s]) for s in (*TRAIN_STYLES, *UNSEEN_STYLES)}
+        e["upstream_id"] = r.get("upstream_id")
         e["vae_psnr_db"] = None if gate is None else gate["vae"]["psnr_db_clean_seen"]
         e["probe_dice"] = None if gate is None else gate["probe_dice"]
         base = by_key.get(("unet_small", r["labelled"], r["seed"]))
-        if base is not None and r["model"] != "unet_small":
+        if base is not None and r["model"] != "unet_small" and comparable(r, base):
             e["vs_unet_small_seen"] = paired_bootstrap(r["volumes"], base["volumes"], TRAIN_STYLES)
             e["vs_unet_small_unseen"] = paired_bootstrap(r["volumes"], base["volumes"], UNSEEN_STYLES)
         rnd = by_key.get(("latent_random", r["labelled"], r["seed"]))
-        if rnd is not None and r["model"].startswith("latent_meduet"):
+        if rnd is not None and r["model"].startswith("latent_meduet") and comparable(r, rnd):
             e["vs_latent_random_seen"] = paired_bootstrap(r["volumes"], rnd["volumes"], TRAIN_STYLES)
             e["vs_latent_random_unseen"] = paired_bootstrap(r["volumes"], rnd["volumes"], UNSEEN_STYLES)
         aug = by_key.get(("unet_aug", r["labelled"], r["seed"]))
-        if aug is not None and r["model"].startswith("latent"):
+        if aug is not None and r["model"].startswith("latent") and comparable(r, aug):
             e["vs_unet_aug_unseen"] = paired_bootstrap(r["volumes"], aug["volumes"], UNSEEN_STYLES)
         entries.append(e)
+    # runs of sittings before the archive existed live on only as entries of the previous JSON
+    previous = read_json_if_present(Path(args.json)) or {}
+    for e in previous.get("runs", []):
+        if e["steps"] == args.steps and (e["model"], e["labelled"], e["seed"]) not in by_key:
+            entries.append(e | {"per_volume_kept": False})
     data = torch_load_data(out, args.pool)
     ceilings = latent_grid_ceilings(out, data) if data is not None else None
     import numpy as np

@@ -107,3 +107,51 @@ def test_lr_check_scores_the_validation_anatomies_only(tmp_path: Path) -> None:
         r = json.loads((tmp_path / "lr_check" / f"unet_small_L8_seed0_steps2_lr{lr}" / "result.json").read_text())
         assert r["eval_split"] == "val" and {v["anatomy"] for v in r["volumes"]} == {100} and r["lr"] == float(lr)
     assert (tmp_path / "lr_check.json").is_file() and not (tmp_path / "runs").exists()
+
+
+def _fake_result(model: str, seed: int, dice: float, upstream: str | None) -> dict:
+    volumes = [{"anatomy": a, "style": s, "dice": {"body": dice + 0.01 * a, "liver": dice}}
+               for a in range(4) for s in (*sb.TRAIN_STYLES, *sb.UNSEEN_STYLES)]
+    keys = ("wall_s", "cpu_s", "eval_s", "peak_rss_mb", "params_trainable", "params_total", "macs_per_step",
+            "constant_frequency_loss", "loss_first20", "loss_last100", "loss_crosses_constant_at_step")
+    return {k: 1 for k in keys} | {"model": model, "labelled": 8, "seed": seed, "steps": 5, "curve": [],
+                                   "volumes": volumes, "upstream_id": upstream}
+
+
+def test_report_keeps_archived_and_earlier_runs_and_pairs_latent_runs_of_one_upstream(tmp_path: Path) -> None:
+    """Runs survive the working folder (archive, then the previous JSON); latent runs on different upstreams
+    are not paired, the UNet baseline is paired with any."""
+    out, archive, js = tmp_path / "out", tmp_path / "archive", tmp_path / "bench.json"
+    sb.write_json(archive / "unet_small_L8_seed0_steps5.json", _fake_result("unet_small", 0, 0.5, None))
+    sb.write_json(archive / "latent_random_L8_seed0_steps5.json", _fake_result("latent_random", 0, 0.6, "old"))
+    sb.write_json(archive / "latent_meduet_L8_seed0_steps5.json", _fake_result("latent_meduet", 0, 0.1, "old"))
+    # this sitting's rerun replaces the archived copy
+    sb.write_json(out / "runs" / "latent_meduet_L8_seed0_steps5" / "result.json", _fake_result("latent_meduet", 0, 0.7, "new"))
+    earlier = {"model": "unet_aug", "labelled": 8, "seed": 1, "steps": 5, "dice_seen": {"mean": 0.4}}
+    js.write_text(json.dumps({"runs": [earlier]}))
+    args = sb.parse_args(["--steps", "5", "--archive", str(archive), "--json", str(js)])
+    doc = sb.report(out, args, None, {})
+    runs = {(e["model"], e["seed"]): e for e in doc["runs"]}
+    assert set(runs) == {("unet_small", 0), ("latent_random", 0), ("latent_meduet", 0), ("unet_aug", 1)}
+    med = runs[("latent_meduet", 0)]
+    assert med["upstream_id"] == "new" and med["dice_seen"]["liver"] == pytest.approx(0.7)
+    assert med["vs_unet_small_seen"]["mean"] == pytest.approx(0.2) and "vs_latent_random_seen" not in med
+    assert runs[("unet_aug", 1)]["per_volume_kept"] is False
+    assert json.loads(js.read_text())["runs"] == doc["runs"]
+    assert json.loads((archive / "latent_meduet_L8_seed0_steps5.json").read_text())["upstream_id"] == "new"
+
+
+def test_finished_runs_are_archived_with_their_upstream(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert sb.upstream_id(out) is None
+    for name in ("vae/vae.pt", "ssl/ssl.pt"):
+        (out / name).parent.mkdir(parents=True)
+        (out / name).write_bytes(name.encode())
+    uid = sb.upstream_id(out)
+    assert uid is not None and len(uid) == 12
+    (out / "ssl" / "ssl.pt").write_bytes(b"retrained")
+    assert sb.upstream_id(out) != uid
+    sb.archive_result(str(tmp_path / "archive"), {"model": "unet_small"}, "unet_small_L8_seed0_steps5")
+    assert sb.archived_results(str(tmp_path / "archive")) == [{"model": "unet_small"}]
+    sb.archive_result("", {"model": "x"}, "ignored")  # '' keeps none
+    assert not (tmp_path / "ignored.json").exists()
