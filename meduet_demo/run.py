@@ -221,8 +221,8 @@ def unet_cmd(datalist: Path, out: Path, labels: dict[str, str]) -> list[str]:
             "--labels", json.dumps(labels)]
 
 
-# steps (one volume, two 64^3 crops each) of the real-CT fine-tuning: 25 min on 2 CPU cores shared
-# with a benchmark (not yet timed on idle cores)
+# steps (one volume, two 64^3 crops each) of the real-CT fine-tuning: 131 s in the 2026-12-06 demo
+# (2 CPU cores, see README)
 REAL_SEG_EPOCHS = 60
 
 
