@@ -1075,6 +1075,10 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         if rnd is not None and r["model"].startswith("latent_meduet") and comparable(r, rnd):
             e["vs_latent_random_seen"] = paired_bootstrap(r["volumes"], rnd["volumes"], TRAIN_STYLES)
             e["vs_latent_random_unseen"] = paired_bootstrap(r["volumes"], rnd["volumes"], UNSEEN_STYLES)
+        med = by_key.get(("latent_meduet", r["labelled"], r["seed"]))
+        if med is not None and r["model"] in ("latent_meduet_style", "latent_meduet_refine") and comparable(r, med):
+            e["vs_latent_meduet_seen"] = paired_bootstrap(r["volumes"], med["volumes"], TRAIN_STYLES)
+            e["vs_latent_meduet_unseen"] = paired_bootstrap(r["volumes"], med["volumes"], UNSEEN_STYLES)
         aug = by_key.get(("unet_aug", r["labelled"], r["seed"]))
         if aug is not None and r["model"].startswith("latent") and comparable(r, aug):
             e["vs_unet_aug_unseen"] = paired_bootstrap(r["volumes"], aug["volumes"], UNSEEN_STYLES)

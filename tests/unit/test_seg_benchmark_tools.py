@@ -141,6 +141,18 @@ def test_report_keeps_archived_and_earlier_runs_and_pairs_latent_runs_of_one_ups
     assert json.loads((archive / "latent_meduet_L8_seed0_steps5.json").read_text())["upstream_id"] == "new"
 
 
+def test_report_pairs_style_augmentation_with_its_meduet_run(tmp_path: Path) -> None:
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    sb.write_json(archive / "a.json", _fake_result("latent_meduet", 0, 0.5, "u1"))
+    sb.write_json(archive / "b.json", _fake_result("latent_meduet_style", 0, 0.6, "u1"))
+    sb.write_json(archive / "c.json", _fake_result("latent_meduet_style", 1, 0.6, "u1"))
+    sb.write_json(archive / "d.json", _fake_result("latent_meduet", 1, 0.5, "u2"))  # another upstream
+    args = sb.parse_args(["--steps", "5", "--archive", str(archive), "--json", str(tmp_path / "b.json")])
+    runs = {(e["model"], e["seed"]): e for e in sb.report(out, args, None, {})["runs"]}
+    assert runs[("latent_meduet_style", 0)]["vs_latent_meduet_unseen"]["mean"] == pytest.approx(0.1)
+    assert "vs_latent_meduet_unseen" not in runs[("latent_meduet_style", 1)]
+
+
 def test_finished_runs_are_archived_with_their_upstream(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert sb.upstream_id(out) is None
