@@ -1051,6 +1051,7 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
     for name, r in here.items():  # idempotent; also keeps runs finished by workers that predate the archive
         archive_result(args.archive, r, name)
     results = list(by_key.values())
+    current_upstream = upstream_id(out)
     entries = []
 
     def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -1065,8 +1066,10 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         e["dice_unseen"] = summarise(r["volumes"], UNSEEN_STYLES)
         e["dice_per_style"] = {s: summarise(r["volumes"], [s]) for s in (*TRAIN_STYLES, *UNSEEN_STYLES)}
         e["upstream_id"] = r.get("upstream_id")
-        e["vae_psnr_db"] = None if gate is None else gate["vae"]["psnr_db_clean_seen"]
-        e["probe_dice"] = None if gate is None else gate["probe_dice"]
+        # the gates describe this working folder's upstream only, not an archived run's other one
+        gated = gate is not None and r.get("upstream_id") in (None, current_upstream)
+        e["vae_psnr_db"] = gate["vae"]["psnr_db_clean_seen"] if gated else None
+        e["probe_dice"] = gate["probe_dice"] if gated else None
         base = by_key.get(("unet_small", r["labelled"], r["seed"]))
         if base is not None and r["model"] != "unet_small" and comparable(r, base):
             e["vs_unet_small_seen"] = paired_bootstrap(r["volumes"], base["volumes"], TRAIN_STYLES)
