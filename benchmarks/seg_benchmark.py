@@ -162,10 +162,11 @@ def archive_result(archive: str, result: dict[str, Any], name: str) -> None:
         write_json(Path(archive) / f"{name}.json", result)
 
 
-def archived_results(archive: str) -> list[dict[str, Any]]:
+def archived_results(archive: str) -> dict[str, dict[str, Any]]:
+    """{run name: result} of the archive ({} when there is none)."""
     if not archive or not Path(archive).is_dir():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(Path(archive).glob("*.json"))]
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(archive).glob("*.json"))}
 
 
 def run_unless_taken(run_dir: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
@@ -964,9 +965,7 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
         "curve": curve, "volumes": rows,
         "upstream_id": upstream_id(out) if model.startswith("latent") else None,
     }
-    write_json(result_path, result)
-    if run_root == "runs":
-        archive_result(args.archive, result, name)
+    write_json(result_path, result)  # report() copies it into the archive
     state_path.unlink(missing_ok=True)
     return result
 
@@ -1044,12 +1043,14 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         gate["gate_probe_pass"] = max(min(r["body"], r["liver"]) for r in gate["probe_dice_by_offset"].values()) > GATE_PROBE_DICE
     # the archive holds earlier sittings' runs; a run in this working folder replaces its archived copy
     here = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))}
+    archived = archived_results(args.archive)
     by_key = {}
-    for r in [*archived_results(args.archive), *here.values()]:
+    for r in [*archived.values(), *here.values()]:
         if r["steps"] == args.steps:
             by_key[(r["model"], r["labelled"], r["seed"])] = r
-    for name, r in here.items():  # idempotent; also keeps runs finished by workers that predate the archive
-        archive_result(args.archive, r, name)
+    for name, r in here.items():  # the one place finished runs enter the archive (new or changed only)
+        if archived.get(name) != r:
+            archive_result(args.archive, r, name)
     results = list(by_key.values())
     current_upstream = upstream_id(out)
     entries = []

@@ -164,6 +164,6 @@ def test_finished_runs_are_archived_with_their_upstream(tmp_path: Path) -> None:
     (out / "ssl" / "ssl.pt").write_bytes(b"retrained")
     assert sb.upstream_id(out) != uid
     sb.archive_result(str(tmp_path / "archive"), {"model": "unet_small"}, "unet_small_L8_seed0_steps5")
-    assert sb.archived_results(str(tmp_path / "archive")) == [{"model": "unet_small"}]
+    assert sb.archived_results(str(tmp_path / "archive")) == {"unet_small_L8_seed0_steps5": {"model": "unet_small"}}
     sb.archive_result("", {"model": "x"}, "ignored")  # '' keeps none
     assert not (tmp_path / "ignored.json").exists()
