@@ -1,6 +1,7 @@
 """Datasets over a latent cache (:mod:`custom_nets.data.latent_cache`) and the one crop function they share.
 
-- :class:`LatentCropDataset`: random cubic crops with flips and 90-degree rotations (meduet_ssl training);
+- :class:`LatentCropDataset`: random cubic crops with flips and 90-degree rotations (meduet_ssl training),
+  optionally with each volume's fixed centre window (:func:`centre_window`);
 - :class:`FixedCropDataset`: the same crop of each volume at every evaluation (meduet_ssl validation);
 - :class:`ConditionedLatentDataset` / :func:`conditioned_dataset`: random windows paired with the
   volume's content and style vectors from a factor bank (meduet_ldm);
@@ -29,7 +30,7 @@ from custom_nets.utils.errors import InputError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "crop_view", "random_crop", "augment_latent", "augment_view", "LatentCropDataset", "FixedCropDataset",
+    "crop_view", "random_crop", "centre_window", "augment_latent", "augment_view", "LatentCropDataset", "FixedCropDataset",
     "ConditionedLatentDataset", "conditioned_dataset", "LatentVolumeDataset", "split_items", "tagged_items",
 ]
 
@@ -67,7 +68,11 @@ def crop_view(arr: np.ndarray, size: int | Sequence[int], generator: Generator =
     """
     sizes = _window_size(size)
     starts = [_randint(max(n - s, 0) + 1, generator) for n, s in zip(arr.shape[1:], sizes)]
-    window = arr[(slice(None), *[slice(a, a + s) for a, s in zip(starts, sizes)])]
+    return _pad_to(arr[(slice(None), *[slice(a, a + s) for a, s in zip(starts, sizes)])], sizes)
+
+
+def _pad_to(window: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """``window`` edge-padded at the far end of each axis shorter than ``sizes`` (unchanged otherwise)."""
     pad = [(0, 0)] + [(0, s - n) for n, s in zip(window.shape[1:], sizes)]
     if any(p[1] for p in pad):
         # replicate the border (usually background) rather than invent a value the VAE never produced
@@ -78,6 +83,20 @@ def crop_view(arr: np.ndarray, size: int | Sequence[int], generator: Generator =
 def random_crop(arr: np.ndarray, size: int | Sequence[int], generator: Generator = None) -> np.ndarray:
     """:func:`crop_view` read into a float32 array (SSL cubes of 24^3, generator windows of 64 x 64 x 32)."""
     window = np.array(crop_view(arr, size, generator))  # float16 copy; torch converts faster than numpy
+    return torch.from_numpy(window).float().numpy()
+
+
+def centre_window(arr: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """The window of ``size`` at the centre of a ``(C, X, Y, Z)`` array (the same for every call), as a
+    float32 copy; axes shorter than the window are edge-padded at the far end, as :func:`crop_view` does.
+
+    Args:
+        arr: e.g. a memory-mapped latent.
+        size: window edge (a cube) or (X, Y, Z) sizes; a window as large as the volume is the volume.
+    """
+    sizes = _window_size(size)
+    starts = [max(n - s, 0) // 2 for n, s in zip(arr.shape[1:], sizes)]
+    window = np.array(_pad_to(arr[(slice(None), *[slice(a, a + s) for a, s in zip(starts, sizes)])], sizes))
     return torch.from_numpy(window).float().numpy()
 
 
@@ -126,9 +145,13 @@ class LatentCropDataset(Dataset):
         flip_prob: probability of flipping each spatial axis.
         rot90_prob: probability of a 90-degree rotation in a random plane.
         samples_per_epoch: dataset length (defaults to the number of items; crops are random anyway).
+        window: edge (latent voxels) of the volume's fixed centre window, returned unaugmented beside
+            the crop as ``"window"`` (meduet_ssl's ``domain_window_weight`` pools content over it, as an
+            evaluation of whole volumes does); 0: no window.
 
     Returns (per item):
-        ``{"latent": float32 tensor (C, crop, crop, crop), "domain_index": int}``.
+        ``{"latent": float32 tensor (C, crop, crop, crop), "domain_index": int}``, and with ``window``
+        ``"window"`` (C, window, window, window).
     """
 
     def __init__(
@@ -138,11 +161,15 @@ class LatentCropDataset(Dataset):
         flip_prob: float = 0.2,
         rot90_prob: float = 0.2,
         samples_per_epoch: int | None = None,
+        window: int = 0,
     ) -> None:
         # no items only when a config resolves before its cache exists (load_latent_datalist with
         # missing_ok); a cache that exists has a non-empty training split
         if crop < 1:
             raise ValueError(f"crop must be positive, got {crop}")
+        if window < 0:
+            raise ValueError(f"window must be >= 0 (0: none), got {window}")
+        self.window = int(window)
         self.items = [dict(it) for it in data]
         self.crop, self.flip_prob, self.rot90_prob = int(crop), float(flip_prob), float(rot90_prob)
         self.length = int(samples_per_epoch or len(self.items))
@@ -168,7 +195,10 @@ class LatentCropDataset(Dataset):
         view = augment_view(crop_view(_cached_open(str(item["latent"])), self.crop, rng), self.flip_prob,
                             self.rot90_prob, rng)
         x = torch.from_numpy(np.ascontiguousarray(view)).float()
-        return {"latent": x, "domain_index": int(item["domain_index"])}
+        out = {"latent": x, "domain_index": int(item["domain_index"])}
+        if self.window:
+            out["window"] = torch.from_numpy(centre_window(_cached_open(str(item["latent"])), self.window))
+        return out
 
 
 class FixedCropDataset(Dataset):

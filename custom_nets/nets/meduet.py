@@ -458,7 +458,7 @@ class MeDUET(nn.Module):
 
     def forward_pretrain(
         self, x: torch.Tensor, mask: torch.Tensor, swap_styles: bool = True, with_clean: bool = False,
-        self_reconstruct: bool = False,
+        self_reconstruct: bool = False, windows: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The student's pass of one pretraining step up to the decoded latents.
 
@@ -474,6 +474,9 @@ class MeDUET(nn.Module):
                 2B encoder pass as the mixture (the clean-pass domain losses need them).
             self_reconstruct: also decode the clean factors with every fused token visible,
                 "self_pred" (B, N, p^3 C) (the all-visible reconstruction; implies ``with_clean``).
+            windows: (B', C, X', Y', Z') fixed windows of the volumes (any size the patch divides):
+                also their plain content "window_content" (B', N', Dc), in the same forward so that
+                a DistributedDataParallel wrapper sees one pass.
 
         Returns:
             dict with "ids1", "ids2" (B, n); "content1", "style1", "content2", "style2" (B, n, .)
@@ -493,6 +496,9 @@ class MeDUET(nn.Module):
             n = out["content"].shape[1]
             ids = torch.arange(n, device=x.device).expand(x.shape[0], n)
             out["self_pred"] = self.decode(self.fuse(out["content"], out["style"]), ids, grid)
+        if windows is not None:
+            out["window_content"] = self.content_head(
+                self.encode_tokens(self.embed(windows), "mixture" in self.checkpointing))
         return out
 
     @torch.no_grad()
@@ -523,14 +529,14 @@ class MeDUET(nn.Module):
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, swap_styles: bool = True, with_clean: bool = False,
-        self_reconstruct: bool = False,
+        self_reconstruct: bool = False, windows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
         """Without ``mask``: :meth:`encode_factors` (content, style tokens). With ``mask``:
         :meth:`forward_pretrain` (the training pass goes through ``forward`` so that a
         DistributedDataParallel wrapper sees it)."""
         if mask is None:
             return self.encode_factors(x)
-        return self.forward_pretrain(x, mask, swap_styles, with_clean, self_reconstruct)
+        return self.forward_pretrain(x, mask, swap_styles, with_clean, self_reconstruct, windows)
 
 
 def load_meduet(ssl_ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[MeDUET, dict[str, Any]]:

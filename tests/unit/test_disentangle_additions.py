@@ -165,6 +165,8 @@ def test_off_equals_the_paper() -> None:
     assert train["domain_share_weight"] == 0.0 and cfg.domain_share_weight == 0
     assert train["domain_mean_weight"] == train["self_rec_weight"] == 0.0 == cfg.domain_mean_weight == cfg.self_rec_weight
     assert step.domain_bank is None and "domain_bank" not in step.state_dict()
+    assert train["domain_window_weight"] == 0.0 == cfg.domain_window_weight and train["domain_window"] == 0
+    assert step.window_bank is None and "window_bank" not in step.state_dict()
     assert train["pair_sampling"] in ("random", "cross_domain")
 
 
@@ -172,16 +174,18 @@ def test_off_equals_the_paper() -> None:
     "switch, parts",
     [("decorrelation_weight", ("decorrelation",)), ("swap_cycle_weight", ("swap_cycle_content", "swap_cycle_style")),
      ("clean_domain_weight", ("clean_domain_token", "clean_domain_pooled")), ("domain_share_weight", ("domain_share",)),
-     ("domain_mean_weight", ("domain_mean",)), ("self_rec_weight", ("self_rec",))],
+     ("domain_mean_weight", ("domain_mean",)), ("self_rec_weight", ("self_rec",)),
+     ("domain_window_weight", ("domain_window",))],
 )
 def test_each_addition_adds_exactly_its_weighted_term(switch: str, parts: tuple[str, ...]) -> None:
     x, d = batch()
+    windows = torch.randn(4, 4, 24, 24, 24, generator=torch.Generator().manual_seed(9))
     mask = random_mix_mask(4, 64, 0.5, torch.Generator().manual_seed(3))
     off = MeDUETTrainStep(demo_net(), step_config())
-    total_off, _ = off.compute_losses(x, d, mask)
+    total_off, _ = off.compute_losses(x, d, mask, windows)  # windows that no loss reads change nothing
     torch.manual_seed(5)  # adversary initialisation
     on = MeDUETTrainStep(demo_net(), step_config(**{switch: 0.7}))
-    total_on, out = on.compute_losses(x, d, mask)
+    total_on, out = on.compute_losses(x, d, mask, windows)
     extra = sum(out[p] for p in parts)
     torch.testing.assert_close(total_on.detach() - total_off.detach(), 0.7 * extra, rtol=1e-4, atol=1e-5)
     assert extra.item() > 0
@@ -366,6 +370,53 @@ def test_domain_bank_resumes() -> None:
     again.load_state_dict(step.state_dict())
     for a, b in zip(step.domain_bank.buffers(), again.domain_bank.buffers()):
         torch.testing.assert_close(a, b)
+
+
+def test_window_content_is_the_plain_content_of_the_window() -> None:
+    """The student's pass returns the plain content of the fixed windows (any size the patch divides)."""
+    net = demo_net().eval()
+    x, _ = batch()
+    windows = torch.randn(4, 4, 24, 24, 24, generator=torch.Generator().manual_seed(9))
+    mask = random_mix_mask(4, 64, 0.5, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = net(x, mask, swap_styles=False, windows=windows)
+        ref, _ = net.encode_factors(windows)
+    assert out["window_content"].shape == (4, (24 // net.patch_size) ** 3, net.content_dim)
+    torch.testing.assert_close(out["window_content"], ref, rtol=1e-4, atol=1e-5)
+    assert "window_content" not in net(x, mask, swap_styles=False)
+
+
+def test_window_criterion_lowers_the_windows_domain_separation_and_resumes() -> None:
+    """The window criterion's gradient moves the windows' content towards equal domain means (its
+    value falls over steps on a fixed batch with the other losses off), a batch without windows is
+    refused with the switch's name, and the bank resumes."""
+    torch.manual_seed(0)
+    x, d = batch()
+    # windows whose domain is a plain offset: separable before training
+    windows = torch.randn(4, 4, 16, 16, 16, generator=torch.Generator().manual_seed(2)) + 2.0 * d.view(-1, 1, 1, 1, 1)
+    cfg = {**step_config(domain_window_weight=1.0, weight_rec=0.0, weight_domain=0.0, weight_mftd=0.0, weight_siqc=0.0,
+                         lr=1e-3, start_lr=1e-3), "warmup_steps": 0, "total_steps": 40}
+    step = MeDUETTrainStep(demo_net(), cfg)
+    values = [step(x, d, windows=windows)["domain_window"] for _ in range(25)]
+    assert values[-1] < 0.2 * max(values[:3]), values
+    with pytest.raises(ValueError, match="domain_window"):
+        step(x, d)
+    again = MeDUETTrainStep(demo_net(seed=1), cfg)
+    again.load_state_dict(step.state_dict())
+    for a, b in zip(step.window_bank.buffers(), again.window_bank.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_bundle_reads_windows_only_when_the_criterion_is_on(tmp_path: Path) -> None:
+    """train.json gives the training dataset its window only with domain_window_weight > 0."""
+    from monai.bundle import ConfigParser
+
+    for weight, window, expected in ((0.0, 16, 0), (1.0, 16, 16), (0.0, 0, 0)):
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles/meduet_ssl/configs/train.json"))
+        parser.update({"bundle_root": str(ROOT / "bundles/meduet_ssl"), "latent_datalist": str(tmp_path / "none.json"),
+                       "domain_window_weight": weight, "domain_window": window})
+        assert parser.get_parsed_content("train#dataset").window == expected
 
 
 def test_benchmark_arms_write_and_resume_only_inside_their_own_folder(tmp_path: Path) -> None:

@@ -108,6 +108,18 @@ def test_crop_dataset_and_loader(tmp_path: Path) -> None:
     batches = list(loader)
     assert [b["latent"].shape for b in batches] == [(3, 4, 24, 24, 24)] * 2
     assert batches[0]["domain_index"].tolist() == [0, 1, 0]
+    # the fixed centre window: the same at every call, unaugmented, edge-padded where the volume is short
+    windowed = LatentCropDataset(items, crop=8, flip_prob=1.0, rot90_prob=1.0, window=24)
+    vol = np.load(items[0]["latent"]).astype(np.float32)  # (4, 30, 30, 26)
+    first, again = windowed[0]["window"], windowed[3]["window"]
+    assert first.shape == (4, 24, 24, 24) and torch.equal(first, again)
+    assert np.array_equal(first.numpy(), vol[:, 3:27, 3:27, 1:25])
+    short = windowed[2]["window"].numpy()  # (4, 20, 20, 20): padded at the far end with the border
+    vol2 = np.load(items[2]["latent"]).astype(np.float32)
+    assert np.array_equal(short[:, :20, :20, :20], vol2) and np.array_equal(short[:, 23, 5, 5], vol2[:, 19, 5, 5])
+    assert "window" not in ds[0]
+    with pytest.raises(ValueError, match="window"):
+        LatentCropDataset(items, window=-1)
     # no items: a config resolved before its cache exists (an existing cache's empty training split
     # is refused by load_latent_datalist, below)
     assert len(LatentCropDataset([])) == 0

@@ -123,6 +123,10 @@ class MeDUETStepConfig:
             running per-domain means and within-domain covariance
             (:class:`~custom_nets.losses.domain_variance.DomainMeanBank`); 0: off (paper).
         domain_mean_momentum: EMA momentum of that bank.
+        domain_window_weight: weight of the same Fisher criterion (its own bank, same momentum) on the
+            student's content pooled over each volume's fixed centre window (the batch's ``"window"``,
+            meduet_ssl's ``domain_window``), so that position does not inflate the within-domain
+            spread it is measured against, as it does for crops at random positions; 0: off (paper).
         self_rec_weight: weight of the all-visible reconstruction: the clean factors of every token,
             fused and decoded with no mask token, must give back the clean latent (mean squared
             error); 0: off (paper, whose decoder only ever predicts hidden tokens).
@@ -163,6 +167,7 @@ class MeDUETStepConfig:
     domain_share_weight: float = 0.0
     domain_mean_weight: float = 0.0
     domain_mean_momentum: float = 0.95
+    domain_window_weight: float = 0.0
     self_rec_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -175,7 +180,7 @@ class MeDUETStepConfig:
         if self.reencode_chunk < 0:
             raise ValueError(f"reencode_chunk must be >= 0, got {self.reencode_chunk}")
         for name in ("clean_domain_weight", "decorrelation_weight", "swap_cycle_weight", "domain_share_weight",
-                     "domain_mean_weight", "self_rec_weight"):
+                     "domain_mean_weight", "domain_window_weight", "self_rec_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.swap_cycle_weight > 0 and not self.siqc:
@@ -241,6 +246,10 @@ class MeDUETTrainStep:
         if cfg.domain_mean_weight > 0:
             n_domains = self.model.content_domain_head[-1].out_features
             self.domain_bank = DomainMeanBank(self.model.content_dim, n_domains, cfg.domain_mean_momentum).to(self.device)
+        self.window_bank: DomainMeanBank | None = None
+        if cfg.domain_window_weight > 0:
+            n_domains = self.model.content_domain_head[-1].out_features
+            self.window_bank = DomainMeanBank(self.model.content_dim, n_domains, cfg.domain_mean_momentum).to(self.device)
 
     # ---------------------------------------------------------------- pieces
     def autocast(self):
@@ -257,7 +266,8 @@ class MeDUETTrainStep:
         return self.model.random_mix_mask(batch, n_tokens, self.mask_generator, self.device)
 
     def compute_losses(
-        self, latents: torch.Tensor, domain_index: torch.Tensor, mask: torch.Tensor | None = None
+        self, latents: torch.Tensor, domain_index: torch.Tensor, mask: torch.Tensor | None = None,
+        windows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher and student passes and the weighted loss (no optimizer update).
 
@@ -270,6 +280,8 @@ class MeDUETTrainStep:
             latents: (B, C, X, Y, Z) latent crops, B even.
             domain_index: (B,) domain of each crop.
             mask: (B, N) mixing mask; drawn from the step's generator when None.
+            windows: (B, C, X', Y', Z') fixed centre window of each crop's volume; needed (only) with
+                ``domain_window_weight`` > 0.
 
         Returns:
             (total loss with gradient, dict of detached parts).
@@ -282,6 +294,15 @@ class MeDUETTrainStep:
             raise ValueError(f"the batch must hold an even number (>= 2) of crops to pair i <-> B-1-i, got {b}")
         if d.shape[0] != b:
             raise ValueError(f"{d.shape[0]} domain indices for {b} crops")
+        if self.window_bank is not None:
+            if windows is None:
+                raise ValueError("domain_window_weight > 0 needs each volume's fixed window in the batch "
+                                 "(meduet_ssl: set domain_window > 0, the window edge in latent voxels)")
+            if windows.shape[0] != b:
+                raise ValueError(f"{windows.shape[0]} windows for {b} crops")
+            windows = windows.to(self.device, non_blocking=True).float()
+        else:
+            windows = None  # a batch may carry windows that no loss reads
         grid = self.model.encoder.grid_of(x.shape[2:])
         if mask is None:
             mask = self.draw_mask(b, math.prod(grid))
@@ -298,7 +319,8 @@ class MeDUETTrainStep:
                 # the clean-pass losses take the clean content from the mixture's own 2B encoder pass
                 # (one forward through the wrapper, as DistributedDataParallel requires)
                 clean = self.adversary is not None or cfg.domain_share_weight > 0 or self.domain_bank is not None
-                s_out = self.student(x, mask, swap_styles=siqc, with_clean=clean, self_reconstruct=cfg.self_rec_weight > 0)
+                s_out = self.student(x, mask, swap_styles=siqc, with_clean=clean, self_reconstruct=cfg.self_rec_weight > 0,
+                                     windows=windows)
                 clean_content = s_out.get("content")
         # losses in float32 (outside autocast)
         l_rec = demix_reconstruction_loss(s_out["pred"], self.model.patchify(x), mask)
@@ -319,6 +341,10 @@ class MeDUETTrainStep:
             l_mean = self.domain_bank(clean_content, d)
             total = total + cfg.domain_mean_weight * l_mean
             extra["domain_mean"] = l_mean
+        if self.window_bank is not None:
+            l_window = self.window_bank(s_out["window_content"], d)
+            total = total + cfg.domain_window_weight * l_window
+            extra["domain_window"] = l_window
         if cfg.self_rec_weight > 0:
             l_self = (s_out["self_pred"].float() - self.model.patchify(x).float()).pow(2).mean()
             total = total + cfg.self_rec_weight * l_self
@@ -395,7 +421,8 @@ class MeDUETTrainStep:
 
     # ---------------------------------------------------------------- the step
     def __call__(
-        self, latents: torch.Tensor, domain_index: torch.Tensor, mask: torch.Tensor | None = None
+        self, latents: torch.Tensor, domain_index: torch.Tensor, mask: torch.Tensor | None = None,
+        windows: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One training step: losses, one backward, clipping, optimizer, lr schedule, EMA update.
 
@@ -403,6 +430,7 @@ class MeDUETTrainStep:
             latents: (B, C, X, Y, Z) latent crops, B even.
             domain_index: (B,) domain of each crop.
             mask: optional (B, N) mixing mask (drawn from the step's generator when None).
+            windows: the volumes' fixed windows (:meth:`compute_losses`).
 
         Returns:
             Float losses ("loss", "rec", "domain", "mftd", "siqc" and their parts), "lr",
@@ -412,7 +440,7 @@ class MeDUETTrainStep:
         self.student.train()
         self.teacher.eval()
         lr = self.optimizer.param_groups[0]["lr"]
-        total, parts = self.compute_losses(latents, domain_index, mask)
+        total, parts = self.compute_losses(latents, domain_index, mask, windows)
         values = torch.stack(list(parts.values())).float().tolist()  # one synchronisation
         if not math.isfinite(values[0]):
             raise FloatingPointError(f"non-finite loss at step {self.step}: " + ", ".join(
@@ -451,8 +479,9 @@ class MeDUETTrainStep:
 
     def iteration_update(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, float]:
         """MONAI ``SupervisedTrainer(iteration_update=...)`` hook: one step on ``batchdata["latent"]``
-        and ``batchdata["domain_index"]``; the returned losses become ``engine.state.output``."""
-        return self(batchdata["latent"], batchdata["domain_index"])
+        and ``batchdata["domain_index"]`` (and ``batchdata["window"]`` where the dataset adds it); the
+        returned losses become ``engine.state.output``."""
+        return self(batchdata["latent"], batchdata["domain_index"], windows=batchdata.get("window"))
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
@@ -472,6 +501,7 @@ class MeDUETTrainStep:
             **({"adversary": self.adversary.state_dict(), "adversary_optimizer": self.adversary_optimizer.state_dict()}
                if self.adversary is not None else {}),
             **({"domain_bank": self.domain_bank.state_dict()} if self.domain_bank is not None else {}),
+            **({"window_bank": self.window_bank.state_dict()} if self.window_bank is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -487,6 +517,8 @@ class MeDUETTrainStep:
             self.adversary_optimizer.load_state_dict(state["adversary_optimizer"])
         if self.domain_bank is not None and "domain_bank" in state:
             self.domain_bank.load_state_dict(state["domain_bank"])
+        if self.window_bank is not None and "window_bank" in state:
+            self.window_bank.load_state_dict(state["window_bank"])
         rng = state.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"].cpu())
