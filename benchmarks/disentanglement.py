@@ -113,6 +113,9 @@ ARMS.update({f"paper+domain_mean_w{w}": {**PAPER, "domain_mean_weight": float(w)
 DOMAIN_WINDOW = {"domain_window_weight": 100.0, "domain_window": SHAPE[0] // 4}
 ARMS.update({"combined+domain_mean+self_rec+domain_window": {**ARMS["combined+domain_mean+self_rec"], **DOMAIN_WINDOW},
              "combined+domain_window+self_rec": {**ARMS["combined"], **DOMAIN_WINDOW, **SELF_REC}})
+#: its weight: 100 left the banked window criterion near 0.02 in training (REPORT.md)
+ARMS["combined+domain_mean+self_rec+domain_window_w1000"] = {**ARMS["combined+domain_mean+self_rec+domain_window"],
+                                                              "domain_window_weight": 1000.0}
 #: the arms whose long runs get ``--long-seeds`` seeds: the paper, the issue's combination, the
 #: combination with the two later additions, and the window criterion's two arms
 FINAL_ARMS = ("paper", "combined", "combined+domain_mean+self_rec", "combined+domain_mean+self_rec+domain_window",
@@ -816,7 +819,8 @@ def publish(out: Path, records: dict[str, Any], plan: list[tuple[str, int]], arg
     figs: dict[str, Path] = {}
     # the longest-trained paper and combination arms, beside the raw latent
     proj_keys = [k for k in ("raw_s0",) if k in records]
-    for base in ("paper", "combined", "combined+domain_mean+self_rec"):
+    for base in ("paper", "combined", "combined+domain_mean+self_rec", "combined+domain_mean+self_rec+domain_window",
+                 "combined+domain_window+self_rec"):
         trained = [k for k in (f"{base}_longer_s0", f"{base}_long_s0", f"{base}_s0") if k in records]
         proj_keys += trained[:1]
     if proj_keys:
