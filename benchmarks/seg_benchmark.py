@@ -37,7 +37,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,19 @@ def archive_result(archive: str, result: dict[str, Any], name: str) -> None:
     """Copy a finished run's result into ``archive`` (kept in the repository, unlike ``--out``)."""
     if archive:
         write_json(Path(archive) / f"{name}.json", result)
+
+
+def run_key(result: Mapping[str, Any]) -> tuple[str, int, int, str | None]:
+    """(model, labelled, seed, upstream_id): runs of one model, size and seed on different upstreams
+    are different runs (UNets have no upstream)."""
+    return result["model"], result["labelled"], result["seed"], result.get("upstream_id")
+
+
+def archive_name(run_name: str, result: Mapping[str, Any]) -> str:
+    """The archive's file stem of a run: its run folder's name, plus the upstream of a latent run, so
+    that a later sitting's upstream does not overwrite the runs paired with an earlier one."""
+    up = result.get("upstream_id")
+    return f"{run_name}_up{up}" if up else run_name
 
 
 def archived_results(archive: str) -> dict[str, dict[str, Any]]:
@@ -1047,19 +1060,16 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
     by_key = {}
     for r in [*archived.values(), *here.values()]:
         if r["steps"] == args.steps:
-            by_key[(r["model"], r["labelled"], r["seed"])] = r
+            by_key[run_key(r)] = r
     for name, r in here.items():  # the one place finished runs enter the archive (new or changed only)
-        if archived.get(name) != r:
-            archive_result(args.archive, r, name)
+        if archived.get(archive_name(name, r)) != r:
+            archive_result(args.archive, r, archive_name(name, r))
     results = list(by_key.values())
     current_upstream = upstream_id(out)
     entries = []
-
-    def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
-        """Paired only when both latent runs used the same upstream (UNets use none)."""
-        ua, ub = a.get("upstream_id"), b.get("upstream_id")
-        return ua is None or ub is None or ua == ub
     for r in results:
+        # latent runs are paired only with runs of the same upstream; UNets (no upstream) with any
+        up = r.get("upstream_id")
         e = {k: r[k] for k in ("model", "labelled", "seed", "steps", "wall_s", "cpu_s", "eval_s", "peak_rss_mb",
                                "params_trainable", "params_total", "macs_per_step", "constant_frequency_loss",
                                "loss_first20", "loss_last100", "loss_crosses_constant_at_step", "curve")}
@@ -1071,26 +1081,26 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         gated = gate is not None and r.get("upstream_id") in (None, current_upstream)
         e["vae_psnr_db"] = gate["vae"]["psnr_db_clean_seen"] if gated else None
         e["probe_dice"] = gate["probe_dice"] if gated else None
-        base = by_key.get(("unet_small", r["labelled"], r["seed"]))
-        if base is not None and r["model"] != "unet_small" and comparable(r, base):
+        base = by_key.get(("unet_small", r["labelled"], r["seed"], None))
+        if base is not None and r["model"] != "unet_small":
             e["vs_unet_small_seen"] = paired_bootstrap(r["volumes"], base["volumes"], TRAIN_STYLES)
             e["vs_unet_small_unseen"] = paired_bootstrap(r["volumes"], base["volumes"], UNSEEN_STYLES)
-        rnd = by_key.get(("latent_random", r["labelled"], r["seed"]))
-        if rnd is not None and r["model"].startswith("latent_meduet") and comparable(r, rnd):
+        rnd = by_key.get(("latent_random", r["labelled"], r["seed"], up))
+        if rnd is not None and r["model"].startswith("latent_meduet"):
             e["vs_latent_random_seen"] = paired_bootstrap(r["volumes"], rnd["volumes"], TRAIN_STYLES)
             e["vs_latent_random_unseen"] = paired_bootstrap(r["volumes"], rnd["volumes"], UNSEEN_STYLES)
-        med = by_key.get(("latent_meduet", r["labelled"], r["seed"]))
-        if med is not None and r["model"] in ("latent_meduet_style", "latent_meduet_refine") and comparable(r, med):
+        med = by_key.get(("latent_meduet", r["labelled"], r["seed"], up))
+        if med is not None and r["model"] in ("latent_meduet_style", "latent_meduet_refine"):
             e["vs_latent_meduet_seen"] = paired_bootstrap(r["volumes"], med["volumes"], TRAIN_STYLES)
             e["vs_latent_meduet_unseen"] = paired_bootstrap(r["volumes"], med["volumes"], UNSEEN_STYLES)
-        aug = by_key.get(("unet_aug", r["labelled"], r["seed"]))
-        if aug is not None and r["model"].startswith("latent") and comparable(r, aug):
+        aug = by_key.get(("unet_aug", r["labelled"], r["seed"], None))
+        if aug is not None and r["model"].startswith("latent"):
             e["vs_unet_aug_unseen"] = paired_bootstrap(r["volumes"], aug["volumes"], UNSEEN_STYLES)
         entries.append(e)
     # runs of sittings before the archive existed live on only as entries of the previous JSON
     previous = read_json_if_present(Path(args.json)) or {}
     for e in previous.get("runs", []):
-        if e["steps"] == args.steps and (e["model"], e["labelled"], e["seed"]) not in by_key:
+        if e["steps"] == args.steps and run_key(e) not in by_key:
             entries.append(e | {"per_volume_kept": False})
     data = torch_load_data(out, args.pool)
     ceilings = latent_grid_ceilings(out, data) if data is not None else None
@@ -1171,13 +1181,14 @@ def markdown(doc: dict[str, Any]) -> str:
     runs = sorted(doc["runs"], key=lambda e: (-e["labelled"], e["seed"], MODELS.index(e["model"])))
     if runs:
         labels = [k for k in runs[0]["dice_seen"] if k != "mean"]
-        lines += ["| model | L | seed | steps | CPU s | Dice seen | Dice unseen | " + " | ".join(labels) +
+        lines += ["| model | L | seed | upstream | steps | CPU s | Dice seen | Dice unseen | " + " | ".join(labels) +
                   " (seen) | loss first 20 / last 100 / constant line | crosses at | vs unet_small seen [95% CI] |",
-                  "|---|---|---|---|---|---|---|" + "---|" * len(labels) + "---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(labels) + "---|---|---|"]
         for e in runs:
             vs = e.get("vs_unet_small_seen") or {}
             vs_s = f"{f(vs.get('mean'))} [{f(vs['ci95'][0])}, {f(vs['ci95'][1])}]" if vs else "-"
-            lines.append(f"| {e['model']} | {e['labelled']} | {e['seed']} | {e['steps']} | {f(e['cpu_s'], 0)} | "
+            lines.append(f"| {e['model']} | {e['labelled']} | {e['seed']} | {e.get('upstream_id') or '-'} | {e['steps']} | "
+                         f"{f(e['cpu_s'], 0)} | "
                          f"{f(e['dice_seen']['mean'])} | {f(e['dice_unseen']['mean'])} | "
                          + " | ".join(f(e['dice_seen'][lab]) for lab in labels)
                          + f" | {f(e['loss_first20'])} / {f(e['loss_last100'])} / {f(e['constant_frequency_loss'])} | "

@@ -119,26 +119,36 @@ def _fake_result(model: str, seed: int, dice: float, upstream: str | None) -> di
 
 
 def test_report_keeps_archived_and_earlier_runs_and_pairs_latent_runs_of_one_upstream(tmp_path: Path) -> None:
-    """Runs survive the working folder (archive, then the previous JSON); latent runs on different upstreams
-    are not paired, the UNet baseline is paired with any."""
+    """Runs survive the working folder (archive, then the previous JSON); a rerun on the same upstream
+    replaces its archived copy, one on another upstream is kept beside it; latent runs on different
+    upstreams are not paired, the UNet baseline is paired with any."""
     out, archive, js = tmp_path / "out", tmp_path / "archive", tmp_path / "bench.json"
     sb.write_json(archive / "unet_small_L8_seed0_steps5.json", _fake_result("unet_small", 0, 0.5, None))
-    sb.write_json(archive / "latent_random_L8_seed0_steps5.json", _fake_result("latent_random", 0, 0.6, "old"))
-    sb.write_json(archive / "latent_meduet_L8_seed0_steps5.json", _fake_result("latent_meduet", 0, 0.1, "old"))
-    # this sitting's rerun replaces the archived copy
+    sb.write_json(archive / "latent_random_L8_seed0_steps5_upold.json", _fake_result("latent_random", 0, 0.6, "old"))
+    sb.write_json(archive / "latent_meduet_L8_seed0_steps5_upold.json", _fake_result("latent_meduet", 0, 0.1, "old"))
+    sb.write_json(archive / "latent_meduet_L8_seed1_steps5_upnew.json", _fake_result("latent_meduet", 1, 0.1, "new"))
+    # this sitting: seed 0 on a new upstream, seed 1 rerun on the same one
     sb.write_json(out / "runs" / "latent_meduet_L8_seed0_steps5" / "result.json", _fake_result("latent_meduet", 0, 0.7, "new"))
+    sb.write_json(out / "runs" / "latent_meduet_L8_seed1_steps5" / "result.json", _fake_result("latent_meduet", 1, 0.3, "new"))
     earlier = {"model": "unet_aug", "labelled": 8, "seed": 1, "steps": 5, "dice_seen": {"mean": 0.4}}
     js.write_text(json.dumps({"runs": [earlier]}))
     args = sb.parse_args(["--steps", "5", "--archive", str(archive), "--json", str(js)])
     doc = sb.report(out, args, None, {})
-    runs = {(e["model"], e["seed"]): e for e in doc["runs"]}
-    assert set(runs) == {("unet_small", 0), ("latent_random", 0), ("latent_meduet", 0), ("unet_aug", 1)}
-    med = runs[("latent_meduet", 0)]
-    assert med["upstream_id"] == "new" and med["dice_seen"]["liver"] == pytest.approx(0.7)
-    assert med["vs_unet_small_seen"]["mean"] == pytest.approx(0.2) and "vs_latent_random_seen" not in med
-    assert runs[("unet_aug", 1)]["per_volume_kept"] is False
+    runs = {(e["model"], e["seed"], e.get("upstream_id")): e for e in doc["runs"]}
+    assert set(runs) == {("unet_small", 0, None), ("latent_random", 0, "old"), ("latent_meduet", 0, "old"),
+                         ("latent_meduet", 0, "new"), ("latent_meduet", 1, "new"), ("unet_aug", 1, None)}
+    new, old = runs[("latent_meduet", 0, "new")], runs[("latent_meduet", 0, "old")]
+    assert new["dice_seen"]["liver"] == pytest.approx(0.7) and old["dice_seen"]["liver"] == pytest.approx(0.1)
+    assert new["vs_unet_small_seen"]["mean"] == pytest.approx(0.2) and "vs_latent_random_seen" not in new
+    assert old["vs_latent_random_seen"]["mean"] == pytest.approx(-0.5)
+    assert runs[("latent_meduet", 1, "new")]["dice_seen"]["liver"] == pytest.approx(0.3)
+    assert runs[("unet_aug", 1, None)]["per_volume_kept"] is False
     assert json.loads(js.read_text())["runs"] == doc["runs"]
-    assert json.loads((archive / "latent_meduet_L8_seed0_steps5.json").read_text())["upstream_id"] == "new"
+    kept = {p.stem: json.loads(p.read_text()) for p in archive.glob("*.json")}
+    assert set(kept) == {"unet_small_L8_seed0_steps5", "latent_random_L8_seed0_steps5_upold",
+                         "latent_meduet_L8_seed0_steps5_upold", "latent_meduet_L8_seed0_steps5_upnew",
+                         "latent_meduet_L8_seed1_steps5_upnew"}
+    assert kept["latent_meduet_L8_seed1_steps5_upnew"]["volumes"][0]["dice"]["liver"] == pytest.approx(0.3)
 
 
 def test_report_pairs_style_augmentation_with_its_meduet_run(tmp_path: Path) -> None:
