@@ -667,7 +667,7 @@ def plot_projection(records: dict[str, Any], keys: Sequence[str], path: Path) ->
             xy = np.asarray(d["projection"][factor])
             lab = np.asarray(d["projection_labels"][colour])
             row[k].scatter(xy[:, 0], xy[:, 1], c=lab, cmap="tab10" if colour == "domain" else "nipy_spectral", s=14)
-            row[k].set_title(f"{key}: {factor}, by {colour}", fontsize=9)
+            row[k].set_title(f"{key}:\n{factor}, by {colour}", fontsize=7)
             row[k].set_xticks([])
             row[k].set_yticks([])
     fig.tight_layout()
