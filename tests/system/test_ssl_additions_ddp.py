@@ -25,7 +25,7 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own batch
     for _ in range(2):
         out = step(torch.randn(4, 4, 16, 16, 16, generator=g), torch.tensor([0, 1, 2, 1]),
-                   windows=torch.randn(4, 4, 8, 8, 8, generator=g))
+                   windows=torch.randn(4, 4, 32, 16, 16, generator=g))
     return {"network": torch.cat([p.detach().flatten() for p in net.parameters()]),
             "adversary": torch.cat([p.detach().flatten() for p in step.adversary.parameters()]),
             "bank": torch.cat([b.detach().float().flatten() for b in step.domain_bank.buffers()]),

@@ -179,7 +179,7 @@ def test_off_equals_the_paper() -> None:
 )
 def test_each_addition_adds_exactly_its_weighted_term(switch: str, parts: tuple[str, ...]) -> None:
     x, d = batch()
-    windows = torch.randn(4, 4, 24, 24, 24, generator=torch.Generator().manual_seed(9))
+    windows = torch.randn(4, 4, 32, 32, 16, generator=torch.Generator().manual_seed(9))  # 4 crop-size cubes each
     mask = random_mix_mask(4, 64, 0.5, torch.Generator().manual_seed(3))
     off = MeDUETTrainStep(demo_net(), step_config())
     total_off, _ = off.compute_losses(x, d, mask, windows)  # windows that no loss reads change nothing
@@ -384,6 +384,44 @@ def test_window_content_is_the_plain_content_of_the_window() -> None:
     assert out["window_content"].shape == (4, (24 // net.patch_size) ** 3, net.content_dim)
     torch.testing.assert_close(out["window_content"], ref, rtol=1e-4, atol=1e-5)
     assert "window_content" not in net(x, mask, swap_styles=False)
+
+
+def test_windows_are_encoded_as_crop_size_cubes() -> None:
+    """window_cubes cuts each window into the training crop's cubes, window by window, and refuses a
+    window that is not a multiple of the crop, naming the switch."""
+    from custom_nets.engines.ssl.step import window_cubes
+
+    w = torch.randn(2, 3, 8, 12, 4)
+    cubes, k = window_cubes(w, (4, 4, 4))
+    assert k == 6 and cubes.shape == (12, 3, 4, 4, 4)
+    assert torch.equal(cubes[0], w[0, :, :4, :4, :4]) and torch.equal(cubes[1], w[0, :, :4, 4:8, :4])
+    assert torch.equal(cubes[5], w[0, :, 4:, 8:, :]) and torch.equal(cubes[6], w[1, :, :4, :4, :4])
+    with pytest.raises(ValueError, match="domain_window"):
+        window_cubes(torch.randn(1, 3, 6, 8, 8), (4, 4, 4))
+
+
+def test_window_criterion_reads_the_mean_content_of_the_windows_cubes() -> None:
+    """The criterion's input is each window's content averaged over the tokens of its cubes, each cube
+    encoded on its own (as the factor bank and the benchmark pool a volume)."""
+    from custom_nets.engines.ssl.step import window_cubes
+
+    x, d = batch()
+    windows = torch.randn(4, 4, 32, 16, 16, generator=torch.Generator().manual_seed(4))
+    step = MeDUETTrainStep(demo_net(), step_config(domain_window_weight=1.0))
+    seen = {}
+    original = step.window_bank.forward
+
+    def recording(content: torch.Tensor, dom: torch.Tensor) -> torch.Tensor:
+        seen["c"] = content.detach()
+        return original(content, dom)
+
+    step.window_bank.forward = recording
+    step.compute_losses(x, d, random_mix_mask(4, 64, 0.5, torch.Generator().manual_seed(3)), windows)
+    with torch.no_grad():
+        cubes, k = window_cubes(windows, (CROP,) * 3)
+        content, _ = step.model.encode_factors(cubes)
+    expected = content.reshape(4, k, -1, content.shape[-1]).mean(dim=(1, 2))
+    torch.testing.assert_close(seen["c"].mean(dim=1), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_window_criterion_lowers_the_windows_domain_separation_and_resumes() -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ from custom_nets.losses.swap_cycle import swap_cycle_targets, swap_cycle_terms
 __all__ = [
     "MeDUETStepConfig",
     "MeDUETTrainStep",
+    "window_cubes",
     "param_groups_no_decay",
     "build_optimizer",
 ]
@@ -91,6 +92,27 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
+def window_cubes(windows: torch.Tensor, crop: Sequence[int]) -> tuple[torch.Tensor, int]:
+    """Cut windows into non-overlapping cubes of the training crop's size, so that each cube is encoded
+    on its own, as the factor bank encodes a volume (:mod:`custom_nets.engines.ssl.factor_bank`).
+
+    Args:
+        windows: (B, C, X, Y, Z), each side a multiple of the crop's.
+        crop: (cx, cy, cz) the training crop.
+
+    Returns:
+        (B * k, C, cx, cy, cz) cubes, window by window (the k cubes of window i are rows i*k..i*k+k-1), and k.
+    """
+    b, c, *spatial = windows.shape
+    crop = [int(v) for v in crop]
+    if len(spatial) != 3 or any(s % t for s, t in zip(spatial, crop)):
+        raise ValueError(f"domain_window {tuple(spatial)} must be a multiple of the training crop {tuple(crop)}: the "
+                         "window is encoded as crop-size cubes, as the factor bank encodes a volume")
+    g = [s // t for s, t in zip(spatial, crop)]
+    cubes = windows.reshape(b, c, g[0], crop[0], g[1], crop[1], g[2], crop[2]).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return cubes.reshape(b * math.prod(g), c, *crop), math.prod(g)
+
+
 @dataclass
 class MeDUETStepConfig:
     """Hyper-parameters of :class:`MeDUETTrainStep` (METHOD.md section 3; lengths in iterations).
@@ -125,8 +147,10 @@ class MeDUETStepConfig:
         domain_mean_momentum: EMA momentum of that bank.
         domain_window_weight: weight of the same Fisher criterion (its own bank, same momentum) on the
             student's content pooled over each volume's fixed centre window (the batch's ``"window"``,
-            meduet_ssl's ``domain_window``), so that position does not inflate the within-domain
-            spread it is measured against, as it does for crops at random positions; 0: off (paper).
+            meduet_ssl's ``domain_window``, a multiple of the crop), encoded as crop-size cubes and
+            pooled as the factor bank pools a volume (:func:`window_cubes`), so that position does not
+            inflate the within-domain spread it is measured against, as it does for crops at random
+            positions; 0: off (paper).
         self_rec_weight: weight of the all-visible reconstruction: the clean factors of every token,
             fused and decoded with no mask token, must give back the clean latent (mean squared
             error); 0: off (paper, whose decoder only ever predicts hidden tokens).
@@ -280,8 +304,8 @@ class MeDUETTrainStep:
             latents: (B, C, X, Y, Z) latent crops, B even.
             domain_index: (B,) domain of each crop.
             mask: (B, N) mixing mask; drawn from the step's generator when None.
-            windows: (B, C, X', Y', Z') fixed centre window of each crop's volume; needed (only) with
-                ``domain_window_weight`` > 0.
+            windows: (B, C, X', Y', Z') fixed centre window of each crop's volume, each side a multiple
+                of the crop's; needed (only) with ``domain_window_weight`` > 0.
 
         Returns:
             (total loss with gradient, dict of detached parts).
@@ -300,7 +324,7 @@ class MeDUETTrainStep:
                                  "(meduet_ssl: set domain_window > 0, the window edge in latent voxels)")
             if windows.shape[0] != b:
                 raise ValueError(f"{windows.shape[0]} windows for {b} crops")
-            windows = windows.to(self.device, non_blocking=True).float()
+            windows, cubes_per_window = window_cubes(windows.to(self.device, non_blocking=True).float(), x.shape[2:])
         else:
             windows = None  # a batch may carry windows that no loss reads
         grid = self.model.encoder.grid_of(x.shape[2:])
@@ -342,7 +366,9 @@ class MeDUETTrainStep:
             total = total + cfg.domain_mean_weight * l_mean
             extra["domain_mean"] = l_mean
         if self.window_bank is not None:
-            l_window = self.window_bank(s_out["window_content"], d)
+            # each window's tokens over all its cubes (equal token counts: the mean of the cubes' means)
+            window_content = s_out["window_content"].reshape(b, cubes_per_window * s_out["window_content"].shape[1], -1)
+            l_window = self.window_bank(window_content, d)
             total = total + cfg.domain_window_weight * l_window
             extra["domain_window"] = l_window
         if cfg.self_rec_weight > 0:
