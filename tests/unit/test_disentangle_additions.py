@@ -166,6 +166,7 @@ def test_off_equals_the_paper() -> None:
     assert train["domain_mean_weight"] == train["self_rec_weight"] == 0.0 == cfg.domain_mean_weight == cfg.self_rec_weight
     assert step.domain_bank is None and "domain_bank" not in step.state_dict()
     assert train["domain_window_weight"] == 0.0 == cfg.domain_window_weight and train["domain_window"] == 0
+    assert train["domain_mean_shrinkage"] == 0.1 == cfg.domain_mean_shrinkage
     assert step.window_bank is None and "window_bank" not in step.state_dict()
     assert train["pair_sampling"] in ("random", "cross_domain")
 
@@ -443,6 +444,9 @@ def test_window_criterion_lowers_the_windows_domain_separation_and_resumes() -> 
     again.load_state_dict(step.state_dict())
     for a, b in zip(step.window_bank.buffers(), again.window_bank.buffers()):
         torch.testing.assert_close(a, b)
+    shrunk = MeDUETTrainStep(demo_net(), step_config(domain_window_weight=1.0, domain_mean_weight=1.0,
+                                                     domain_mean_shrinkage=0.01))
+    assert shrunk.window_bank.shrinkage == shrunk.domain_bank.shrinkage == 0.01
 
 
 def test_the_bundle_reads_windows_only_when_the_criterion_is_on(tmp_path: Path) -> None:
@@ -494,6 +498,26 @@ def test_the_disentangle_overlay_is_the_benchmarks_final_combination() -> None:
     train = json.loads((ROOT / "bundles/meduet_ssl/configs/train.json").read_text())
     arm = bench.ARMS["combined+domain_mean+self_rec"]
     assert overlay == arm and set(overlay) <= set(train)
+
+
+def test_within_anatomy_permutations_keep_each_anatomys_domains_and_reach_the_floor() -> None:
+    """The Fisher floor's labels: each anatomy keeps its multiset of domains; on features that carry
+    the domain the permuted criterion is far below the true one."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import disentanglement as bench
+
+    domain = [d for _ in range(12) for d in range(4)]
+    anatomy = [a for a in range(12) for _ in range(4)]
+    perms = bench.permute_within_groups(domain, anatomy, 5)
+    assert len(perms) == 5 and any(p != domain for p in perms)
+    for p in perms:
+        assert all(sorted(p[4 * a:4 * a + 4]) == [0, 1, 2, 3] for a in range(12))
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(48, 6, generator=g) + 3.0 * torch.tensor(domain, dtype=torch.float32)[:, None]
+    floor = sum(domain_fisher(feats, p) for p in perms) / len(perms)
+    assert domain_fisher(feats, domain) > 20 * floor
 
 
 def test_more_training_anatomies_keep_the_default_runs_test_set() -> None:

@@ -145,6 +145,9 @@ class MeDUETStepConfig:
             running per-domain means and within-domain covariance
             (:class:`~custom_nets.losses.domain_variance.DomainMeanBank`); 0: off (paper).
         domain_mean_momentum: EMA momentum of that bank.
+        domain_mean_shrinkage: weight s of the mean variance in that bank's within-domain covariance,
+            ``W_s = (1 - s) W + s (tr W / D) I`` (both banks); lower counts domain offsets along
+            low-variance directions more, as a standardising linear probe does.
         domain_window_weight: weight of the same Fisher criterion (its own bank, same momentum) on the
             student's content pooled over each volume's fixed centre window (the batch's ``"window"``,
             meduet_ssl's ``domain_window``, a multiple of the crop), encoded as crop-size cubes and
@@ -191,6 +194,7 @@ class MeDUETStepConfig:
     domain_share_weight: float = 0.0
     domain_mean_weight: float = 0.0
     domain_mean_momentum: float = 0.95
+    domain_mean_shrinkage: float = 0.1
     domain_window_weight: float = 0.0
     self_rec_weight: float = 0.0
 
@@ -269,11 +273,13 @@ class MeDUETTrainStep:
         self.domain_bank: DomainMeanBank | None = None
         if cfg.domain_mean_weight > 0:
             n_domains = self.model.content_domain_head[-1].out_features
-            self.domain_bank = DomainMeanBank(self.model.content_dim, n_domains, cfg.domain_mean_momentum).to(self.device)
+            self.domain_bank = DomainMeanBank(self.model.content_dim, n_domains, cfg.domain_mean_momentum,
+                                              cfg.domain_mean_shrinkage).to(self.device)
         self.window_bank: DomainMeanBank | None = None
         if cfg.domain_window_weight > 0:
             n_domains = self.model.content_domain_head[-1].out_features
-            self.window_bank = DomainMeanBank(self.model.content_dim, n_domains, cfg.domain_mean_momentum).to(self.device)
+            self.window_bank = DomainMeanBank(self.model.content_dim, n_domains, cfg.domain_mean_momentum,
+                                              cfg.domain_mean_shrinkage).to(self.device)
 
     # ---------------------------------------------------------------- pieces
     def autocast(self):
