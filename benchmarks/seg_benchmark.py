@@ -143,16 +143,25 @@ def acquire(lock: Path) -> bool:
 
 
 def upstream_id(out: Path) -> str | None:
-    """A short fingerprint of the trained upstream (VAE and MeDUET checkpoints), None if not trained.
+    """A short fingerprint of the trained upstream (VAE and MeDUET weights), None if not trained.
 
-    Latent runs are compared with each other (paired) only when they share it."""
+    Latent runs are compared with each other (paired) only when they share it. It hashes the weights
+    (and the latent scale), not the files: the checkpoints also record the time their training took,
+    so a rebuild with identical weights (the upstream's training is seeded) gets the same fingerprint.
+    Runs recorded before 2026-12-07 carry a fingerprint of the files' bytes instead."""
     import hashlib
+
+    import torch
 
     h = hashlib.sha1()
     for path in (out / "vae" / "vae.pt", out / "ssl" / "ssl.pt"):
         if not path.is_file():
             return None
-        h.update(path.read_bytes())
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        for name, tensor in sorted(ckpt["state_dict"].items()):
+            h.update(name.encode())
+            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        h.update(repr(ckpt.get("latent_scale")).encode())
     return h.hexdigest()[:12]
 
 

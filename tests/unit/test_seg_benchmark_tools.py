@@ -164,14 +164,19 @@ def test_report_pairs_style_augmentation_with_its_meduet_run(tmp_path: Path) -> 
 
 
 def test_finished_runs_are_archived_with_their_upstream(tmp_path: Path) -> None:
+    import torch
+
     out = tmp_path / "out"
     assert sb.upstream_id(out) is None
     for name in ("vae/vae.pt", "ssl/ssl.pt"):
         (out / name).parent.mkdir(parents=True)
-        (out / name).write_bytes(name.encode())
+        torch.save({"state_dict": {"w": torch.ones(3)}, "cpu_s": 1.0, "latent_scale": 0.5}, out / name)
     uid = sb.upstream_id(out)
     assert uid is not None and len(uid) == 12
-    (out / "ssl" / "ssl.pt").write_bytes(b"retrained")
+    # a rebuild with the same weights that took another time: the same upstream
+    torch.save({"state_dict": {"w": torch.ones(3)}, "cpu_s": 2.0, "latent_scale": 0.5}, out / "ssl" / "ssl.pt")
+    assert sb.upstream_id(out) == uid
+    torch.save({"state_dict": {"w": torch.ones(3) * 2}, "cpu_s": 2.0, "latent_scale": 0.5}, out / "ssl" / "ssl.pt")
     assert sb.upstream_id(out) != uid
     sb.archive_result(str(tmp_path / "archive"), {"model": "unet_small"}, "unet_small_L8_seed0_steps5")
     assert sb.archived_results(str(tmp_path / "archive")) == {"unet_small_L8_seed0_steps5": {"model": "unet_small"}}
