@@ -447,6 +447,8 @@ def test_window_criterion_lowers_the_windows_domain_separation_and_resumes() -> 
     shrunk = MeDUETTrainStep(demo_net(), step_config(domain_window_weight=1.0, domain_mean_weight=1.0,
                                                      domain_mean_shrinkage=0.01))
     assert shrunk.window_bank.shrinkage == shrunk.domain_bank.shrinkage == 0.01
+    with pytest.raises(ValueError, match="domain_mean_shrinkage"):
+        MeDUETStepConfig(domain_mean_shrinkage=0.0)
 
 
 def test_the_bundle_reads_windows_only_when_the_criterion_is_on(tmp_path: Path) -> None:

@@ -211,6 +211,8 @@ class MeDUETStepConfig:
                      "domain_mean_weight", "domain_window_weight", "self_rec_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.domain_mean_shrinkage <= 1.0:
+            raise ValueError(f"domain_mean_shrinkage must be in (0, 1], got {self.domain_mean_shrinkage}")
         if self.swap_cycle_weight > 0 and not self.siqc:
             raise ValueError("swap_cycle_weight > 0 needs siqc (the swaps it re-encodes are SiQC's)")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
