@@ -68,11 +68,13 @@ def crop_view(arr: np.ndarray, size: int | Sequence[int], generator: Generator =
     """
     sizes = _window_size(size)
     starts = [_randint(max(n - s, 0) + 1, generator) for n, s in zip(arr.shape[1:], sizes)]
-    return _pad_to(arr[(slice(None), *[slice(a, a + s) for a, s in zip(starts, sizes)])], sizes)
+    return _window_at(arr, starts, sizes)
 
 
-def _pad_to(window: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """``window`` edge-padded at the far end of each axis shorter than ``sizes`` (unchanged otherwise)."""
+def _window_at(arr: np.ndarray, starts: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
+    """The window of ``sizes`` at ``starts`` (a view), edge-padded at the far end of each axis shorter
+    than ``sizes`` (then a copy)."""
+    window = arr[(slice(None), *[slice(a, a + s) for a, s in zip(starts, sizes)])]
     pad = [(0, 0)] + [(0, s - n) for n, s in zip(window.shape[1:], sizes)]
     if any(p[1] for p in pad):
         # replicate the border (usually background) rather than invent a value the VAE never produced
@@ -96,8 +98,7 @@ def centre_window(arr: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     """
     sizes = _window_size(size)
     starts = [max(n - s, 0) // 2 for n, s in zip(arr.shape[1:], sizes)]
-    window = np.array(_pad_to(arr[(slice(None), *[slice(a, a + s) for a, s in zip(starts, sizes)])], sizes))
-    return torch.from_numpy(window).float().numpy()
+    return torch.from_numpy(np.array(_window_at(arr, starts, sizes))).float().numpy()
 
 
 def _augmentation(flip_prob: float, rot90_prob: float, rng: np.random.Generator) -> tuple[list[int], tuple | None]:
