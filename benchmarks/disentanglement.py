@@ -672,7 +672,8 @@ def arm_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     if args.longer_epochs > 0:
         plan += [(f"{a}_longer", s) for s in range(args.long_seeds) for a in args.longer_arms.split(",") if a]
     wanted = set(args.arms.split(",")) if args.arms else None
-    return [(a, s) for a, s in plan if wanted is None or a in wanted]
+    seeds_wanted = {int(s) for s in args.only_seeds.split(",")} if args.only_seeds else None
+    return [(a, s) for a, s in plan if (wanted is None or a in wanted) and (seeds_wanted is None or s in seeds_wanted)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -898,6 +899,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-pairs", type=int, default=48)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--arms", default=None, help="comma-separated subset of arms (default: all)")
+    p.add_argument("--only-seeds", default=None,
+                   help="comma-separated seeds to run of the plan (default: all), e.g. one seed per process")
     p.add_argument("--report", type=Path, default=None, help="Markdown file whose Disentanglement section is (re)written")
     p.add_argument("--results", type=Path, default=None, help="results JSON (benchmarks/results/disentanglement.json)")
     p.add_argument("--reading", type=Path, default=None, help="Markdown paragraph(s) inserted as the section's reading")

@@ -538,3 +538,18 @@ def test_more_training_anatomies_keep_the_default_runs_test_set() -> None:
     for bad in (1, 97):
         with pytest.raises(SystemExit, match="--test-start"):
             bench.test_anatomy_indices(96, 24, bad)
+
+
+def test_only_seeds_splits_the_plan_between_processes() -> None:
+    """--only-seeds keeps the plan's order and its arms, restricted to the named seeds, so that two
+    processes (one seed each) run disjoint halves of the same plan."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import disentanglement as bench
+
+    common = ["--longer-epochs", "300", "--longer-arms", "paper", "--long-seeds", "2", "--arms", "raw,paper_longer"]
+    full = bench.arm_plan(bench.parse_args(common))
+    halves = [bench.arm_plan(bench.parse_args([*common, "--only-seeds", s])) for s in ("0", "1")]
+    assert full == [("raw", 0), ("paper_longer", 0), ("paper_longer", 1)]
+    assert halves == [[("raw", 0), ("paper_longer", 0)], [("paper_longer", 1)]]
