@@ -24,6 +24,11 @@ completed over several sittings. Stages:
 4. runs: model x labelled set x seed, the same number of optimizer steps (``--steps``, 1,500), batch
    of 2 crops of 48^3 from 2 labelled volumes, class-balanced crop centres, flips; DiceCE. Test Dice
    per volume and label (sliding window 48^3, overlap 0.5; latent models encode each volume once).
+   Models (``MODELS``): MONAI UNets (``unet_small``, ``unet_spleen``, ``unet_aug`` with MONAI intensity
+   augmentation), latent segmenters from a random ViT or MeDUET, MeDUET with latent style
+   augmentation (``latent_meduet_style``), with refinement, and with unet_aug's intensity
+   augmentation applied to the image before the frozen VAE (``latent_meduet_aug``: the same
+   augmentation as the fair baseline, so that the two differ only in the network).
 5. report: ``benchmarks/results/seg_benchmark.json`` (``--json``) and a markdown summary.
 """
 
@@ -50,7 +55,9 @@ ROI = 48
 N_LABELLED, N_VAL, N_TEST = 8, 2, 8
 SSL_ENCODER = {"embed_dim": 96, "depth": 4, "num_heads": 4, "grid": [4, 4, 4]}
 MODELS = ("unet_small", "unet_spleen", "unet_aug", "latent_random", "latent_meduet", "latent_meduet_style",
-          "latent_meduet_refine")
+          "latent_meduet_refine", "latent_meduet_aug")
+#: models trained with MONAI's intensity augmentation on the image (for the latent model: before its frozen VAE)
+INTENSITY_AUG = ("unet_aug", "latent_meduet_aug")
 DECISIVE = ("unet_small", "latent_meduet", "latent_random")
 GATE_PSNR_DB, GATE_PROBE_DICE = 26.0, 0.9
 
@@ -883,7 +890,7 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
     torch.manual_seed(seed)
     random.seed(seed)
     net = build_model(model, vae_result, ssl_result, k)
-    sampler = CropSampler(labelled_subset(data, labelled), k, seed=seed, intensity_aug=model == "unet_aug")
+    sampler = CropSampler(labelled_subset(data, labelled), k, seed=seed, intensity_aug=model in INTENSITY_AUG)
     freq, const_loss = constant_frequency_line(sampler, k)
     latent = model.startswith("latent")
     if latent:
@@ -1099,7 +1106,7 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
             e["vs_latent_random_seen"] = paired_bootstrap(r["volumes"], rnd["volumes"], TRAIN_STYLES)
             e["vs_latent_random_unseen"] = paired_bootstrap(r["volumes"], rnd["volumes"], UNSEEN_STYLES)
         med = by_key.get(("latent_meduet", r["labelled"], r["seed"], up))
-        if med is not None and r["model"] in ("latent_meduet_style", "latent_meduet_refine"):
+        if med is not None and r["model"] in ("latent_meduet_style", "latent_meduet_refine", "latent_meduet_aug"):
             e["vs_latent_meduet_seen"] = paired_bootstrap(r["volumes"], med["volumes"], TRAIN_STYLES)
             e["vs_latent_meduet_unseen"] = paired_bootstrap(r["volumes"], med["volumes"], UNSEEN_STYLES)
         aug = by_key.get(("unet_aug", r["labelled"], r["seed"], None))
