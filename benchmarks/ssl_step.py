@@ -120,6 +120,17 @@ def write_profile(path: Path, one_step) -> None:
     print(f"profile written to {path}", flush=True)
 
 
+def count_step_flops(one_step) -> int:
+    """Floating-point operations of one step as torch's FLOP counter sees it: matrix products, attention and
+    convolutions (the work that dominates a ViT step), every pass of the step included (forward,
+    backward, checkpoint recomputation, the streamed re-encoding's inner backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        one_step()
+    return int(counter.get_total_flops())
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4, help="latent crops per step (even)")
@@ -147,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", type=Path, default=None,
                    help="also profile one extra step (torch.profiler, CPU) and write its op and phase tables here")
+    p.add_argument("--count-flops", action="store_true",
+                   help="also count the floating-point operations of one extra step (torch.utils.flop_counter: "
+                        "matrix products, attention and convolutions, forward, backward and recomputation)")
     args = p.parse_args(argv)
     if args.batch < 2 or args.batch % 2:
         p.error("--batch must be even and >= 2")
@@ -202,14 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
     peak_mb = peak_rss_mb()  # before profiling: the profiler's event buffers would count too
     if args.profile is not None:
         write_profile(args.profile, one_step)
+    step_flops = count_step_flops(one_step) if args.count_flops else None
     result = {
         "step_s_median": round(statistics.median(times), 3),
         "step_s": [round(t, 3) for t in times],
         "peak_rss_mb": round(peak_mb, 1),
         # CPU seconds and page faults of the timed steps (system time shows allocator page faults)
-        "user_s_median": round(statistics.median(u for u, _, _ in cpu_times[args.warmup :]), 2),
-        "sys_s_median": round(statistics.median(s for _, s, _ in cpu_times[args.warmup :]), 2),
-        "minor_faults_median": int(statistics.median(f for _, _, f in cpu_times[args.warmup :])),
+        "user_s_median": round(statistics.median(u for u, _, _ in cpu_times[args.warmup : args.warmup + args.steps]), 2),
+        "sys_s_median": round(statistics.median(s for _, s, _ in cpu_times[args.warmup : args.warmup + args.steps]), 2),
+        "minor_faults_median": int(statistics.median(f for _, _, f in cpu_times[args.warmup : args.warmup + args.steps])),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "batch": args.batch,
         "threads": args.threads,
@@ -223,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpointing": sorted(model.checkpointing),
         "reencode_chunk": step.config.reencode_chunk,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        **({"step_gflop": round(step_flops / 1e9, 1), "step_flops": step_flops} if step_flops is not None else {}),
         "torch": torch.__version__,
         "cpu": cpu_model(),
     }

@@ -42,6 +42,24 @@ def test_ssl_step_run_becomes_a_report_section(tmp_path: Path) -> None:
     assert f"| project fp32 | fp32 | cpu | {run.result['step_s_median']:.2f} |" in text
 
 
+def test_ssl_step_counts_the_flops_of_every_pass() -> None:
+    """--count-flops counts one step's matrix-product FLOPs, recomputation included: checkpointing the
+    mixture and decoder passes adds their forward FLOPs again, and the authors' pass structure
+    (decodes twice, encodes the clean batch twice) counts more than the project's without checkpoints."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ssl_step
+
+    threads = torch.get_num_threads()
+    common = ["--size", "demo", "--crop", "16", "--steps", "1", "--warmup", "0", "--threads", "1", "--count-flops"]
+    try:
+        plain = ssl_step.main([*common, "--checkpointing", "none"])["step_flops"]
+        checkpointed = ssl_step.main([*common, "--checkpointing", "mixture,decoder"])["step_flops"]
+        reference = ssl_step.main([*common, "--passes", "reference"])["step_flops"]
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < plain < checkpointed and plain < reference
+
+
 def test_failed_benchmark_stops_the_run(tmp_path: Path) -> None:
     run = run_all.Run("broken", ["benchmarks/ssl_step.py", "--batch", "3"])
     with pytest.raises(SystemExit, match="broken failed"):
