@@ -73,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="optional folder for the mask (NIfTI)")
     p.add_argument("--unit-costs", action="store_true",
-                   help="instead: warm CPU/wall seconds of one 96^3 VAE encode, one 24^3 latent window, one 96^3 "
-                        "SwinUNETR window (second of two calls), to extrapolate whole volumes from")
+                   help="instead: warm CPU/wall seconds and GFLOP of one 96^3 VAE encode, one 24^3 latent window (its "
+                        "GFLOP split into ViT, latent-grid and image-resolution decoder), one 96^3 SwinUNETR window "
+                        "(second of two calls), to extrapolate whole volumes from")
     p.add_argument("--crop", default=None,
                    help="X,Y,Z: centre sub-volume of the preprocessed image to segment (for modes too slow for the "
                         "whole volume; the crop is inverted with the rest of the preprocessing)")
@@ -130,26 +131,41 @@ def build_network(mode: str, num_classes: int, size: str = "paper"):
     return net.eval()
 
 
-def unit_costs(num_classes: int) -> dict:
-    """Warm cost of the units whole-volume inference is made of (second of two calls each)."""
+def unit_costs(num_classes: int, size: str = "paper") -> dict:
+    """Warm cost of the units whole-volume inference is made of (second of two calls each), with the
+    FLOPs of each (torch's counter: convolutions, matrix products, attention) and the latent window's
+    FLOPs split into the ViT, the latent-grid decoder and the image-resolution decoder blocks."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def gflop(fn, *a) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn(*a)
+        return round(counter.get_total_flops() / 1e9, 2)
 
     def timed(fn, *a) -> dict:
         fn(*a)
         c, t = time.process_time(), time.perf_counter()
         fn(*a)
         return {"cpu_s": round(time.process_time() - c, 2), "wall_s": round(time.perf_counter() - t, 2),
-                "load_avg_1min": round(os.getloadavg()[0], 1)}
+                "load_avg_1min": round(os.getloadavg()[0], 1), "gflop": gflop(fn, *a)}
 
-    x = torch.rand(1, 1, 96, 96, 96)
+    roi = 64 if size == "tiny" else 96
+    x = torch.rand(1, 1, roi, roi, roi)
     out = {}
     with torch.no_grad():
-        net = build_network("latent", num_classes)
+        net = build_network("latent", num_classes, size)
         z = net.encode_latent(x)
-        out["vae_encode_96"] = timed(net.encode_latent, x)
-        out["latent_window_24"] = timed(net.forward_latent, z)
+        image = x if net.needs_image else None  # the progressive and refine decoders read the image window
+        out[f"vae_encode_{roi}"] = timed(net.encode_latent, x)
+        out[f"latent_window_{z.shape[-1]}"] = timed(net.forward_latent, z, image)
+        vit = gflop(net.tokens, z, sorted(set(net.skip_layers)))
+        latent_decoder = gflop(net.decode_features, z) - vit
+        out["latent_window_gflop_split"] = {
+            "vit": vit, "latent_grid_decoder": round(latent_decoder, 2),
+            "image_resolution_decoder": round(out[f"latent_window_{z.shape[-1]}"]["gflop"] - vit - latent_decoder, 2)}
         del net
-        out["swinunetr_window_96"] = timed(build_network("swinunetr", num_classes), x)
+        out[f"swinunetr_window_{roi}"] = timed(build_network("swinunetr", num_classes, size), x)
     return out
 
 
@@ -175,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
-        return {"mode": "unit_costs", **unit_costs(args.num_classes), "threads": args.threads,
+        return {"mode": "unit_costs", **unit_costs(args.num_classes, args.size), "threads": args.threads,
                 "peak_rss_mb": round(peak_rss_mb(), 1), "torch": torch.__version__}
     import monai
     import numpy as np

@@ -60,6 +60,20 @@ def test_ssl_step_counts_the_flops_of_every_pass() -> None:
     assert 0 < plain < checkpointed and plain < reference
 
 
+def test_seg_inference_unit_costs_time_and_count_each_unit() -> None:
+    """--unit-costs at demo size: the latent window runs with its image window (the default decoder
+    reads it) and its FLOPs split into ViT, latent-grid and image-resolution decoder, which add up."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import seg_inference
+
+    out = seg_inference.unit_costs(14, "tiny")
+    window = out["latent_window_16"]
+    split = out["latent_window_gflop_split"]
+    assert window["wall_s"] > 0 and all(v > 0 for v in split.values())
+    assert abs(sum(split.values()) - window["gflop"]) < 0.05
+    assert out["vae_encode_64"]["gflop"] > 0 and out["swinunetr_window_64"]["gflop"] > 0
+
+
 def test_failed_benchmark_stops_the_run(tmp_path: Path) -> None:
     run = run_all.Run("broken", ["benchmarks/ssl_step.py", "--batch", "3"])
     with pytest.raises(SystemExit, match="broken failed"):
