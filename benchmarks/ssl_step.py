@@ -6,7 +6,8 @@ AdamW update, lr schedule and EMA update (custom_nets.engines.ssl.step.MeDUETTra
     python benchmarks/ssl_step.py --batch 4 --threads 2 [--precision fp32|bf16|fp16|auto] [--device cpu|cuda]
 
 ``--passes reference`` computes the same losses with the authors' pass structure (see
-:class:`ReferencePassesStep`) so that both can be timed under the same machine load.
+:class:`ReferencePassesStep`) so that both can be timed under the same machine load;
+``--count-flops`` also counts one step's FLOPs (``step_gflop``), which do not depend on the load.
 
 The last line printed is one JSON object: step_s_median (median over the timed steps, after
 ``--warmup`` untimed steps), step_s (every timed step), peak_rss_mb (process peak resident memory,
@@ -217,14 +218,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile is not None:
         write_profile(args.profile, one_step)
     step_flops = count_step_flops(one_step) if args.count_flops else None
+    timed_cpu = cpu_times[args.warmup : args.warmup + args.steps]  # not the profiled or counted step
     result = {
         "step_s_median": round(statistics.median(times), 3),
         "step_s": [round(t, 3) for t in times],
         "peak_rss_mb": round(peak_mb, 1),
         # CPU seconds and page faults of the timed steps (system time shows allocator page faults)
-        "user_s_median": round(statistics.median(u for u, _, _ in cpu_times[args.warmup : args.warmup + args.steps]), 2),
-        "sys_s_median": round(statistics.median(s for _, s, _ in cpu_times[args.warmup : args.warmup + args.steps]), 2),
-        "minor_faults_median": int(statistics.median(f for _, _, f in cpu_times[args.warmup : args.warmup + args.steps])),
+        "user_s_median": round(statistics.median(u for u, _, _ in timed_cpu), 2),
+        "sys_s_median": round(statistics.median(s for _, s, _ in timed_cpu), 2),
+        "minor_faults_median": int(statistics.median(f for _, _, f in timed_cpu)),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "batch": args.batch,
         "threads": args.threads,
