@@ -754,15 +754,9 @@ class CropSampler:
 
     def __init__(self, items: Sequence[dict[str, Any]], num_classes: int, seed: int, intensity_aug: bool = False) -> None:
         import numpy as np
-        from monai.transforms import (
-            Compose,
-            RandAdjustContrastd,
-            RandBiasFieldd,
-            RandFlipd,
-            RandGaussianNoised,
-            RandHistogramShiftd,
-        )
+        from monai.transforms import Compose, RandFlipd
 
+        from custom_nets.data.transforms import intensity_augmentation
         from custom_nets.engines.seg.recipe import balanced_crop_transforms
 
         cached, rand = balanced_crop_transforms(["image", "label"], "label", (ROI,) * 3, num_classes, num_samples=1)
@@ -770,10 +764,7 @@ class CropSampler:
         self.items = [pre({"image": np.asarray(d["image"])[None], "label": np.asarray(d["label"])[None]}) for d in items]
         aug = list(rand) + [RandFlipd(["image", "label"], prob=0.2, spatial_axis=a) for a in range(3)]
         if intensity_aug:  # MONAI intensity augmentation: the fair baseline for unseen styles
-            aug += [RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.3)),
-                    RandAdjustContrastd("image", prob=0.3, gamma=(0.6, 1.6)),
-                    RandGaussianNoised("image", prob=0.3, std=0.05),
-                    RandHistogramShiftd("image", prob=0.3, num_control_points=(5, 10))]
+            aug += intensity_augmentation("image")
         self.aug = Compose(aug)
         self.aug.set_random_state(seed)
         self.rng = np.random.default_rng(seed)

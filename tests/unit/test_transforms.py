@@ -179,3 +179,41 @@ def test_label_values_outside_the_classes_are_refused_naming_the_file(tmp_path: 
             preprocess_transforms(label_key="label", num_classes=8)({"image": img, "label": path})
         found = input_error_from(err.value) or err.value
         assert name in str(found) and f"label values {shown} are not classes 0..7" in str(found), str(found)
+
+
+def test_meduet_seg_intensity_aug_switch_adds_the_benchmarks_augmentation() -> None:
+    """meduet_seg's ``intensity_aug`` appends the four MONAI intensity transforms of the benchmark's
+    unet_aug / latent_meduet_aug to the training chain; off (the default, or a word such as "no"),
+    the chain has none of them. The transforms leave the label alone and keep images finite."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+    from monai.transforms import RandAdjustContrastd, RandBiasFieldd, RandGaussianNoised, RandHistogramShiftd
+
+    from custom_nets.data.transforms import intensity_augmentation
+
+    root = Path(__file__).resolve().parents[2]
+    kinds = (RandBiasFieldd, RandAdjustContrastd, RandGaussianNoised, RandHistogramShiftd)
+
+    def chain(value: object) -> list:
+        parser = ConfigParser()
+        parser.read_config(str(root / "bundles/meduet_seg/configs/train.json"))
+        parser["bundle_root"] = str(root / "bundles/meduet_seg")
+        parser["labels"] = '{"0": "background", "1": "body", "2": "liver"}'
+        if value is not None:
+            parser["intensity_aug"] = value
+        return list(parser.get_parsed_content("train#preprocessing").transforms)
+
+    on = chain("true")
+    assert [type(t) for t in on[-4:]] == list(kinds)
+    for off in (None, "no", False):
+        assert not any(isinstance(t, kinds) for t in chain(off))
+    aug = intensity_augmentation("image", prob=1.0)
+    g = torch.Generator().manual_seed(0)
+    item = {"image": torch.rand(1, 16, 16, 16, generator=g), "label": torch.randint(0, 3, (1, 16, 16, 16), generator=g)}
+    out = dict(item)
+    for t in aug:
+        t.set_random_state(0)
+        out = t(out)
+    assert torch.equal(out["label"], item["label"]) and torch.isfinite(torch.as_tensor(out["image"])).all()
+    assert not torch.allclose(torch.as_tensor(out["image"]), item["image"])
