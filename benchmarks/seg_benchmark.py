@@ -28,7 +28,8 @@ completed over several sittings. Stages:
    augmentation), latent segmenters from a random ViT or MeDUET, MeDUET with latent style
    augmentation (``latent_meduet_style``), with refinement, and with unet_aug's intensity
    augmentation applied to the image before the frozen VAE (``latent_meduet_aug``: the same
-   augmentation as the fair baseline, so that the two differ only in the network).
+   augmentation as the fair baseline, so that the two differ only in the network; and
+   ``latent_random_aug``, the same from a random ViT, so that MeDUET's share can be told apart).
 5. report: ``benchmarks/results/seg_benchmark.json`` (``--json``) and a markdown summary.
 """
 
@@ -55,9 +56,11 @@ ROI = 48
 N_LABELLED, N_VAL, N_TEST = 8, 2, 8
 SSL_ENCODER = {"embed_dim": 96, "depth": 4, "num_heads": 4, "grid": [4, 4, 4]}
 MODELS = ("unet_small", "unet_spleen", "unet_aug", "latent_random", "latent_meduet", "latent_meduet_style",
-          "latent_meduet_refine", "latent_meduet_aug")
-#: models trained with MONAI's intensity augmentation on the image (for the latent model: before its frozen VAE)
-INTENSITY_AUG = ("unet_aug", "latent_meduet_aug")
+          "latent_meduet_refine", "latent_meduet_aug", "latent_random_aug")
+#: models trained with MONAI's intensity augmentation on the image (for the latent models: before the frozen VAE)
+INTENSITY_AUG = ("unet_aug", "latent_meduet_aug", "latent_random_aug")
+#: latent segmenters whose ViT starts from random weights instead of the MeDUET encoder
+RANDOM_VIT = ("latent_random", "latent_random_aug")
 DECISIVE = ("unet_small", "latent_meduet", "latent_random")
 GATE_PSNR_DB, GATE_PROBE_DICE = 26.0, 0.9
 
@@ -743,7 +746,7 @@ def build_model(model: str, vae_result: dict[str, Any], ssl_result: dict[str, An
                           decoder=decoder, refine_channels=8 if decoder == "refine" else 0,
                           latent_scale=ssl_result["latent_scale"] if ssl_result else 1.0)
     net.vae.load_state_dict(vae_result["state_dict"])
-    if model != "latent_random":
+    if model not in RANDOM_VIT:
         sd = {k[len("encoder."):]: v for k, v in ssl_result["state_dict"].items() if k.startswith("encoder.")}
         net.encoder.load_state_dict(sd, strict=True)
     return net
@@ -1092,7 +1095,9 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         if base is not None and r["model"] != "unet_small":
             e["vs_unet_small_seen"] = paired_bootstrap(r["volumes"], base["volumes"], TRAIN_STYLES)
             e["vs_unet_small_unseen"] = paired_bootstrap(r["volumes"], base["volumes"], UNSEEN_STYLES)
-        rnd = by_key.get(("latent_random", r["labelled"], r["seed"], up))
+        # MeDUET against a random ViT trained the same way (with the same augmentation)
+        random_partner = "latent_random_aug" if r["model"] == "latent_meduet_aug" else "latent_random"
+        rnd = by_key.get((random_partner, r["labelled"], r["seed"], up))
         if rnd is not None and r["model"].startswith("latent_meduet"):
             e["vs_latent_random_seen"] = paired_bootstrap(r["volumes"], rnd["volumes"], TRAIN_STYLES)
             e["vs_latent_random_unseen"] = paired_bootstrap(r["volumes"], rnd["volumes"], UNSEEN_STYLES)

@@ -165,16 +165,23 @@ def test_report_pairs_style_augmentation_with_its_meduet_run(tmp_path: Path) -> 
 
 def test_intensity_augmented_latent_run_is_paired_with_unet_aug_and_its_meduet_run(tmp_path: Path) -> None:
     """latent_meduet_aug trains with unet_aug's image augmentation; the report pairs it with unet_aug on
-    unseen styles and with the plain MeDUET run of its own upstream."""
-    assert set(sb.INTENSITY_AUG) == {"unet_aug", "latent_meduet_aug"} and "latent_meduet_aug" in sb.MODELS
+    unseen styles, with the plain MeDUET run of its own upstream, and with the random ViT trained with
+    the same augmentation (not the unaugmented one)."""
+    assert set(sb.INTENSITY_AUG) == {"unet_aug", "latent_meduet_aug", "latent_random_aug"}
+    assert {"latent_meduet_aug", "latent_random_aug"} <= set(sb.MODELS)
     out, archive = tmp_path / "out", tmp_path / "archive"
     sb.write_json(archive / "a.json", _fake_result("unet_aug", 0, 0.5, None))
     sb.write_json(archive / "b.json", _fake_result("latent_meduet", 0, 0.4, "u1"))
     sb.write_json(archive / "c.json", _fake_result("latent_meduet_aug", 0, 0.45, "u1"))
+    sb.write_json(archive / "d.json", _fake_result("latent_random", 0, 0.1, "u1"))
+    sb.write_json(archive / "e.json", _fake_result("latent_random_aug", 0, 0.42, "u1"))
     args = sb.parse_args(["--steps", "5", "--archive", str(archive), "--json", str(tmp_path / "b.json")])
     runs = {e["model"]: e for e in sb.report(out, args, None, {})["runs"]}
     assert runs["latent_meduet_aug"]["vs_unet_aug_unseen"]["mean"] == pytest.approx(-0.05)
     assert runs["latent_meduet_aug"]["vs_latent_meduet_unseen"]["mean"] == pytest.approx(0.05)
+    # MeDUET's share under augmentation: against the random ViT trained with the same augmentation
+    assert runs["latent_meduet_aug"]["vs_latent_random_unseen"]["mean"] == pytest.approx(0.03)
+    assert runs["latent_meduet"]["vs_latent_random_unseen"]["mean"] == pytest.approx(0.3)
 
 
 def test_finished_runs_are_archived_with_their_upstream(tmp_path: Path) -> None:
