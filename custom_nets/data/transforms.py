@@ -284,8 +284,8 @@ def intensity_augmentation(keys: KeysCollection = "image", prob: float = 0.3) ->
     bias field, gamma, Gaussian noise and histogram shift, each applied with probability ``prob``.
 
     The same four transforms, with these settings, as the segmentation benchmark's ``unet_aug`` and
-    ``latent_meduet_aug`` (benchmarks/seg_benchmark.py): they make the segmenter robust to scanners
-    and protocols it has not seen (REPORT.md, issue 16), at a small cost on the training styles.
+    ``latent_meduet_aug`` (benchmarks/seg_benchmark.py). There they raised Dice on phantom styles
+    that no stage had seen, at a small cost on the training styles (REPORT.md, issue 16).
 
     Args:
         keys: image keys (never the label).
