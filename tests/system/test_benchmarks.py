@@ -46,7 +46,6 @@ def test_ssl_step_counts_the_flops_of_every_pass() -> None:
     """--count-flops counts one step's matrix-product FLOPs, recomputation included: checkpointing the
     mixture and decoder passes adds their forward FLOPs again, and the authors' pass structure
     (decodes twice, encodes the clean batch twice) counts more than the project's without checkpoints."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import ssl_step
 
     threads = torch.get_num_threads()
@@ -63,7 +62,6 @@ def test_ssl_step_counts_the_flops_of_every_pass() -> None:
 def test_seg_inference_unit_costs_time_and_count_each_unit() -> None:
     """--unit-costs at demo size: the latent window runs with its image window (the default decoder
     reads it) and its FLOPs split into ViT, latent-grid and image-resolution decoder, which add up."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import seg_inference
 
     out = seg_inference.unit_costs(14, "tiny")

@@ -185,8 +185,6 @@ def test_meduet_seg_intensity_aug_switch_adds_the_benchmarks_augmentation() -> N
     """meduet_seg's ``intensity_aug`` appends the four MONAI intensity transforms of the benchmark's
     unet_aug / latent_meduet_aug to the training chain; off (the default, or a word such as "no"),
     the chain has none of them. The transforms leave the label alone and keep images finite."""
-    from pathlib import Path
-
     from monai.bundle import ConfigParser
     from monai.transforms import RandAdjustContrastd, RandBiasFieldd, RandGaussianNoised, RandHistogramShiftd
 
