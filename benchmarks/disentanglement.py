@@ -120,6 +120,12 @@ ARMS["combined+domain_mean+self_rec+domain_window_s001"] = {**ARMS["combined+dom
 #: its weight: 100 left the banked window criterion near 0.02 in training (REPORT.md)
 ARMS["combined+domain_mean+self_rec+domain_window_w1000"] = {**ARMS["combined+domain_mean+self_rec+domain_window"],
                                                               "domain_window_weight": 1000.0}
+#: tried after the cube window arm's swaps (REPORT.md): pooled linear criteria leave the domain in single
+#: tokens, and the decoder takes the appearance from them; the sliced quantile distance between the
+#: domains' token distributions of the same windows asks single tokens to lose it
+DOMAIN_TOKEN = {"domain_token_weight": 10.0}
+ARMS["combined+domain_mean+self_rec+domain_window+domain_token"] = {
+    **ARMS["combined+domain_mean+self_rec+domain_window"], **DOMAIN_TOKEN}
 #: the arms whose long runs get ``--long-seeds`` seeds: the paper, the issue's combination, the
 #: combination with the two later additions, and the window criterion's two arms
 FINAL_ARMS = ("paper", "combined", "combined+domain_mean+self_rec", "combined+domain_mean+self_rec+domain_window",
@@ -131,7 +137,7 @@ LONG = {f"{k}_long": k for k in ARMS}
 LONGER = {f"{k}_longer": k for k in ARMS}
 ARMS.update({k: ARMS[v] for k, v in {**LONG, **LONGER}.items()})
 BASELINES = ("raw", "random_init")
-CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "domain_share", "domain_mean", "domain_window", "self_rec", "decorrelation",
+CURVE_KEYS = ("rec", "domain_content", "domain_style", "clean_domain_pooled", "clean_domain_token", "domain_share", "domain_mean", "domain_window", "domain_token", "self_rec", "decorrelation",
               "swap_cycle_content", "swap_cycle_style")
 
 
@@ -512,6 +518,20 @@ def projection(content: torch.Tensor, style: torch.Tensor) -> dict[str, list[lis
     return out
 
 
+def swap_pairs(data: dict[str, Any], max_pairs: int) -> tuple[dict[tuple[str, str], dict[str, Any]], list[tuple[Any, Any]]]:
+    """The swap test's pairs: held-out items A, B of different anatomy and style whose truth (A's
+    anatomy in B's style, noise-averaged) exists, ``max_pairs`` of them drawn with a fixed seed.
+
+    Returns:
+        ({(anatomy, style): evaluation item}, [((anatomy A, style A), (anatomy B, style B))]).
+    """
+    eval_by = {(it["content_id"], it["style"]): it for it in data["eval"]}
+    pairs = [(a, b) for a in eval_by for b in eval_by
+             if a[0] != b[0] and a[1] != b[1] and (a[0], b[1]) in data["gt"]]
+    rng = np.random.default_rng(0)
+    return eval_by, [pairs[i] for i in sorted(rng.choice(len(pairs), min(max_pairs, len(pairs)), replace=False))]
+
+
 def swap_test(data: dict[str, Any], factors: NetworkFactors, latents: dict[str, torch.Tensor],
               tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], spatial: Sequence[int], args: argparse.Namespace,
               tag: str, figures: Path) -> dict[str, Any]:
@@ -523,11 +543,7 @@ def swap_test(data: dict[str, Any], factors: NetworkFactors, latents: dict[str, 
     """
     tok = data["tokenizer"]
     gt = data["gt"]
-    eval_by = {(it["content_id"], it["style"]): it for it in data["eval"]}
-    pairs = [(a, b) for a in eval_by for b in eval_by
-             if a[0] != b[0] and a[1] != b[1] and (a[0], b[1]) in gt]
-    rng = np.random.default_rng(0)
-    pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), min(args.max_pairs, len(pairs)), replace=False))]
+    eval_by, pairs = swap_pairs(data, args.max_pairs)
     rebuilt: dict[str, torch.Tensor] = {}
 
     def rebuild(name: str) -> torch.Tensor:

@@ -168,6 +168,7 @@ def test_off_equals_the_paper() -> None:
     assert train["domain_window_weight"] == 0.0 == cfg.domain_window_weight and train["domain_window"] == 0
     assert train["domain_mean_shrinkage"] == 0.1 == cfg.domain_mean_shrinkage
     assert step.window_bank is None and "window_bank" not in step.state_dict()
+    assert train["domain_token_weight"] == 0.0 == cfg.domain_token_weight
     assert train["pair_sampling"] in ("random", "cross_domain")
 
 
@@ -176,7 +177,7 @@ def test_off_equals_the_paper() -> None:
     [("decorrelation_weight", ("decorrelation",)), ("swap_cycle_weight", ("swap_cycle_content", "swap_cycle_style")),
      ("clean_domain_weight", ("clean_domain_token", "clean_domain_pooled")), ("domain_share_weight", ("domain_share",)),
      ("domain_mean_weight", ("domain_mean",)), ("self_rec_weight", ("self_rec",)),
-     ("domain_window_weight", ("domain_window",))],
+     ("domain_window_weight", ("domain_window",)), ("domain_token_weight", ("domain_token",))],
 )
 def test_each_addition_adds_exactly_its_weighted_term(switch: str, parts: tuple[str, ...]) -> None:
     x, d = batch()
@@ -451,15 +452,83 @@ def test_window_criterion_lowers_the_windows_domain_separation_and_resumes() -> 
         MeDUETStepConfig(domain_mean_shrinkage=0.0)
 
 
+def test_token_criterion_is_zero_for_equal_distributions_and_scale_free() -> None:
+    """Two domains whose volumes hold the same tokens in another order score 0; a domain offset scores
+    more; rescaling the tokens changes nothing; a single domain scores 0 (with a graph)."""
+    from custom_nets.losses.domain_quantiles import random_directions, sliced_domain_quantile_loss
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 50, 6, generator=g)
+    tokens = torch.cat([base, base[:, torch.randperm(50, generator=g)]])  # volumes 0, 1: domain 0; 2, 3: domain 1
+    d = torch.tensor([0, 0, 1, 1])
+    w = random_directions(6, 16, seed=3)
+    torch.testing.assert_close(w.norm(dim=0), torch.ones(16))
+    torch.testing.assert_close(random_directions(6, 16, seed=3), w)  # reproducible from the seed
+    assert sliced_domain_quantile_loss(tokens, d, w).item() < 1e-10
+    # the same mean in both domains, but a bimodal spread in domain 1: the pooled criteria see nothing
+    split = tokens.clone()
+    split[2:, :, 0] = split[2:, :, 0] + torch.where(torch.arange(50) % 2 == 0, 3.0, -3.0)
+    split[2:, :, 0] -= split[2:, :, 0].mean() - tokens[:2, :, 0].mean()
+    torch.testing.assert_close(split[2:].mean(dim=(0, 1)), tokens[:2].mean(dim=(0, 1)), rtol=0, atol=1e-5)
+    shifted = sliced_domain_quantile_loss(split, d, w)
+    assert shifted.item() > 0.01 and between_domain_share_loss(split, d).item() < 1e-6
+    torch.testing.assert_close(sliced_domain_quantile_loss(7.0 * split, d, w), shifted, rtol=1e-4, atol=1e-6)
+    alone = sliced_domain_quantile_loss(split.requires_grad_(), torch.zeros(4), w)
+    assert alone.item() == 0.0 and alone.requires_grad
+    with pytest.raises(ValueError, match="directions"):
+        sliced_domain_quantile_loss(tokens, d, torch.randn(5, 3))
+
+
+def test_token_criterion_gradient_makes_the_domains_token_distributions_agree() -> None:
+    """Descending the criterion on free tokens pulls the domains' token distributions together (a
+    fresh set of directions, not the trained ones, measures it) without collapsing their spread."""
+    from custom_nets.losses.domain_quantiles import random_directions, sliced_domain_quantile_loss
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(4, 64, 5, generator=g)
+    tokens[2:] = tokens[2:] * 2.0 + 1.0  # domain 1: shifted and wider
+    tokens.requires_grad_()
+    d = torch.tensor([0, 0, 1, 1])
+    held = random_directions(5, 32, seed=999)
+    before = sliced_domain_quantile_loss(tokens, d, held).item()
+    opt = torch.optim.Adam([tokens], lr=0.05)
+    for step in range(150):
+        opt.zero_grad()
+        sliced_domain_quantile_loss(tokens, d, random_directions(5, 32, seed=step)).backward()
+        opt.step()
+    after = sliced_domain_quantile_loss(tokens, d, held).item()
+    assert after < 0.1 * before, (before, after)
+    assert tokens.detach().std() > 0.5
+
+
+def test_token_criterion_needs_the_windows_and_resumes_with_the_same_directions() -> None:
+    """The step refuses a batch without windows naming the switch, and its directions depend only on
+    the seed and the step, so a resumed step gives the same value."""
+    x, d = batch()
+    windows = torch.randn(4, 4, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    mask = random_mix_mask(4, 64, 0.5, torch.Generator().manual_seed(3))
+    step = MeDUETTrainStep(demo_net(), step_config(domain_token_weight=1.0))
+    with pytest.raises(ValueError, match="domain_token_weight"):
+        step.compute_losses(x, d, mask)
+    step(x, d, mask, windows)
+    again = MeDUETTrainStep(demo_net(seed=1), step_config(domain_token_weight=1.0))
+    again.load_state_dict(step.state_dict())
+    _, a = step.compute_losses(x, d, mask, windows)
+    _, b = again.compute_losses(x, d, mask, windows)
+    torch.testing.assert_close(a["domain_token"], b["domain_token"])
+    with pytest.raises(ValueError, match="domain_token_projections"):
+        MeDUETStepConfig(domain_token_projections=0)
+
+
 def test_the_bundle_reads_windows_only_when_the_criterion_is_on(tmp_path: Path) -> None:
     """train.json gives the training dataset its window only with domain_window_weight > 0."""
     from monai.bundle import ConfigParser
 
-    for weight, window, expected in ((0.0, 16, 0), (1.0, 16, 16), (0.0, 0, 0)):
+    for weight, token, window, expected in ((0.0, 0.0, 16, 0), (1.0, 0.0, 16, 16), (0.0, 1.0, 16, 16), (0.0, 0.0, 0, 0)):
         parser = ConfigParser()
         parser.read_config(str(ROOT / "bundles/meduet_ssl/configs/train.json"))
         parser.update({"bundle_root": str(ROOT / "bundles/meduet_ssl"), "latent_datalist": str(tmp_path / "none.json"),
-                       "domain_window_weight": weight, "domain_window": window})
+                       "domain_window_weight": weight, "domain_token_weight": token, "domain_window": window})
         assert parser.get_parsed_content("train#dataset").window == expected
 
 
@@ -553,3 +622,36 @@ def test_only_seeds_splits_the_plan_between_processes() -> None:
     halves = [bench.arm_plan(bench.parse_args([*common, "--only-seeds", s])) for s in ("0", "1")]
     assert full == [("raw", 0), ("paper_longer", 0), ("paper_longer", 1)]
     assert halves == [[("raw", 0), ("paper_longer", 0)], [("paper_longer", 1)]]
+
+
+def test_swap_oracle_restyler_starts_as_identity_and_learns_a_domain_map(tmp_path: Path) -> None:
+    """The fitted swap oracle (benchmarks/swap_oracles.py) is the identity before training, learns a
+    per-domain intensity map from paired volumes well enough to beat the identity on held-out ones,
+    and its training pairs are every ordered pair of two styles of one anatomy."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import swap_oracles as oracles
+
+    from custom_nets.data.latent_cache import write_latent
+
+    g = torch.Generator().manual_seed(0)
+    styles = ["a", "b"]
+    restyle = lambda z, k: z * (1.0 + k) + 2.0 * k  # noqa: E731  (domain k: scale and offset)
+    anatomies = [torch.randn(2, 4, 4, 4, generator=g) for _ in range(5)]
+    items = []
+    for i, z in enumerate(anatomies[:4]):
+        for k, st in enumerate(styles):
+            name = f"a{i}_{st}.npy"
+            write_latent(tmp_path / name, restyle(z, k))
+            items.append({"latent": name, "domain": st, "content_id": f"a{i}"})
+    pairs = oracles.training_pairs({"training": items}, tmp_path, styles)
+    assert len(pairs) == 8 and {p[1] for p in pairs} == {0, 1}
+    net = oracles.Restyler(2, 2, width=8, kernel=1)
+    z = anatomies[4][None]
+    torch.testing.assert_close(net(z, torch.tensor([1])), z)
+    net = oracles.fit_restyler(pairs, 2, kernel=1, seed=0, steps=300, batch=8, lr=1e-2)
+    with torch.no_grad():
+        err = (net(restyle(z, 0), torch.tensor([1])) - restyle(z, 1)).pow(2).mean()
+    identity = (restyle(z, 0) - restyle(z, 1)).pow(2).mean()
+    assert err < 0.1 * identity, (err, identity)

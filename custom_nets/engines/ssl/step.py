@@ -43,8 +43,9 @@ from custom_nets.losses.domain import domain_loss
 from custom_nets.losses.domain_variance import DomainMeanBank, between_domain_share_loss
 from custom_nets.losses.mftd import mftd_row_targets, mftd_terms
 from custom_nets.losses.siqc import pool_groups, pool_tokens, quadruplet_ids, supcon_row_losses
-from custom_nets.utils.parallel import unwrap
+from custom_nets.losses.domain_quantiles import random_directions, sliced_domain_quantile_loss
 from custom_nets.losses.swap_cycle import swap_cycle_targets, swap_cycle_terms
+from custom_nets.utils.parallel import unwrap
 
 __all__ = [
     "MeDUETStepConfig",
@@ -154,6 +155,11 @@ class MeDUETStepConfig:
             pooled as the factor bank pools a volume (:func:`window_cubes`), so that position does not
             inflate the within-domain spread it is measured against, as it does for crops at random
             positions; 0: off (paper).
+        domain_token_weight: weight of the sliced quantile distance between the domains' distributions
+            of the content *tokens* of each volume's window (the same window and cube encoding as
+            ``domain_window_weight``; :mod:`custom_nets.losses.domain_quantiles`), so that single tokens,
+            not only their mean, lose the domain; 0: off (paper).
+        domain_token_projections: random directions of that distance (drawn anew each step).
         self_rec_weight: weight of the all-visible reconstruction: the clean factors of every token,
             fused and decoded with no mask token, must give back the clean latent (mean squared
             error); 0: off (paper, whose decoder only ever predicts hidden tokens).
@@ -196,6 +202,8 @@ class MeDUETStepConfig:
     domain_mean_momentum: float = 0.95
     domain_mean_shrinkage: float = 0.1
     domain_window_weight: float = 0.0
+    domain_token_weight: float = 0.0
+    domain_token_projections: int = 64
     self_rec_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -208,9 +216,11 @@ class MeDUETStepConfig:
         if self.reencode_chunk < 0:
             raise ValueError(f"reencode_chunk must be >= 0, got {self.reencode_chunk}")
         for name in ("clean_domain_weight", "decorrelation_weight", "swap_cycle_weight", "domain_share_weight",
-                     "domain_mean_weight", "domain_window_weight", "self_rec_weight"):
+                     "domain_mean_weight", "domain_window_weight", "domain_token_weight", "self_rec_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.domain_token_projections < 1:
+            raise ValueError(f"domain_token_projections must be >= 1, got {self.domain_token_projections}")
         if not 0.0 < self.domain_mean_shrinkage <= 1.0:
             raise ValueError(f"domain_mean_shrinkage must be in (0, 1], got {self.domain_mean_shrinkage}")
         if self.swap_cycle_weight > 0 and not self.siqc:
@@ -326,10 +336,10 @@ class MeDUETTrainStep:
             raise ValueError(f"the batch must hold an even number (>= 2) of crops to pair i <-> B-1-i, got {b}")
         if d.shape[0] != b:
             raise ValueError(f"{d.shape[0]} domain indices for {b} crops")
-        if self.window_bank is not None:
+        if self.window_bank is not None or cfg.domain_token_weight > 0:
             if windows is None:
-                raise ValueError("domain_window_weight > 0 needs each volume's fixed window in the batch "
-                                 "(meduet_ssl: set domain_window > 0, the window edge in latent voxels)")
+                raise ValueError("domain_window_weight > 0 and domain_token_weight > 0 need each volume's fixed "
+                                 "window in the batch (meduet_ssl: set domain_window > 0, the window edge in latent voxels)")
             if windows.shape[0] != b:
                 raise ValueError(f"{windows.shape[0]} windows for {b} crops")
             windows, cubes_per_window = window_cubes(windows.to(self.device, non_blocking=True).float(), x.shape[2:])
@@ -373,12 +383,20 @@ class MeDUETTrainStep:
             l_mean = self.domain_bank(clean_content, d)
             total = total + cfg.domain_mean_weight * l_mean
             extra["domain_mean"] = l_mean
-        if self.window_bank is not None:
+        if windows is not None:
             # each window's tokens over all its cubes (equal token counts: the mean of the cubes' means)
             window_content = s_out["window_content"].reshape(b, cubes_per_window * s_out["window_content"].shape[1], -1)
+        if self.window_bank is not None:
             l_window = self.window_bank(window_content, d)
             total = total + cfg.domain_window_weight * l_window
             extra["domain_window"] = l_window
+        if cfg.domain_token_weight > 0:
+            # fresh directions each step, seeded by the step so that a resumed run draws the same ones
+            directions = random_directions(window_content.shape[-1], cfg.domain_token_projections,
+                                           cfg.seed * 1_000_003 + self.step, self.device)
+            l_token = sliced_domain_quantile_loss(window_content, d, directions)
+            total = total + cfg.domain_token_weight * l_token
+            extra["domain_token"] = l_token
         if cfg.self_rec_weight > 0:
             l_self = (s_out["self_pred"].float() - self.model.patchify(x).float()).pow(2).mean()
             total = total + cfg.self_rec_weight * l_self
