@@ -726,6 +726,8 @@ def plot_curves(records: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     keys = ("rec", "domain_content", "domain_style", "clean_domain_pooled")
+    # The distribution criteria get a panel only when some arm trained with them.
+    keys += tuple(k for k in ("domain_window", "domain_token") if any(rec.get("curves", {}).get(k) for rec in records.values()))
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
     for ax, key in zip(axes, keys):
         for name, rec in records.items():
@@ -736,7 +738,9 @@ def plot_curves(records: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"training {key}", fontsize=9)
         ax.set_xlabel("step")
     axes[1].axhline(math.log(4), color="k", ls="--", lw=0.8)
-    axes[-1].axhline(math.log(4), color="k", ls="--", lw=0.8)
+    axes[3].axhline(math.log(4), color="k", ls="--", lw=0.8)
+    for ax in axes[4:]:
+        ax.set_yscale("log")
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -863,7 +867,7 @@ def publish(out: Path, records: dict[str, Any], plan: list[tuple[str, int]], arg
     # the longest-trained paper and combination arms, beside the raw latent
     proj_keys = [k for k in ("raw_s0",) if k in records]
     for base in ("paper", "combined", "combined+domain_mean+self_rec", "combined+domain_mean+self_rec+domain_window",
-                 "combined+domain_window+self_rec"):
+                 "combined+domain_window+self_rec", "combined+domain_mean+self_rec+domain_window+domain_token"):
         trained = [k for k in (f"{base}_longer_s0", f"{base}_long_s0", f"{base}_s0") if k in records]
         proj_keys += trained[:1]
     if proj_keys:

@@ -655,3 +655,22 @@ def test_swap_oracle_restyler_starts_as_identity_and_learns_a_domain_map(tmp_pat
         err = (net(restyle(z, 0), torch.tensor([1])) - restyle(z, 1)).pow(2).mean()
     identity = (restyle(z, 0) - restyle(z, 1)).pow(2).mean()
     assert err < 0.1 * identity, (err, identity)
+
+
+def test_domain_token_reference_tokens_and_levels() -> None:
+    """benchmarks/domain_token_reference.py: a token holds one 2^3 block of every channel, and the
+    criterion reads domains that differ by an offset far above one domain split four ways."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import domain_token_reference as ref
+
+    z = torch.arange(2 * 4 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4, 4)
+    tokens = ref.volume_tokens(z)
+    assert tokens.shape == (8, 16)
+    first = tokens[0].reshape(2, 2, 2, 2)  # (patch d, patch h, patch w, channel)
+    torch.testing.assert_close(first.permute(3, 0, 1, 2), z[:, :2, :2, :2])
+    g = torch.Generator().manual_seed(0)
+    by_domain = {f"d{k}": [torch.randn(2, 8, 8, 8, generator=g) + k for _ in range(8)] for k in range(4)}
+    levels = ref.reference_levels(by_domain, draws=4, projections=8, seed=0)
+    assert levels["raw"] > 10 * levels["single_style"] > 0
