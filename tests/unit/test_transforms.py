@@ -183,8 +183,8 @@ def test_label_values_outside_the_classes_are_refused_naming_the_file(tmp_path: 
 
 def test_meduet_seg_intensity_aug_switch_adds_the_benchmarks_augmentation() -> None:
     """meduet_seg's ``intensity_aug`` appends the four MONAI intensity transforms of the benchmark's
-    unet_aug / latent_meduet_aug to the training chain; off (the default, or a word such as "no"),
-    the chain has none of them. The transforms leave the label alone and keep images finite."""
+    unet_aug / latent_meduet_aug to the training chain (on by default); off (false, or a word such as
+    "no"), the chain has none of them. The transforms leave the label alone and keep images finite."""
     from monai.bundle import ConfigParser
     from monai.transforms import RandAdjustContrastd, RandBiasFieldd, RandGaussianNoised, RandHistogramShiftd
 
@@ -202,9 +202,9 @@ def test_meduet_seg_intensity_aug_switch_adds_the_benchmarks_augmentation() -> N
             parser["intensity_aug"] = value
         return list(parser.get_parsed_content("train#preprocessing").transforms)
 
-    on = chain("true")
-    assert [type(t) for t in on[-4:]] == list(kinds)
-    for off in (None, "no", False):
+    for on in (chain(None), chain("true")):
+        assert [type(t) for t in on[-4:]] == list(kinds)
+    for off in ("no", False):
         assert not any(isinstance(t, kinds) for t in chain(off))
     aug = intensity_augmentation("image", prob=1.0)
     g = torch.Generator().manual_seed(0)
