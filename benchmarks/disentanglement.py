@@ -559,6 +559,11 @@ def swap_test(data: dict[str, Any], factors: NetworkFactors, latents: dict[str, 
         gt_img_t = torch.from_numpy(gt_img)
         swap_lat = factors.decode(tokens[ia["name"]][0], tokens[ib["name"]][1], spatial)
         rec_a, rec_b, rec_gt = rebuild(ia["name"]), rebuild(ib["name"]), rebuild(it_gt["name"])
+        # Which factor the swap's error comes from: each factor of the swap replaced by the truth's
+        # own (from its fresh rendering). If A's content were the truth's content, the first would
+        # equal the swap; if B's style were the truth's style, the second would.
+        truth_content = factors.decode(tokens[it_gt["name"]][0], tokens[ib["name"]][1], spatial)
+        truth_style = factors.decode(tokens[ia["name"]][0], tokens[it_gt["name"]][1], spatial)
         img = lambda z: tok.decode(z)  # noqa: E731
         mse = lambda p, q: float((p.float() - q.float()).pow(2).mean())  # noqa: E731
         swap_img = img(swap_lat)
@@ -566,10 +571,13 @@ def swap_test(data: dict[str, Any], factors: NetworkFactors, latents: dict[str, 
             "image": {"swap": mse(swap_img, gt_img_t), "a_rebuilt": mse(img(rec_a), gt_img_t),
                       "b_rebuilt": mse(img(rec_b), gt_img_t),
                       "a_raw": mse(torch.from_numpy(data["images"][ia["name"]]), gt_img_t),
-                      "b_raw": mse(torch.from_numpy(data["images"][ib["name"]]), gt_img_t)},
+                      "b_raw": mse(torch.from_numpy(data["images"][ib["name"]]), gt_img_t),
+                      "truth_content_b_style": mse(img(truth_content), gt_img_t),
+                      "a_content_truth_style": mse(img(truth_style), gt_img_t)},
             "latent": {"swap": mse(swap_lat, gt_lat), "a_rebuilt": mse(rec_a, gt_lat), "b_rebuilt": mse(rec_b, gt_lat),
                        "a_raw": mse(latents[ia["name"]], gt_lat), "b_raw": mse(latents[ib["name"]], gt_lat),
-                       "truth_rebuilt": mse(rec_gt, gt_lat), "truth_raw": mse(latents[it_gt["name"]], gt_lat)},
+                       "truth_rebuilt": mse(rec_gt, gt_lat), "truth_raw": mse(latents[it_gt["name"]], gt_lat),
+                       "truth_content_b_style": mse(truth_content, gt_lat), "a_content_truth_style": mse(truth_style, gt_lat)},
         }
         rows.append(row)
         if example is None:
@@ -577,6 +585,9 @@ def swap_test(data: dict[str, Any], factors: NetworkFactors, latents: dict[str, 
     mean = {sp: {k: float(np.mean([r[sp][k] for r in rows])) for k in rows[0][sp]} for sp in ("image", "latent")}
     beats_decoded = float(np.mean([r["image"]["swap"] < min(r["image"]["a_rebuilt"], r["image"]["b_rebuilt"]) for r in rows]))
     beats_raw = float(np.mean([r["image"]["swap"] < min(r["image"]["a_raw"], r["image"]["b_raw"]) for r in rows]))
+    beats_decoded_with_truth = {
+        k: float(np.mean([r["image"][k] < min(r["image"]["a_rebuilt"], r["image"]["b_rebuilt"]) for r in rows]))
+        for k in ("truth_content_b_style", "a_content_truth_style")}
     ratio = mean["latent"]["truth_rebuilt"] / mean["latent"]["b_raw"]
     montage = None
     if example is not None:
@@ -589,6 +600,7 @@ def swap_test(data: dict[str, Any], factors: NetworkFactors, latents: dict[str, 
                            titles=[f"A {ia['content_id']} {ia['style']}", f"B {ib['content_id']} {ib['style']}",
                                    "swap: A content, B style", "truth (noise-averaged)", "A rebuilt", "B rebuilt"])
     return {"pairs": len(rows), "mean": mean, "swap_beats_both_decoded": beats_decoded, "swap_beats_both_raw": beats_raw,
+            "beats_both_decoded_with_truth_factor": beats_decoded_with_truth,
             "rebuild_over_b_unchanged": ratio, "precondition_met": bool(ratio <= 0.5),
             "montage": str(montage) if montage else None}
 
@@ -621,6 +633,10 @@ def entry(arm: str, seed: int, res: dict[str, Any]) -> dict[str, Any]:
         "content_map_retrieval_chance": res["content_map_retrieval"]["chance"],
         "anatomy_from_style_acc": res["anatomy_from_style"]["accuracy"],
         "swap_beats_both_raw": sw.get("swap_beats_both_raw"),
+        # the swap with one factor replaced by the truth's own: which factor the error comes from
+        "truth_content_b_style_beats_both_decoded": (sw.get("beats_both_decoded_with_truth_factor") or {}).get("truth_content_b_style"),
+        "a_content_truth_style_beats_both_decoded": (sw.get("beats_both_decoded_with_truth_factor") or {}).get("a_content_truth_style"),
+        "swap_mse_to_truth": sw.get("mean"),
         "anatomies": res["anatomies"],
     }
 
