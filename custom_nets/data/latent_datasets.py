@@ -149,10 +149,18 @@ class LatentCropDataset(Dataset):
         window: edge (latent voxels) of the volume's fixed centre window, returned unaugmented beside
             the crop as ``"window"`` (meduet_ssl's ``domain_window_weight`` pools content over it, as an
             evaluation of whole volumes does); 0: no window.
+        pair_key: datalist key naming each volume's subject (e.g. ``"subject"``): with it, each item
+            also returns the same centre window of another volume of the same subject in another
+            domain, drawn at random, as ``"paired_window"`` (meduet_ssl's ``paired_content_weight``).
+            The volumes of one subject must share one grid; every item needs such a partner.
+            Empty: no pairing.
 
     Returns (per item):
         ``{"latent": float32 tensor (C, crop, crop, crop), "domain_index": int}``, and with ``window``
-        ``"window"`` (C, window, window, window).
+        ``"window"`` (C, window, window, window), with ``pair_key`` also ``"paired_window"``.
+
+    Raises:
+        InputError: with ``pair_key``, an item without that key or without a partner (names its file).
     """
 
     def __init__(
@@ -163,6 +171,7 @@ class LatentCropDataset(Dataset):
         rot90_prob: float = 0.2,
         samples_per_epoch: int | None = None,
         window: int = 0,
+        pair_key: str = "",
     ) -> None:
         # no items only when a config resolves before its cache exists (load_latent_datalist with
         # missing_ok); a cache that exists has a non-empty training split
@@ -172,6 +181,11 @@ class LatentCropDataset(Dataset):
             raise ValueError(f"window must be >= 0 (0: none), got {window}")
         self.window = int(window)
         self.items = [dict(it) for it in data]
+        self.pair_key = str(pair_key or "")
+        self.partners = self._partners() if self.pair_key else []
+        if self.pair_key and not self.window:
+            raise ValueError(f"pair_key {self.pair_key!r} needs a window (> 0): the paired renderings are compared "
+                             "over each volume's fixed window")
         self.crop, self.flip_prob, self.rot90_prob = int(crop), float(flip_prob), float(rot90_prob)
         self.length = int(samples_per_epoch or len(self.items))
         self._rng: np.random.Generator | None = None
@@ -179,6 +193,22 @@ class LatentCropDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def _partners(self) -> list[list[int]]:
+        """For each item, the items of the same ``pair_key`` value in another domain."""
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(self.items):
+            if self.pair_key not in it:
+                raise InputError(it.get("latent", f"item {i}"), f"no {self.pair_key!r} key, which pair_key names")
+            groups.setdefault(str(it[self.pair_key]), []).append(i)
+        partners = []
+        for i, it in enumerate(self.items):
+            found = [j for j in groups[str(it[self.pair_key])] if self.items[j]["domain_index"] != it["domain_index"]]
+            if not found:
+                raise InputError(it.get("latent", f"item {i}"), f"{self.pair_key} {it[self.pair_key]!r} has no volume in "
+                                 "another domain; paired_content_weight needs every training volume paired")
+            partners.append(found)
+        return partners
 
     def _generator(self) -> np.random.Generator:
         # torch seeds every DataLoader worker differently (and reproducibly, from the main process'
@@ -198,7 +228,15 @@ class LatentCropDataset(Dataset):
         x = torch.from_numpy(np.ascontiguousarray(view)).float()
         out = {"latent": x, "domain_index": int(item["domain_index"])}
         if self.window:
-            out["window"] = torch.from_numpy(centre_window(_cached_open(str(item["latent"])), self.window))
+            volume = _cached_open(str(item["latent"]))
+            out["window"] = torch.from_numpy(centre_window(volume, self.window))
+            if self.pair_key:
+                partner = self.items[int(rng.choice(self.partners[index % len(self.items)]))]
+                other = _cached_open(str(partner["latent"]))
+                if other.shape != volume.shape:
+                    raise InputError(partner["latent"], f"grid {other.shape} differs from {item['latent']}'s "
+                                     f"{volume.shape}, though both are {self.pair_key} {item[self.pair_key]!r}")
+                out["paired_window"] = torch.from_numpy(centre_window(other, self.window))
         return out
 
 

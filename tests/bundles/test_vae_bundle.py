@@ -34,7 +34,8 @@ def write_volumes(root: Path) -> Path:
         affine = np.diag([1.2, 1.2, 2.0, 1.0])
         affine[:3, 3] = [-20.0 + i, 10.0, -5.0]
         nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), str(root / "images" / f"case{i}.nii.gz"))
-        items.append({"image": f"images/case{i}.nii.gz", "domain": "siteA" if i < 2 else "siteB", "modality": "CT"})
+        items.append({"image": f"images/case{i}.nii.gz", "domain": "siteA" if i < 2 else "siteB", "modality": "CT",
+                      **({"subject": "p0"} if i != 1 else {})})  # the cache carries it (meduet_ssl's pair_key)
     path = root / "datalist.json"
     path.write_text(json.dumps({"training": items[:2], "validation": items[2:], "domains": ["siteA", "siteB"]}))
     return root
@@ -82,6 +83,7 @@ def test_latent_cache_matches_the_preprocessed_images(run: dict) -> None:
     assert data["domains"] == ["siteA", "siteB"] and data["vae"]["network"] == meta["network"]
     items = data["training"] + data["validation"]
     assert [it["domain_index"] for it in items] == [0, 0, 1]
+    assert [it.get("subject") for it in items] == ["p0", None, "p0"]
     pre = preprocess_transforms(keys=("image",), min_size=32)
     for it in items:
         img = pre({"image": it["image"], "modality": "CT"})["image"]

@@ -169,6 +169,7 @@ def test_off_equals_the_paper() -> None:
     assert train["domain_mean_shrinkage"] == 0.1 == cfg.domain_mean_shrinkage
     assert step.window_bank is None and "window_bank" not in step.state_dict()
     assert train["domain_token_weight"] == 0.0 == cfg.domain_token_weight
+    assert train["paired_content_weight"] == 0.0 == cfg.paired_content_weight
     assert train["pair_sampling"] in ("random", "cross_domain")
 
 
@@ -720,3 +721,94 @@ def test_swap_decomposition_blames_the_factor_that_carries_the_style(tmp_path: P
     assert leaky["beats_both_decoded_with_truth_factor"]["truth_content_b_style"] == 1.0
     clean = run(0.0)
     assert clean["mean"]["image"]["swap"] == pytest.approx(0.0, abs=1e-10) and clean["swap_beats_both_decoded"] == 1.0
+
+
+# ------------------------------------------------------------------------------------ paired content
+def test_paired_content_loss_zero_for_equal_scale_free_and_pulls_pairs_together() -> None:
+    from custom_nets.losses.paired_content import paired_content_loss
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 32, 6, generator=g)
+    assert paired_content_loss(a, a).item() == 0.0
+    b = torch.randn(4, 32, 6, generator=g)
+    independent = paired_content_loss(a, b).item()
+    assert 1.5 < independent < 2.5  # two draws of one distribution: about 2
+    assert paired_content_loss(10 * a, 10 * b).item() == pytest.approx(independent, rel=1e-4)  # no gain by shrinking
+    with pytest.raises(ValueError, match="B, N, D"):
+        paired_content_loss(a, b[:, :16])
+    x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x, y], lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        paired_content_loss(x, y).backward()
+        opt.step()
+    assert paired_content_loss(x, y).item() < 0.05 * independent and x.detach().std() > 0.5
+
+
+def test_paired_content_adds_its_weighted_term_and_needs_the_paired_windows() -> None:
+    """With paired windows equal to the windows the term is 0; with other ones it adds exactly its
+    weight times its value; without them the step names the switch and pair_key."""
+    x, d = batch()
+    g = torch.Generator().manual_seed(9)
+    windows = torch.randn(4, 4, 32, 32, 16, generator=g)
+    other = torch.randn(4, 4, 32, 32, 16, generator=g)
+    mask = random_mix_mask(4, 64, 0.5, torch.Generator().manual_seed(3))
+    off = MeDUETTrainStep(demo_net(), step_config())
+    total_off, _ = off.compute_losses(x, d, mask, windows, other)
+    on = MeDUETTrainStep(demo_net(), step_config(paired_content_weight=0.7))
+    total_on, out = on.compute_losses(x, d, mask, windows, other)
+    assert out["paired_content"].item() > 0
+    torch.testing.assert_close(total_on.detach() - total_off.detach(), 0.7 * out["paired_content"], rtol=1e-4, atol=1e-5)
+    _, same = on.compute_losses(x, d, mask, windows, windows)
+    assert same["paired_content"].item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="pair_key"):
+        on.compute_losses(x, d, mask, windows)
+    with pytest.raises(ValueError, match="paired_content_weight"):
+        on.compute_losses(x, d, mask)
+    with pytest.raises(ValueError, match="differ"):
+        on.compute_losses(x, d, mask, windows, other[:, :, :16])
+    out = on(x, d, mask, windows, other)  # a full step with its backward
+    assert math.isfinite(out["paired_content"])
+
+
+def test_paired_windows_come_from_the_same_subject_in_another_domain(tmp_path: Path) -> None:
+    from custom_nets.data.latent_cache import write_latent
+    from custom_nets.data.latent_datasets import LatentCropDataset
+    from custom_nets.utils.errors import InputError
+
+    items = []
+    for subject in ("s0", "s1"):
+        for domain in (0, 1):
+            path = tmp_path / f"{subject}_{domain}.npy"
+            write_latent(path, torch.full((2, 8, 8, 8), 10.0 * int(subject[1]) + domain))
+            items.append({"latent": str(path), "domain_index": domain, "subject": subject})
+    ds = LatentCropDataset(items, crop=4, window=8, pair_key="subject")
+    for i, it in enumerate(items):
+        sample = ds[i]
+        value = sample["paired_window"].flatten()[0].item()
+        assert value == 10.0 * int(it["subject"][1]) + (1 - it["domain_index"])  # same subject, the other domain
+        assert sample["paired_window"].shape == sample["window"].shape
+    with pytest.raises(ValueError, match="window"):
+        LatentCropDataset(items, crop=4, window=0, pair_key="subject")
+    with pytest.raises(InputError, match="s1_0.npy: subject 's1' has no volume in another domain"):
+        LatentCropDataset(items[:3], crop=4, window=8, pair_key="subject")
+    with pytest.raises(InputError, match="s0_0.npy: no 'patient' key"):
+        LatentCropDataset(items, crop=4, window=8, pair_key="patient")
+    write_latent(tmp_path / "s0_1_other_grid.npy", torch.zeros(2, 8, 8, 12))
+    other_grid = [items[0], {**items[1], "latent": str(tmp_path / "s0_1_other_grid.npy")}]
+    with pytest.raises(InputError, match="s0_1_other_grid.npy: grid"):
+        LatentCropDataset(other_grid, crop=4, window=8, pair_key="subject")[0]
+    assert "paired_window" not in LatentCropDataset(items, crop=4, window=8)[0]
+
+
+def test_the_bundle_pairs_windows_only_when_the_criterion_is_on(tmp_path: Path) -> None:
+    from monai.bundle import ConfigParser
+
+    for weight, window, pair_key in ((0.0, 16, ""), (1.0, 16, "subject")):
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles/meduet_ssl/configs/train.json"))
+        parser.update({"bundle_root": str(ROOT / "bundles/meduet_ssl"), "latent_datalist": str(tmp_path / "none.json"),
+                       "paired_content_weight": weight, "domain_window": window})
+        dataset = parser.get_parsed_content("train#dataset")
+        assert (dataset.window, dataset.pair_key) == ((16, pair_key) if weight else (0, ""))
+        assert parser.get_parsed_content("train#step").config.paired_content_weight == weight

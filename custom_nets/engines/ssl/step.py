@@ -44,6 +44,7 @@ from custom_nets.losses.domain_variance import DomainMeanBank, between_domain_sh
 from custom_nets.losses.mftd import mftd_row_targets, mftd_terms
 from custom_nets.losses.siqc import pool_groups, pool_tokens, quadruplet_ids, supcon_row_losses
 from custom_nets.losses.domain_quantiles import random_directions, sliced_domain_quantile_loss
+from custom_nets.losses.paired_content import paired_content_loss
 from custom_nets.losses.swap_cycle import swap_cycle_targets, swap_cycle_terms
 from custom_nets.utils.parallel import unwrap
 
@@ -160,6 +161,10 @@ class MeDUETStepConfig:
             ``domain_window_weight``; :mod:`custom_nets.losses.domain_quantiles`), so that single tokens,
             not only their mean, lose the domain; 0: off (paper).
         domain_token_projections: random directions of that distance (drawn anew each step).
+        paired_content_weight: weight of paired content consistency: the content tokens of each
+            volume's window and of the same window of another rendering of the same subject (the
+            batch's ``"paired_window"``, meduet_ssl's ``pair_key``) must match token by token
+            (:mod:`custom_nets.losses.paired_content`); 0: off (paper).
         self_rec_weight: weight of the all-visible reconstruction: the clean factors of every token,
             fused and decoded with no mask token, must give back the clean latent (mean squared
             error); 0: off (paper, whose decoder only ever predicts hidden tokens).
@@ -204,6 +209,7 @@ class MeDUETStepConfig:
     domain_window_weight: float = 0.0
     domain_token_weight: float = 0.0
     domain_token_projections: int = 64
+    paired_content_weight: float = 0.0
     self_rec_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -216,7 +222,8 @@ class MeDUETStepConfig:
         if self.reencode_chunk < 0:
             raise ValueError(f"reencode_chunk must be >= 0, got {self.reencode_chunk}")
         for name in ("clean_domain_weight", "decorrelation_weight", "swap_cycle_weight", "domain_share_weight",
-                     "domain_mean_weight", "domain_window_weight", "domain_token_weight", "self_rec_weight"):
+                     "domain_mean_weight", "domain_window_weight", "domain_token_weight", "paired_content_weight",
+                     "self_rec_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.domain_token_projections < 1:
@@ -309,7 +316,7 @@ class MeDUETTrainStep:
 
     def compute_losses(
         self, latents: torch.Tensor, domain_index: torch.Tensor, mask: torch.Tensor | None = None,
-        windows: torch.Tensor | None = None,
+        windows: torch.Tensor | None = None, paired_windows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher and student passes and the weighted loss (no optimizer update).
 
@@ -323,7 +330,10 @@ class MeDUETTrainStep:
             domain_index: (B,) domain of each crop.
             mask: (B, N) mixing mask; drawn from the step's generator when None.
             windows: (B, C, X', Y', Z') fixed centre window of each crop's volume, each side a multiple
-                of the crop's; needed (only) with ``domain_window_weight`` > 0.
+                of the crop's; needed (only) with ``domain_window_weight``, ``domain_token_weight`` or
+                ``paired_content_weight`` > 0.
+            paired_windows: the same windows of another rendering of each volume's subject (same shape);
+                needed (only) with ``paired_content_weight`` > 0.
 
         Returns:
             (total loss with gradient, dict of detached parts).
@@ -336,12 +346,23 @@ class MeDUETTrainStep:
             raise ValueError(f"the batch must hold an even number (>= 2) of crops to pair i <-> B-1-i, got {b}")
         if d.shape[0] != b:
             raise ValueError(f"{d.shape[0]} domain indices for {b} crops")
-        if self.window_bank is not None or cfg.domain_token_weight > 0:
+        paired = cfg.paired_content_weight > 0
+        if self.window_bank is not None or cfg.domain_token_weight > 0 or paired:
             if windows is None:
-                raise ValueError("domain_window_weight > 0 and domain_token_weight > 0 need each volume's fixed "
-                                 "window in the batch (meduet_ssl: set domain_window > 0, the window edge in latent voxels)")
+                raise ValueError("domain_window_weight, domain_token_weight and paired_content_weight > 0 need each "
+                                 "volume's fixed window in the batch (meduet_ssl: set domain_window > 0, the window "
+                                 "edge in latent voxels)")
             if windows.shape[0] != b:
                 raise ValueError(f"{windows.shape[0]} windows for {b} crops")
+            if paired:
+                if paired_windows is None:
+                    raise ValueError("paired_content_weight > 0 needs the batch's paired windows (meduet_ssl: set "
+                                     "pair_key, the datalist key naming each volume's subject)")
+                if paired_windows.shape != windows.shape:
+                    raise ValueError(f"paired windows {tuple(paired_windows.shape)} differ from the windows "
+                                     f"{tuple(windows.shape)}")
+                # one encoder pass over both renderings' windows
+                windows = torch.cat([windows, paired_windows.to(windows.device)])
             windows, cubes_per_window = window_cubes(windows.to(self.device, non_blocking=True).float(), x.shape[2:])
         else:
             windows = None  # a batch may carry windows that no loss reads
@@ -385,7 +406,13 @@ class MeDUETTrainStep:
             extra["domain_mean"] = l_mean
         if windows is not None:
             # each window's tokens over all its cubes (equal token counts: the mean of the cubes' means)
-            window_content = s_out["window_content"].reshape(b, cubes_per_window * s_out["window_content"].shape[1], -1)
+            window_content = s_out["window_content"].reshape(-1, cubes_per_window * s_out["window_content"].shape[1],
+                                                             s_out["window_content"].shape[-1])
+            if paired:
+                window_content, paired_content = window_content[:b], window_content[b:]
+                l_paired = paired_content_loss(window_content, paired_content)
+                total = total + cfg.paired_content_weight * l_paired
+                extra["paired_content"] = l_paired
         if self.window_bank is not None:
             l_window = self.window_bank(window_content, d)
             total = total + cfg.domain_window_weight * l_window
@@ -474,7 +501,7 @@ class MeDUETTrainStep:
     # ---------------------------------------------------------------- the step
     def __call__(
         self, latents: torch.Tensor, domain_index: torch.Tensor, mask: torch.Tensor | None = None,
-        windows: torch.Tensor | None = None,
+        windows: torch.Tensor | None = None, paired_windows: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One training step: losses, one backward, clipping, optimizer, lr schedule, EMA update.
 
@@ -483,6 +510,7 @@ class MeDUETTrainStep:
             domain_index: (B,) domain of each crop.
             mask: optional (B, N) mixing mask (drawn from the step's generator when None).
             windows: the volumes' fixed windows (:meth:`compute_losses`).
+            paired_windows: the same windows of another rendering of each subject (:meth:`compute_losses`).
 
         Returns:
             Float losses ("loss", "rec", "domain", "mftd", "siqc" and their parts), "lr",
@@ -492,7 +520,7 @@ class MeDUETTrainStep:
         self.student.train()
         self.teacher.eval()
         lr = self.optimizer.param_groups[0]["lr"]
-        total, parts = self.compute_losses(latents, domain_index, mask, windows)
+        total, parts = self.compute_losses(latents, domain_index, mask, windows, paired_windows)
         values = torch.stack(list(parts.values())).float().tolist()  # one synchronisation
         if not math.isfinite(values[0]):
             raise FloatingPointError(f"non-finite loss at step {self.step}: " + ", ".join(
@@ -531,9 +559,10 @@ class MeDUETTrainStep:
 
     def iteration_update(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, float]:
         """MONAI ``SupervisedTrainer(iteration_update=...)`` hook: one step on ``batchdata["latent"]``
-        and ``batchdata["domain_index"]`` (and ``batchdata["window"]`` where the dataset adds it); the
-        returned losses become ``engine.state.output``."""
-        return self(batchdata["latent"], batchdata["domain_index"], windows=batchdata.get("window"))
+        and ``batchdata["domain_index"]`` (and ``batchdata["window"]``, ``batchdata["paired_window"]``
+        where the dataset adds them); the returned losses become ``engine.state.output``."""
+        return self(batchdata["latent"], batchdata["domain_index"], windows=batchdata.get("window"),
+                    paired_windows=batchdata.get("paired_window"))
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

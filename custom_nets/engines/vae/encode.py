@@ -231,6 +231,8 @@ class LatentCacheEncoder:
         }
         if item.get("label"):
             record["label"] = str(item["label"])
+        if item.get("subject") is not None:  # meduet_ssl's pair_key: renderings of one subject
+            record["subject"] = str(item["subject"])
         return record
 
     @torch.no_grad()
