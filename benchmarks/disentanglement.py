@@ -891,7 +891,8 @@ def publish(out: Path, records: dict[str, Any], plan: list[tuple[str, int]], arg
     # the longest-trained paper and combination arms, beside the raw latent
     proj_keys = [k for k in ("raw_s0",) if k in records]
     for base in ("paper", "combined", "combined+domain_mean+self_rec", "combined+domain_mean+self_rec+domain_window",
-                 "combined+domain_window+self_rec", "combined+domain_mean+self_rec+domain_window+domain_token"):
+                 "combined+domain_window+self_rec", "combined+domain_mean+self_rec+domain_window+domain_token",
+                 "combined+domain_mean+self_rec+domain_window+domain_token+paired"):
         trained = [k for k in (f"{base}_longer_s0", f"{base}_long_s0", f"{base}_s0") if k in records]
         proj_keys += trained[:1]
     if proj_keys:
