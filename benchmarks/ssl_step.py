@@ -51,7 +51,7 @@ class ReferencePassesStep(MeDUETTrainStep):
     mixture; nothing is checkpointed. Reuses this project's modules, so only the pass structure
     differs from :class:`MeDUETTrainStep`."""
 
-    def compute_losses(self, latents, domain_index, mask=None, windows=None):  # noqa: D102
+    def compute_losses(self, latents, domain_index, mask=None, windows=None, paired_windows=None):  # noqa: D102
         cfg, net, teacher = self.config, self.model, self.teacher
         net.set_checkpointing(())
         x = latents.to(self.device).float()
