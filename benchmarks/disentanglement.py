@@ -590,11 +590,12 @@ def swap_test(data: dict[str, Any], factors: NetworkFactors, latents: dict[str, 
         if example is None:
             example = (ia, ib, swap_img, img(rec_a), img(rec_b), gt_img_t)
     mean = {sp: {k: float(np.mean([r[sp][k] for r in rows])) for k in rows[0][sp]} for sp in ("image", "latent")}
-    beats_decoded = float(np.mean([r["image"]["swap"] < min(r["image"]["a_rebuilt"], r["image"]["b_rebuilt"]) for r in rows]))
-    beats_raw = float(np.mean([r["image"]["swap"] < min(r["image"]["a_raw"], r["image"]["b_raw"]) for r in rows]))
-    beats_decoded_with_truth = {
-        k: float(np.mean([r["image"][k] < min(r["image"]["a_rebuilt"], r["image"]["b_rebuilt"]) for r in rows]))
-        for k in ("truth_content_b_style", "a_content_truth_style")}
+    def beats_both(answer: str, trivial: str) -> float:
+        """Share of pairs whose ``answer`` is closer to the truth than A's and B's ``trivial`` answers."""
+        return float(np.mean([r["image"][answer] < min(r["image"][f"a_{trivial}"], r["image"][f"b_{trivial}"]) for r in rows]))
+
+    beats_decoded, beats_raw = beats_both("swap", "rebuilt"), beats_both("swap", "raw")
+    beats_decoded_with_truth = {k: beats_both(k, "rebuilt") for k in ("truth_content_b_style", "a_content_truth_style")}
     ratio = mean["latent"]["truth_rebuilt"] / mean["latent"]["b_raw"]
     montage = None
     if example is not None:
@@ -641,8 +642,8 @@ def entry(arm: str, seed: int, res: dict[str, Any]) -> dict[str, Any]:
         "anatomy_from_style_acc": res["anatomy_from_style"]["accuracy"],
         "swap_beats_both_raw": sw.get("swap_beats_both_raw"),
         # the swap with one factor replaced by the truth's own: which factor the error comes from
-        "truth_content_b_style_beats_both_decoded": (sw.get("beats_both_decoded_with_truth_factor") or {}).get("truth_content_b_style"),
-        "a_content_truth_style_beats_both_decoded": (sw.get("beats_both_decoded_with_truth_factor") or {}).get("a_content_truth_style"),
+        **{f"{k}_beats_both_decoded": (sw.get("beats_both_decoded_with_truth_factor") or {}).get(k)
+           for k in ("truth_content_b_style", "a_content_truth_style")},
         "swap_mse_to_truth": sw.get("mean"),
         "anatomies": res["anatomies"],
     }

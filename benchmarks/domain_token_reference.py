@@ -32,14 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 from custom_nets.data.latent_cache import open_latent
 from custom_nets.losses.domain_quantiles import random_directions, sliced_domain_quantile_loss
+from custom_nets.nets.vit import patchify
 from custom_nets.utils.io import write_json
 
 
 def volume_tokens(latent: torch.Tensor, patch: int = 2) -> torch.Tensor:
     """(C, D, H, W) latent -> (D*H*W / patch^3, patch^3 * C) tokens, as the network's patch embedding sees them."""
-    c, d, h, w = latent.shape
-    t = latent.reshape(c, d // patch, patch, h // patch, patch, w // patch, patch)
-    return t.permute(1, 3, 5, 2, 4, 6, 0).reshape(-1, patch**3 * c)
+    return patchify(latent[None], patch)[0]
 
 
 def reference_levels(by_domain: dict[str, list[torch.Tensor]], draws: int, projections: int, seed: int) -> dict[str, float]:
