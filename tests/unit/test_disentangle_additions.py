@@ -812,3 +812,31 @@ def test_the_bundle_pairs_windows_only_when_the_criterion_is_on(tmp_path: Path) 
         dataset = parser.get_parsed_content("train#dataset")
         assert (dataset.window, dataset.pair_key) == ((16, pair_key) if weight else (0, ""))
         assert parser.get_parsed_content("train#step").config.paired_content_weight == weight
+
+
+def test_ldm_control_phantoms_scores_tell_the_truth_from_either_source() -> None:
+    """benchmarks/ldm_control_phantoms.py: the truth (X in the requested style) beats both sources
+    and is retrieved by anatomy and style; copying either source passes neither its own test nor the
+    criterion; pairs never ask for the content source's own style."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ldm_control_phantoms as control
+
+    g = torch.Generator().manual_seed(0)
+    styles = ["s0", "s1", "s2"]
+    shift = {st: 3.0 * k for k, st in enumerate(styles)}  # style: an offset, far above the anatomy's scale
+    anatomy = {f"a{i}": torch.randn(2, 4, 4, 4, generator=g) for i in range(4)}
+    latents = {a: {st: z + shift[st] for st in styles} for a, z in anatomy.items()}
+    pairs = control.control_pairs(sorted(latents), styles, 3)
+    assert len(pairs) == 3 * 2 and all(a != b and x != y for x, a, y, b in pairs)
+    truth = torch.stack([latents[x][b] for x, _, _, b in pairs])
+    content_copy = torch.stack([latents[x][a] for x, a, _, _ in pairs])
+    style_copy = torch.stack([latents[y][b] for _, _, y, b in pairs])
+    perfect = control.control_scores(truth, pairs, latents)
+    assert (perfect["beats_both_sources"], perfect["anatomy_retrieval"], perfect["style_retrieval"]) == (1.0, 1.0, 1.0)
+    by_content = control.control_scores(content_copy, pairs, latents)
+    assert by_content["beats_both_sources"] == 0.0 and by_content["style_retrieval"] == 0.0
+    by_style = control.control_scores(style_copy, pairs, latents)
+    assert by_style["beats_both_sources"] == 0.0 and by_style["anatomy_retrieval"] == 0.0
+    assert perfect["anatomy_chance"] == 0.25 and perfect["style_chance"] == pytest.approx(1 / 3)
