@@ -14,7 +14,8 @@ depends on the encoder being judged:
 - ``anatomy_retrieval``: among every anatomy of the set rendered in style b, the nearest to the sample
   is X (chance 1 / anatomies);
 - ``style_retrieval``: among X rendered in each style, the nearest to the sample is X_b (chance 1 /
-  styles).
+  styles); ``style_of_content_source``: it is X_a instead (the sample kept the content source's
+  appearance).
 
 Pairs come from training anatomies (which the generator saw, in every style) and from held-out
 anatomies (rendered with a fresh noise seed; their factors come from the encoder on the fly). The
@@ -110,7 +111,7 @@ def control_scores(samples: torch.Tensor, pairs: list[tuple[str, str, str, str]]
 
     anatomies = sorted(latents)
     styles = sorted(next(iter(latents.values())))
-    both = anat = sty = 0
+    both = anat = sty = kept = 0
     to_truth, content_to_truth, style_to_truth = [], [], []
     for z, (x, a, y, b) in zip(samples, pairs):
         truth = latents[x][b]
@@ -118,9 +119,12 @@ def control_scores(samples: torch.Tensor, pairs: list[tuple[str, str, str, str]]
         to_truth.append(t), content_to_truth.append(c), style_to_truth.append(s)
         both += t < min(c, s)
         anat += min(anatomies, key=lambda o: mse(z, latents[o][b])) == x
-        sty += min(styles, key=lambda o: mse(z, latents[x][o])) == b
+        nearest_style = min(styles, key=lambda o: mse(z, latents[x][o]))
+        sty += nearest_style == b
+        kept += nearest_style == a
     n = len(pairs)
     return {"pairs": n, "beats_both_sources": both / n, "anatomy_retrieval": anat / n, "style_retrieval": sty / n,
+            "style_of_content_source": kept / n,
             "anatomy_chance": 1.0 / len(anatomies), "style_chance": 1.0 / len(styles),
             "mse_sample_to_truth": float(np.mean(to_truth)), "mse_content_source_to_truth": float(np.mean(content_to_truth)),
             "mse_style_source_to_truth": float(np.mean(style_to_truth))}
@@ -285,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--sample-seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=3.0, help="content and style guidance scale")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="sample and score the finished generators again (no training; unfinished arms are skipped)")
     args = p.parse_args(argv)
 
     data = args.disentanglement / "data"
@@ -302,13 +308,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{ssl_ckpt}: no trained encoder for arm {arm} seed {seed}")
             run_dir = args.out / f"{arm}_s{seed}"
             done = args.out / "results" / f"{arm}_s{seed}.json"
-            if done.is_file():
+            if done.is_file() and not args.reevaluate:
                 entries.append(read_json(done))
                 continue
             t0 = time.time()
+            if args.reevaluate and not (run_dir / "ldm" / "done").is_file():
+                log(f"{arm} seed {seed}: no finished generator to re-evaluate; skipped")
+                continue
             model = train_chain(run_dir, datalist, ssl_ckpt, seed, args)
             entry, samples = evaluate(arm, seed, model, ssl_ckpt, run_dir / "factors" / "factor_bank.pt", sets, styles, args)
-            entry["seconds"] = time.time() - t0
+            if args.reevaluate and done.is_file():
+                entry["seconds"] = read_json(done)["seconds"]  # the training run's, not the re-evaluation's
+            else:
+                entry["seconds"] = time.time() - t0
             for which, (z, pairs, latents) in samples.items():
                 save_grid(args.out / "figures" / f"ldm_control_{arm}_s{seed}_{which}.png", z, pairs, latents, 4,
                           f"{arm} seed {seed}, {which} anatomies: samples (upper rows) and truths (lower rows), "

@@ -837,6 +837,7 @@ def test_ldm_control_phantoms_scores_tell_the_truth_from_either_source() -> None
     assert (perfect["beats_both_sources"], perfect["anatomy_retrieval"], perfect["style_retrieval"]) == (1.0, 1.0, 1.0)
     by_content = control.control_scores(content_copy, pairs, latents)
     assert by_content["beats_both_sources"] == 0.0 and by_content["style_retrieval"] == 0.0
+    assert by_content["style_of_content_source"] == 1.0 and perfect["style_of_content_source"] == 0.0
     by_style = control.control_scores(style_copy, pairs, latents)
     assert by_style["beats_both_sources"] == 0.0 and by_style["anatomy_retrieval"] == 0.0
     assert perfect["anatomy_chance"] == 0.25 and perfect["style_chance"] == pytest.approx(1 / 3)
