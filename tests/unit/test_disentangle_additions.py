@@ -841,3 +841,21 @@ def test_ldm_control_phantoms_scores_tell_the_truth_from_either_source() -> None
     by_style = control.control_scores(style_copy, pairs, latents)
     assert by_style["beats_both_sources"] == 0.0 and by_style["anatomy_retrieval"] == 0.0
     assert perfect["anatomy_chance"] == 0.25 and perfect["style_chance"] == pytest.approx(1 / 3)
+
+
+def test_ldm_control_phantoms_reads_the_last_validation_loss(tmp_path) -> None:
+    """The generator's validation loss comes from the last epoch line its StatsHandler wrote, not the
+    best-value summary or a training loss; a missing log gives None."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ldm_control_phantoms as control
+
+    log = tmp_path / "chain.log"
+    log.write_text("Epoch: 1/4, Iter: 1/2 -- train_loss: 1.2000\n"
+                   "Epoch[2] Metrics -- val_loss: 0.9000\n"
+                   "Key metric: val_loss best value: 0.9 at epoch: 2\n"
+                   "Epoch[4] Metrics -- val_loss: 0.5300\n"
+                   "Epoch: 4/4, Iter: 2/2 -- train_loss: 0.4000\n")
+    assert control.last_val_loss(log) == pytest.approx(0.53)
+    assert control.last_val_loss(tmp_path / "missing.log") is None
