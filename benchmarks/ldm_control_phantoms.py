@@ -139,6 +139,27 @@ def last_val_loss(log_file: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
+def markdown_table(entries: list[dict[str, Any]]) -> str:
+    """REPORT.md table: one row per arm, seed and set; the truth-factor ceiling beside each measure."""
+    head = ("| arm | seed | set | val. flow loss | beats both sources (truth's factors) | anatomy retrieval "
+            "(truth's factors; chance) | style retrieval (truth's factors; chance) | kept the content source's style "
+            "| latent MSE to truth: sample (truth's factors) / content source / style source |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in entries:
+        for which in ("training", "held_out"):
+            m, t = e[which], e[which]["truth_factors"]
+            loss = "n/a" if e.get("val_flow_loss") is None else f"{e['val_flow_loss']:.3f}"
+            rows.append(
+                f"| {e['arm']} | {e['seed']} | {which.replace('_', '-')} | {loss} "
+                f"| {m['beats_both_sources']:.2f} ({t['beats_both_sources']:.2f}) "
+                f"| {m['anatomy_retrieval']:.2f} ({t['anatomy_retrieval']:.2f}; {m['anatomy_chance']:.2f}) "
+                f"| {m['style_retrieval']:.2f} ({t['style_retrieval']:.2f}; {m['style_chance']:.2f}) "
+                f"| {m['style_of_content_source']:.2f} "
+                f"| {m['mse_sample_to_truth']:.3f} ({t['mse_sample_to_truth']:.3f}) / "
+                f"{m['mse_content_source_to_truth']:.3f} / {m['mse_style_source_to_truth']:.3f} |")
+    return "\n".join(rows)
+
+
 def load_latent(path: Path) -> torch.Tensor:
     """A cached latent as a float32 tensor (C, X, Y, Z)."""
     from custom_nets.data.latent_cache import open_latent
@@ -344,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             entries.append(entry)
     if args.results:
         write_json(args.results, {"machine": machine(), "command": " ".join(sys.argv), "entries": entries})
+    if entries:
+        print(markdown_table(entries))
     for e in entries:
         print(f"{e['arm']} s{e['seed']}: " + "; ".join(
             f"{w}: beats both {e[w]['beats_both_sources']:.2f} anatomy {e[w]['anatomy_retrieval']:.2f} "

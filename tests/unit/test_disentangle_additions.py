@@ -841,6 +841,12 @@ def test_ldm_control_phantoms_scores_tell_the_truth_from_either_source() -> None
     by_style = control.control_scores(style_copy, pairs, latents)
     assert by_style["beats_both_sources"] == 0.0 and by_style["anatomy_retrieval"] == 0.0
     assert perfect["anatomy_chance"] == 0.25 and perfect["style_chance"] == pytest.approx(1 / 3)
+    # the report table: a header, a rule and one row per set, every row as wide as the header
+    entry = {"arm": "a", "seed": 0, "val_flow_loss": None,
+             **{w: {**by_content, "truth_factors": perfect} for w in ("training", "held_out")}}
+    table = control.markdown_table([entry]).splitlines()
+    assert len(table) == 4 and len({row.count("|") for row in table}) == 1
+    assert "| 0.00 (1.00) |" in table[2] and "| n/a |" in table[2]
 
 
 def test_ldm_control_phantoms_reads_the_last_validation_loss(tmp_path) -> None:
