@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             for which, (z, pairs, latents) in samples.items():
                 save_grid(args.out / "figures" / f"ldm_control_{arm}_s{seed}_{which}.png", z, pairs, latents, 4,
                           f"{arm} seed {seed}, {which} anatomies: samples (upper rows) and truths (lower rows), "
-                          "latent mean channel, mid slice")
+                          "latent channel 0, mid slice")
             write_json(done, entry)
             log(json.dumps(entry))
             entries.append(entry)
