@@ -43,7 +43,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -65,7 +64,7 @@ from custom_nets.engines.ssl.disentangle import (  # noqa: E402
     token_map_retrieval,
 )
 from custom_nets.utils.io import write_json  # noqa: E402
-from report_tools import machine, write_report  # noqa: E402  (same folder)
+from report_tools import machine, run_bundle, write_report  # noqa: E402  (same folder)
 
 SECTION = "## Disentanglement"
 STYLES = ("ct_sharp", "ct_smooth_noisy", "mr_t1like", "mr_t2like")
@@ -333,13 +332,7 @@ def train_arm(out: Path, arm: str, seed: int, switches: dict[str, Any], latent_d
     files = ["bundles/meduet_ssl/configs/train.json", "bundles/meduet_ssl/configs/demo.json", str(cfg)]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", "bundles/meduet_ssl"]
     log(f"training {arm} seed {seed}: {json.dumps(switches)}")
-    with open(run_dir / "train.log", "a") as f:
-        f.write("\n$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "\n".join((run_dir / "train.log").read_text().splitlines()[-30:])
-        raise SystemExit(f"meduet_ssl run {arm} seed {seed} failed (exit {proc.returncode}); see {run_dir}/train.log:\n{tail}")
+    run_bundle(cmd, run_dir / "train.log", f"meduet_ssl run {arm} seed {seed}")
     (run_dir / "done").write_text("ok\n")
     return ckpt
 

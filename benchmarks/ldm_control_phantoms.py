@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from report_tools import machine  # noqa: E402  (same folder)
+from report_tools import machine, run_bundle  # noqa: E402  (same folder)
 
 LATENT = re.compile(r"^(a\d{3})_(.+)_n(\d+)\.npy$")
 
@@ -167,18 +166,6 @@ def load_latent(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(open_latent(path), dtype=np.float32))
 
 
-def run_bundle(cmd: list[str], log_file: Path, what: str) -> None:
-    """Run one ``python -m monai.bundle`` command, appending its output to ``log_file``."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a") as f:
-        f.write("\n$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "\n".join(log_file.read_text().splitlines()[-30:])
-        raise SystemExit(f"{what} failed (exit {proc.returncode}); see {log_file}:\n{tail}")
-
-
 def bundle(name: str, config: str, **overrides: Any) -> list[str]:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/{name}/configs/{config}",
            "--bundle_root", f"bundles/{name}"]
@@ -209,38 +196,46 @@ def train_chain(run_dir: Path, datalist: Path, ssl_ckpt: Path, seed: int, args: 
     return model
 
 
-@torch.no_grad()
-def sample_pairs(model: Path, ssl_ckpt: Path, bank_path: Path, pairs: list[tuple[str, str, str, str]],
-                 paths: dict[str, dict[str, Path]], args: argparse.Namespace) -> torch.Tensor:
-    """One sample per pair, conditioned on the content of X_a and the style of Y_b (unscaled latents).
+class PairSampler:
+    """One arm+seed's generator, its scheduler and the encoder's factor extractor, loaded once."""
 
-    The noise of pair k is drawn from seed ``args.sample_seed + k``, the same for every arm."""
-    from custom_nets.engines.ldm.objective import scheduler_from_args
-    from custom_nets.engines.ldm.sample import sample_latents
-    from custom_nets.engines.ldm.sources import FactorExtractor
-    from custom_nets.engines.ssl.factor_bank import FactorBank
-    from custom_nets.nets.latent_dit import LatentDiT
-    from custom_nets.utils.checkpoint import load_stage_checkpoint, read_stage_meta
+    def __init__(self, model: Path, ssl_ckpt: Path, bank_path: Path, args: argparse.Namespace) -> None:
+        from custom_nets.engines.ldm.objective import scheduler_from_args
+        from custom_nets.engines.ldm.sources import FactorExtractor
+        from custom_nets.engines.ssl.factor_bank import FactorBank
+        from custom_nets.nets.latent_dit import LatentDiT
+        from custom_nets.utils.checkpoint import load_stage_checkpoint, read_stage_meta
 
-    net = LatentDiT(**read_stage_meta(model, "meduet_ldm")["network"])
-    meta = load_stage_checkpoint(net, model, "meduet_ldm")
-    net.eval()
-    bank = FactorBank.load(bank_path)
-    extractor = FactorExtractor(ssl_ckpt, expect_ssl_sha256=bank.meta.get("ssl_sha256"),
-                                patch_size=bank.meta["patch_size"], overlap=bank.meta["overlap"])
-    factors: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for x, a, y, b in pairs:
-        for key in ((x, a), (y, b)):
-            if key not in factors:
-                factors[key] = extractor.factors_of_latent(load_latent(paths[key[0]][key[1]]))
-    content = torch.stack([factors[(x, a)][0] for x, a, _, _ in pairs])
-    style = torch.stack([factors[(y, b)][1] for _, _, y, b in pairs])
-    shape = (meta["latent_channels"], *meta["network"]["input_size"])
-    noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(args.sample_seed + k))
-                         for k in range(len(pairs))])
-    z = sample_latents(net, noise, content, style, scheduler_from_args(meta["scheduler"]), args.sample_steps,
-                       "euler", args.scale, args.scale)
-    return z / meta["scale_factor"]
+        self.net = LatentDiT(**read_stage_meta(model, "meduet_ldm")["network"])
+        self.meta = load_stage_checkpoint(self.net, model, "meduet_ldm")
+        self.net.eval()
+        self.scheduler = scheduler_from_args(self.meta["scheduler"])
+        bank = FactorBank.load(bank_path)
+        self.extractor = FactorExtractor(ssl_ckpt, expect_ssl_sha256=bank.meta.get("ssl_sha256"),
+                                         patch_size=bank.meta["patch_size"], overlap=bank.meta["overlap"])
+        self.args = args
+
+    @torch.no_grad()
+    def __call__(self, pairs: list[tuple[str, str, str, str]],
+                 latents: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One sample per pair, conditioned on the content of X_a and the style of Y_b (unscaled latents).
+
+        The noise of pair k is drawn from seed ``args.sample_seed + k``, the same for every arm."""
+        from custom_nets.engines.ldm.sample import sample_latents
+
+        factors: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for x, a, y, b in pairs:
+            for key in ((x, a), (y, b)):
+                if key not in factors:
+                    factors[key] = self.extractor.factors_of_latent(latents[key[0]][key[1]])
+        content = torch.stack([factors[(x, a)][0] for x, a, _, _ in pairs])
+        style = torch.stack([factors[(y, b)][1] for _, _, y, b in pairs])
+        shape = (self.meta["latent_channels"], *self.meta["network"]["input_size"])
+        noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(self.args.sample_seed + k))
+                             for k in range(len(pairs))])
+        z = sample_latents(self.net, noise, content, style, self.scheduler, self.args.sample_steps,
+                           "euler", self.args.scale, self.args.scale)
+        return z / self.meta["scale_factor"]
 
 
 def evaluate(arm: str, seed: int, model: Path, ssl_ckpt: Path, bank: Path,
@@ -250,15 +245,16 @@ def evaluate(arm: str, seed: int, model: Path, ssl_ckpt: Path, bank: Path,
     entry: dict[str, Any] = {"arm": arm, "seed": seed, "ldm_steps": args.ldm_steps, "guidance": args.scale,
                              "sample_steps": args.sample_steps}
     samples = {}
+    sample = PairSampler(model, ssl_ckpt, bank, args)
     for which, paths in sets.items():
         anatomies = sorted(paths)
         pairs = control_pairs(anatomies, styles, args.content_sources)
-        z = sample_pairs(model, ssl_ckpt, bank, pairs, paths, args)
         latents = {an: {st: load_latent(p) for st, p in paths[an].items()} for an in anatomies}
+        z = sample(pairs, latents)
         entry[which] = control_scores(z, pairs, latents)
         # the generator's ceiling: both factors taken from the truth X_b itself (same noise), scored
         # against the same sources, so a miss here is the generator's, not the factors'
-        own = sample_pairs(model, ssl_ckpt, bank, [(x, b, x, b) for x, _, _, b in pairs], paths, args)
+        own = sample([(x, b, x, b) for x, _, _, b in pairs], latents)
         entry[which]["truth_factors"] = control_scores(own, pairs, latents)
         samples[which] = (z, pairs, latents)
     return entry, samples

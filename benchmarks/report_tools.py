@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +52,19 @@ def write_report(report: Path, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
     atomic_write(report, lambda tmp: tmp.write_text(text))
+
+
+def run_bundle(cmd: list[str], log_file: Path, what: str) -> None:
+    """Run one ``python -m monai.bundle`` command from the repository root, appending its output to ``log_file``.
+
+    Raises:
+        SystemExit: the command failed; the message names ``what``, the log and its last 30 lines.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as f:
+        f.write("\n$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(log_file.read_text().splitlines()[-30:])
+        raise SystemExit(f"{what} failed (exit {proc.returncode}); see {log_file}:\n{tail}")

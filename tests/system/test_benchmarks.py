@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import run_all  # noqa: E402
-from report_tools import write_report  # noqa: E402
+from report_tools import run_bundle, write_report  # noqa: E402
 
 
 def test_list_names_every_suite(capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,3 +133,14 @@ def test_gpu_benchmark_halves_the_batch_on_out_of_memory() -> None:
         gpu_bench.largest_batch(fits_at_16, 64, smallest=32)
     with pytest.raises(ValueError, match="not memory"):  # other errors are not retried
         gpu_bench.largest_batch(lambda b: (_ for _ in ()).throw(ValueError("not memory")), 64)
+
+
+def test_run_bundle_appends_its_log_and_names_a_failure(tmp_path: Path) -> None:
+    """The benchmarks' bundle runner keeps every command's output in one log and, on failure, stops
+    with what failed, the log's path and its tail."""
+    log = tmp_path / "runs" / "chain.log"
+    run_bundle([sys.executable, "-c", "print('first run')"], log, "first")
+    with pytest.raises(SystemExit, match=r"second failed \(exit 3\); see .*chain.log:\n(.|\n)*second run"):
+        run_bundle([sys.executable, "-c", "print('second run'); raise SystemExit(3)"], log, "second")
+    text = log.read_text()
+    assert "first run" in text and "second run" in text and text.count("\n$ ") == 2
