@@ -16,35 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from report_tools import bundle_command, run_bundle  # noqa: E402  (same folder)
+
 
 def run_training(out: Path, init: bool, args: argparse.Namespace) -> Path:
     """One training run; returns its TensorBoard folder."""
     configs = [str(ROOT / "bundles/meduet_ldm/configs/train.json"), str(ROOT / "bundles/meduet_ldm/configs/demo.json")]
     run_dir = out / ("meduet_init" if init else "random_init")
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs),
-        "--bundle_root", str(ROOT / "bundles/meduet_ldm"),
-        "--latent_datalist", str(args.demo_dir / "latents/datalist.json"),
-        "--factor_bank", str(args.demo_dir / "factors/factor_bank.pt"),
-        "--ssl_ckpt", str(args.ssl_ckpt),
-        "--init_from_ssl", str(init),
-        "--output_dir", str(run_dir),
-        "--ckpt_dir", str(run_dir / "models" / "checkpoints"),
-        "--model_path", str(run_dir / "models" / "model.pt"),
-        "--max_steps", str(args.max_steps),
-        "--steps_per_epoch", str(args.steps_per_epoch),
-        "--val_interval", str(args.val_interval),
-        "--seed", str(args.seed),
-    ]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    cmd = bundle_command(
+        configs, ROOT / "bundles/meduet_ldm", latent_datalist=args.demo_dir / "latents/datalist.json",
+        factor_bank=args.demo_dir / "factors/factor_bank.pt", ssl_ckpt=args.ssl_ckpt, init_from_ssl=init,
+        output_dir=run_dir, ckpt_dir=run_dir / "models" / "checkpoints", model_path=run_dir / "models" / "model.pt",
+        max_steps=args.max_steps, steps_per_epoch=args.steps_per_epoch, val_interval=args.val_interval, seed=args.seed)
+    print("$", " ".join(cmd), f"(log {run_dir / 'train.log'})", flush=True)
+    run_bundle(cmd, run_dir / "train.log", f"meduet_ldm training ({run_dir.name})")
     return run_dir / "tensorboard"
 
 

@@ -7,7 +7,9 @@ import platform
 import resource
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -52,6 +54,17 @@ def write_report(report: Path, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
     atomic_write(report, lambda tmp: tmp.write_text(text))
+
+
+def bundle_command(config_files: Sequence[str | Path], bundle_root: str | Path, **overrides: Any) -> list[str]:
+    """``python -m monai.bundle run --config_file ... --bundle_root ... --<id> <value> ...`` as an argument list
+    (one config file is passed as its path, several as a list, as the bundles' READMEs write them)."""
+    files = [str(f) for f in config_files]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files[0] if len(files) == 1 else str(files),
+           "--bundle_root", str(bundle_root)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    return cmd
 
 
 def run_bundle(cmd: list[str], log_file: Path, what: str) -> None:

@@ -34,14 +34,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from report_tools import ROOT, machine  # (same folder; puts the repo root on sys.path)
+from report_tools import ROOT, bundle_command, machine, run_bundle  # (same folder; puts the repo root on sys.path)
 
 TRAIN_STYLES = ("ct_sharp", "ct_smooth_noisy", "mr_t1like")
 HELD_OUT_STYLES = ("ct_lowdose", "mr_t2like")
@@ -92,20 +91,12 @@ def write_json(path: Path, obj: Any) -> Path:
 def bundle(name: str, configs: Sequence[str | Path], log: Path, **overrides: Any) -> list[str]:
     """Run ``python -m monai.bundle run`` from the repo root; stop with the log tail if it fails."""
     files = [c if Path(str(c)).is_absolute() else f"bundles/{name}/configs/{c}" for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str([str(f) for f in files]),
-           "--bundle_root", f"bundles/{name}"]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
-    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = bundle_command(files, f"bundles/{name}", **overrides)
+    log.unlink(missing_ok=True)  # one log per run (run_bundle appends)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    print(f"[seg_dice] {name} {' '.join(str(c) for c in configs)}: exit {proc.returncode} in "
-          f"{time.perf_counter() - t0:.0f} s (log {log})", flush=True)
-    if proc.returncode:
-        sys.exit("\n".join(log.read_text().splitlines()[-30:]))
+    run_bundle(cmd, log, f"{name} {' '.join(str(c) for c in configs)}")
+    print(f"[seg_dice] {name} {' '.join(str(c) for c in configs)}: done in {time.perf_counter() - t0:.0f} s "
+          f"(log {log})", flush=True)
     return cmd
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from meduet_demo.report import dice_per_label, score_masks, truth_by_stem  # noqa: E402
+from report_tools import bundle_command, run_bundle  # noqa: E402  (same folder)
 
 SETTINGS: dict[str, dict[str, str]] = {
     "default": {},
@@ -52,18 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_setting(name: str, args: argparse.Namespace, out: Path) -> float:
     """Segment the datalist's volumes with one setting; returns the wall seconds of the bundle run."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/meduet_seg/configs/inference.json",
-           "--bundle_root", "bundles/meduet_seg", "--model_path", str(Path(args.model).resolve()),
-           "--datalist", str(Path(args.datalist).resolve()), "--output_dir", str(out / name)]
-    for k, v in SETTINGS[name].items():
-        cmd += [f"--{k}", v]
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        cmd += [f"--{k}", v]
+    overrides = {"model_path": Path(args.model).resolve(), "datalist": Path(args.datalist).resolve(),
+                 "output_dir": out / name, **SETTINGS[name], **dict(kv.partition("=")[::2] for kv in args.set)}
+    cmd = bundle_command(["bundles/meduet_seg/configs/inference.json"], "bundles/meduet_seg", **overrides)
+    log = out / f"{name}.log"
+    log.unlink(missing_ok=True)  # one log per setting (run_bundle appends)
     t0 = time.perf_counter()
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if run.returncode != 0:
-        sys.exit(f"setting {name!r} failed (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    run_bundle(cmd, log, f"setting {name!r}")
     return time.perf_counter() - t0
 
 
