@@ -14,6 +14,11 @@ Setting (chosen so that a domain-invariant content exists at all, see REPORT.md)
   anatomies for every test, rendered with a fresh noise seed (1). For the swap test the first
   ``--swap-anatomies`` test anatomies are also rendered with ``--gt-draws`` further noise seeds in
   every style; their average is the ground truth (noise cannot be predicted from a swap).
+- ``--unpaired-copies K`` (the unpaired route, for collections that scan each subject in one style):
+  each training anatomy only in style ``index % 4``, plus K random-intensity copies of it
+  (:mod:`custom_nets.data.intensity_copies`, domain ``intensity_copy``) that the paired arms take as
+  partners; the held-out anatomies and every measure are as above, so the real styles are never
+  paired in training.
 - Latents: the training-free 4x pooling tokenizer (per 4^3 block mean, standard deviation,
   in-plane and through-plane gradient magnitude, standardised over the training images):
   4 x 16^3 latents, decoded by trilinear upsampling of the mean channel.
@@ -64,7 +69,7 @@ from custom_nets.engines.ssl.disentangle import (  # noqa: E402
     token_map_retrieval,
 )
 from custom_nets.utils.io import write_json  # noqa: E402
-from report_tools import machine, run_bundle, write_report  # noqa: E402  (same folder)
+from report_tools import bundle_command, machine, run_bundle, write_report  # noqa: E402  (same folder)
 
 SECTION = "## Disentanglement"
 STYLES = ("ct_sharp", "ct_smooth_noisy", "mr_t1like", "mr_t2like")
@@ -234,6 +239,7 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         {"latent_datalist": path, "eval": [items], "tokenizer": PoolTokenizer, "images": {name: image},
          "gt": {(anatomy, style): (image, latent)}, "styles": [names]}.
     """
+    from custom_nets.data.intensity_copies import COPY_DOMAIN, copy_seed, intensity_copy
     from custom_nets.data.latent_cache import write_latent
     from custom_nets.nets.vae import latent_affine
     from meduet_demo.phantoms import content_seed_for_subject, make_anatomy, phantom_affine, render, render_seed
@@ -265,7 +271,14 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                     arrays[f"a{i:03d}_{st.name}_n{k}"] = normalise(img, st.modality)
         np.savez(cache, **arrays)
     arrays = dict(np.load(cache))
-    train_images = [v for k, v in arrays.items() if k.endswith("_n0")]
+    copies = int(getattr(args, "unpaired_copies", 0) or 0)
+
+    def in_training(i: int, d: int) -> bool:
+        # unpaired: each training anatomy in one style only (round robin), as most collections are
+        return not held_out(i) and (copies == 0 or d == i % len(styles))
+
+    train_images = [arrays[f"a{i:03d}_{st.name}_n0"] for i in range(n_train + n_test)
+                    for d, st in enumerate(styles) if in_training(i, d)]
     tokenizer = PoolTokenizer.fit(train_images)
     affine = phantom_affine(SHAPE, 1.5).tolist()
     lat_items: dict[str, list[dict[str, Any]]] = {"training": [], "validation": []}
@@ -283,17 +296,26 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                     "spacing": [1.5, 1.5, 1.5], "original_affine": affine, "affine": affine,
                     "latent_affine": latent_affine(affine), "shape": [4, *(s // 4 for s in SHAPE)],
                     "content_id": anatomy, "style": st.name}
-            if not held_out(i):
+            if in_training(i, d):
                 lat_items["training"].append(item)
                 if i < 2:  # the bundle's reconstruction check; not used for any verdict
                     lat_items["validation"].append(item)
+                for k in range(copies):  # the paired partners of the unpaired route
+                    copy_path = data / f"{key}_copy{k}.npy"
+                    if not copy_path.is_file():
+                        image = intensity_copy(arrays[key], copy_seed(f"{args.data_seed}/{key}", k)).numpy()
+                        write_latent(copy_path, tokenizer.encode(image))
+                    lat_items["training"].append(dict(item, latent=copy_path.name, domain=COPY_DOMAIN,
+                                                      domain_index=len(styles), style=COPY_DOMAIN))
+            elif not held_out(i):
+                continue  # unpaired: this anatomy is not rendered in this style for training
             else:
                 eval_items.append(dict(item, name=key, latent_path=str(path)))
                 gt_keys = [f"{anatomy}_{st.name}_n{j}" for j in range(2, 2 + args.gt_draws)]
                 if gt_keys[0] in arrays:
                     imgs = [arrays[g] for g in gt_keys]
                     gt[(anatomy, st.name)] = (np.mean(imgs, 0), torch.stack([tokenizer.encode(m) for m in imgs]).mean(0))
-    datalist = {**lat_items, "domains": names,
+    datalist = {**lat_items, "domains": names + ([COPY_DOMAIN] if copies else []),
                 "vae": {"ckpt": None, "sha256": "pool4-mean-std-gradients", "latent_channels": 4,
                         "network": tokenizer.record()}}
     path = write_json(data / "datalist.json", datalist)
@@ -330,7 +352,7 @@ def train_arm(out: Path, arm: str, seed: int, switches: dict[str, Any], latent_d
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = write_json(run_dir / "arm.json", arm_overlay(run_dir, seed, switches, latent_datalist, args.batch_size, epochs))
     files = ["bundles/meduet_ssl/configs/train.json", "bundles/meduet_ssl/configs/demo.json", str(cfg)]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", "bundles/meduet_ssl"]
+    cmd = bundle_command(files, "bundles/meduet_ssl")
     log(f"training {arm} seed {seed}: {json.dumps(switches)}")
     run_bundle(cmd, run_dir / "train.log", f"meduet_ssl run {arm} seed {seed}")
     (run_dir / "done").write_text("ok\n")
@@ -937,6 +959,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=2, help="seeds of the paper and combined arms")
     p.add_argument("--max-pairs", type=int, default=48)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--unpaired-copies", type=int, default=0,
+                   help="the unpaired route: each training anatomy in one style only, plus this many random-"
+                        "intensity copies of it (domain 'intensity_copy', the paired arms' partners); "
+                        "held-out anatomies in every style as before (0: every anatomy in every style)")
     p.add_argument("--arms", default=None, help="comma-separated subset of arms (default: all)")
     p.add_argument("--only-seeds", default=None,
                    help="comma-separated seeds to run of the plan (default: all), e.g. one seed per process")

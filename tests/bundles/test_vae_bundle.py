@@ -124,6 +124,33 @@ def test_encoding_again_skips_cached_volumes(run: dict) -> None:
     assert not list((run["data"] / "images").glob("**/*.npy"))
 
 
+def test_intensity_copies_give_every_training_volume_a_partner(run: dict, repo_root: Path) -> None:
+    """``intensity_copies`` 2: each training volume is also encoded twice restyled, in an extra domain and
+    under its subject, so meduet_ssl's paired criterion finds a partner for every volume; the copies'
+    latents differ from the original's and from each other."""
+    from custom_nets.data.latent_cache import load_latent_datalist, open_latent
+    from custom_nets.data.latent_datasets import LatentCropDataset
+
+    out = run["root"] / "latents_copies"
+    log = run_bundle([f"{CONFIGS}/inference.json", f"{CONFIGS}/demo.json"],
+                     {"bundle_root": run["bundle_root"], "dataset_dir": run["data"], "output_dir": out,
+                      "encode_roi": 32, "intensity_copies": 2, **SMALL}, cwd=repo_root)
+    assert "7 of 7 volumes to encode" in log.stdout + log.stderr  # 3 volumes + 2 copies of the 2 training ones
+    data = load_latent_datalist(out / "datalist.json", keys=("training", "validation"))
+    assert data["domains"] == ["siteA", "siteB", "intensity_copy"]
+    train = data["training"]
+    assert [it["domain_index"] for it in train] == [0, 0, 2, 2, 2, 2] and len(data["validation"]) == 1
+    assert [it.get("intensity_copy") for it in train] == [None, None, 0, 1, 0, 1]
+    assert train[2]["subject"] == train[3]["subject"] == "p0" and train[4]["subject"] == train[1]["subject"]
+    originals = {it["subject"]: np.asarray(open_latent(it["latent"]), np.float32) for it in train[:2]}
+    for a, b in ((2, 3), (4, 5)):
+        za, zb = (np.asarray(open_latent(train[k]["latent"]), np.float32) for k in (a, b))
+        ref = originals[train[a]["subject"]]
+        assert za.shape == ref.shape and np.abs(za - ref).mean() > 1e-3 and np.abs(za - zb).mean() > 1e-3
+    ds = LatentCropDataset(train, crop=4, window=4, pair_key="subject")
+    assert all(ds.partners) and ds[0]["paired_window"].shape == (4, 4, 4, 4)
+
+
 def test_decode_writes_nifti_on_both_grids(run: dict, repo_root: Path) -> None:
     from custom_nets.data.latent_cache import load_latent_datalist
 

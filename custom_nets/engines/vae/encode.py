@@ -125,7 +125,8 @@ def datalist_items(datalist: str | Path, splits: Sequence[str] = ("training", "v
 
 
 def latent_name(item: Mapping[str, Any]) -> str:
-    """Cache file name for an item: ``<domain>/<image stem>_<8 hex of the image path>.npy`` (unique per source)."""
+    """Cache file name for an item: ``<domain>/<image stem>_<8 hex of the image path>.npy`` (unique per source;
+    a random-intensity copy adds ``_copy<k>``, :mod:`custom_nets.data.intensity_copies`)."""
     image = str(item["image"])
     stem = Path(image).name
     for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz"):
@@ -134,7 +135,8 @@ def latent_name(item: Mapping[str, Any]) -> str:
             break
     digest = hashlib.sha1(os.path.abspath(image).encode()).hexdigest()[:8]
     domain = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item.get("domain", "unknown")))
-    return f"{domain}/{stem}_{digest}.npy"
+    copy = f"_copy{int(item['copy_index'])}" if item.get("copy_index") is not None else ""
+    return f"{domain}/{stem}_{digest}{copy}.npy"
 
 
 def _first(batch: list) -> Any:
@@ -233,6 +235,8 @@ class LatentCacheEncoder:
             record["label"] = str(item["label"])
         if item.get("subject") is not None:  # meduet_ssl's pair_key: renderings of one subject
             record["subject"] = str(item["subject"])
+        if item.get("copy_index") is not None:  # a random-intensity copy of the image, not the image
+            record["intensity_copy"] = int(item["copy_index"])
         return record
 
     @torch.no_grad()
