@@ -148,8 +148,9 @@ def markdown_table(entries: list[dict[str, Any]]) -> str:
         for which in ("training", "held_out"):
             m, t = e[which], e[which]["truth_factors"]
             loss = "n/a" if e.get("val_flow_loss") is None else f"{e['val_flow_loss']:.3f}"
+            arm = e["arm"] + (" (content map)" if e.get("content_conditioning") == "map" else "")
             rows.append(
-                f"| {e['arm']} | {e['seed']} | {which.replace('_', '-')} | {loss} "
+                f"| {arm} | {e['seed']} | {which.replace('_', '-')} | {loss} "
                 f"| {m['beats_both_sources']:.2f} ({t['beats_both_sources']:.2f}) "
                 f"| {m['anatomy_retrieval']:.2f} ({t['anatomy_retrieval']:.2f}; {m['anatomy_chance']:.2f}) "
                 f"| {m['style_retrieval']:.2f} ({t['style_retrieval']:.2f}; {m['style_chance']:.2f}) "
@@ -186,9 +187,15 @@ def train_chain(run_dir: Path, datalist: Path, ssl_ckpt: Path, seed: int, args: 
                           init_from_ssl="false", output_dir=run_dir / "ldm", ckpt_dir=run_dir / "ldm/models/checkpoints",
                           model_path=model, latent_crop="[16,16,16]", model_config=repr(size), batch_size=8,
                           num_workers=0, max_steps=args.ldm_steps, steps_per_epoch=args.ldm_steps // 4, val_interval=2,
-                          learning_rate=args.lr, ema_decay=0.999, seed=seed, device="cpu"),
+                          learning_rate=args.lr, ema_decay=0.999, seed=seed, device="cpu",
+                          content_conditioning=args.content_conditioning),
                    run_dir / "chain.log", f"generator of {run_dir.name}")
         (run_dir / "ldm" / "done").write_text("ok\n")
+    from custom_nets.utils.checkpoint import read_stage_meta
+
+    if bool(read_stage_meta(model, "meduet_ldm")["network"].get("content_map")) != (args.content_conditioning == "map"):
+        raise SystemExit(f"{model}: trained with another content_conditioning than {args.content_conditioning!r}; "
+                         "use another --out")
     return model
 
 
@@ -219,18 +226,21 @@ class PairSampler:
         The noise of pair k is drawn from seed ``args.sample_seed + k``, the same for every arm."""
         from custom_nets.engines.ldm.sample import sample_latents
 
-        factors: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        maps = bool(self.meta["network"].get("content_map"))
+        factors: dict[tuple[str, str], tuple[torch.Tensor, ...]] = {}
         for x, a, y, b in pairs:
             for key in ((x, a), (y, b)):
                 if key not in factors:
-                    factors[key] = self.extractor.factors_of_latent(latents[key[0]][key[1]])
+                    factors[key] = self.extractor.factors_of_latent(latents[key[0]][key[1]], content_map=maps)
         content = torch.stack([factors[(x, a)][0] for x, a, _, _ in pairs])
         style = torch.stack([factors[(y, b)][1] for _, _, y, b in pairs])
+        # content maps ("map" generators): the content source's token map over the whole volume
+        content_map = torch.stack([factors[(x, a)][2] for x, a, _, _ in pairs]) if maps else None
         shape = (self.meta["latent_channels"], *self.meta["network"]["input_size"])
         noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(self.args.sample_seed + k))
                              for k in range(len(pairs))])
         z = sample_latents(self.net, noise, content, style, self.scheduler, self.args.sample_steps,
-                           "euler", self.args.scale, self.args.scale)
+                           "euler", self.args.scale, self.args.scale, content_map=content_map)
         return z / self.meta["scale_factor"]
 
 
@@ -239,7 +249,7 @@ def evaluate(arm: str, seed: int, model: Path, ssl_ckpt: Path, bank: Path,
              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Scores of one arm+seed on both sets, and the samples (for the figures)."""
     entry: dict[str, Any] = {"arm": arm, "seed": seed, "ldm_steps": args.ldm_steps, "guidance": args.scale,
-                             "sample_steps": args.sample_steps}
+                             "sample_steps": args.sample_steps, "content_conditioning": args.content_conditioning}
     samples = {}
     sample = PairSampler(model, ssl_ckpt, bank, args)
     for which, paths in sets.items():
@@ -315,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--sample-seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=3.0, help="content and style guidance scale")
+    p.add_argument("--content-conditioning", choices=("vector", "map"), default="vector",
+                   help="meduet_ldm content_conditioning: one pooled content vector per volume (the paper) or "
+                        "also the content token map (use another --out: the runs are kept per folder)")
     p.add_argument("--reevaluate", action="store_true",
                    help="sample and score the finished generators again (no training; unfinished arms are skipped)")
     args = p.parse_args(argv)

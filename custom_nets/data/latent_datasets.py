@@ -279,13 +279,19 @@ class ConditionedLatentDataset(Dataset):
         seed: None draws a new random window at every access (training); an integer fixes the
             window of item i (drawn with seed + i), so that successive validations score the same
             crops.
+        content_maps: one content token map file per item ((Dc, gx, gy, gz), the factor bank's
+            ``token_maps``), or None. With maps, windows start on the map's cells and the map's
+            window over the same region is returned as ``"content_map"``.
+        map_cell: latent voxels per map cell (the MeDUET token size); ``crop`` must be a multiple.
 
     Returns (per item):
-        {"latent": float32 (C, X, Y, Z), "content": (Dc,), "style": (Ds,), "domain_index": int}.
+        {"latent": float32 (C, X, Y, Z), "content": (Dc,), "style": (Ds,), "domain_index": int}, with
+        maps also "content_map": float32 (Dc, X / map_cell, Y / map_cell, Z / map_cell).
     """
 
     def __init__(self, items: Sequence[Mapping[str, Any]], content: torch.Tensor, style: torch.Tensor,
-                 crop: Sequence[int], seed: int | None = None) -> None:
+                 crop: Sequence[int], seed: int | None = None, content_maps: Sequence[str | Path] | None = None,
+                 map_cell: int = 4) -> None:
         # no items only when the config resolved before its cache exists (load_latent_datalist
         # refuses an empty training split; split_items falls back to it)
         if len(items) != content.shape[0] or len(items) != style.shape[0]:
@@ -295,6 +301,14 @@ class ConditionedLatentDataset(Dataset):
         self.items, self.content, self.style = [dict(it) for it in items], content, style
         self.crop = [int(c) for c in crop]
         self.seed = seed
+        self.content_maps = None if content_maps is None else [str(p) for p in content_maps]
+        self.map_cell = int(map_cell)
+        if self.content_maps is not None:
+            if len(self.content_maps) != len(self.items):
+                raise ValueError(f"{len(self.items)} volumes but {len(self.content_maps)} content maps")
+            if self.map_cell < 1 or any(c % self.map_cell for c in self.crop):
+                raise ValueError(f"latent_crop {self.crop} must be a multiple of the content map's cell ({self.map_cell} "
+                                 "latent voxels, the MeDUET token size)")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -302,11 +316,19 @@ class ConditionedLatentDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
         gen = None if self.seed is None else torch.Generator().manual_seed(int(self.seed) + i)
-        window = random_crop(open_latent(item["latent"]), self.crop, gen)
-        return {
-            "latent": torch.from_numpy(window), "content": self.content[i], "style": self.style[i],
-            "domain_index": int(item.get("domain_index", -1)),
-        }
+        latent = open_latent(item["latent"])
+        out: dict[str, Any] = {"content": self.content[i], "style": self.style[i],
+                               "domain_index": int(item.get("domain_index", -1))}
+        if self.content_maps is None:
+            out["latent"] = torch.from_numpy(random_crop(latent, self.crop, gen))
+            return out
+        cell = self.map_cell
+        cmap = open_latent(self.content_maps[i])
+        starts = [cell * _randint(max(n - s, 0) // cell + 1, gen) for n, s in zip(latent.shape[1:], self.crop)]
+        out["latent"] = torch.from_numpy(np.array(_window_at(latent, starts, self.crop))).float()
+        out["content_map"] = torch.from_numpy(
+            np.array(_window_at(cmap, [a // cell for a in starts], [s // cell for s in self.crop]))).float()
+        return out
 
 
 class FactorRows(Protocol):
@@ -318,14 +340,23 @@ class FactorRows(Protocol):
 
     def rows_for(self, latents: Sequence[str | Path]) -> list[int]: ...
 
+    def content_map_paths(self, rows: Sequence[int]) -> list[Path]: ...
+
+    def token_size(self) -> int: ...
+
 
 def conditioned_dataset(
-    items: Sequence[Mapping[str, Any]], bank: FactorRows, crop: Sequence[int], seed: int | None = None
+    items: Sequence[Mapping[str, Any]], bank: FactorRows, crop: Sequence[int], seed: int | None = None,
+    content_maps: bool = False,
 ) -> ConditionedLatentDataset:
     """Latent windows of ``items`` with the factor bank's vectors of each volume (InputErrors names
-    every latent without a bank row); ``seed`` fixes the windows (validation)."""
+    every latent without a bank row); ``seed`` fixes the windows (validation); ``content_maps``:
+    also the bank's content token map over each window (meduet_ldm ``content_conditioning: "map"``)."""
     rows = bank.rows_for([it["latent"] for it in items])
-    return ConditionedLatentDataset(items, bank.content[rows], bank.style[rows], crop, seed)
+    if not content_maps or not rows:
+        return ConditionedLatentDataset(items, bank.content[rows], bank.style[rows], crop, seed)
+    return ConditionedLatentDataset(items, bank.content[rows], bank.style[rows], crop, seed,
+                                    bank.content_map_paths(rows), bank.token_size())
 
 
 class LatentVolumeDataset(Dataset):

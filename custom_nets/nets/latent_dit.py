@@ -224,6 +224,10 @@ class LatentDiT(nn.Module):
         learned_pos: learn the position table (initialised sin-cos) instead of keeping it fixed;
             needed only to load an encoder that was trained with learned positions.
         use_checkpoint: activation checkpointing in the blocks (saves memory in training).
+        content_map: also condition on a content *token map* (B, content_dim, gx, gy, gz), added to
+            every token through a zero-initialised projection, beside the pooled content vector
+            (not in the paper, whose generator sees one vector per volume, too little to place an
+            anatomy; meduet_ldm's ``content_conditioning: "map"``). Dropped together with the vector.
     """
 
     def __init__(
@@ -241,6 +245,7 @@ class LatentDiT(nn.Module):
         init_temperature: float = 0.1,
         learned_pos: bool = False,
         use_checkpoint: bool = False,
+        content_map: bool = False,
     ) -> None:
         super().__init__()
         # constructor arguments, recorded in model.json so that inference rebuilds the same network
@@ -250,6 +255,8 @@ class LatentDiT(nn.Module):
             content_dim=content_dim, style_dim=style_dim, condition_dropout=condition_dropout,
             init_temperature=init_temperature, learned_pos=learned_pos,
         )
+        if content_map:  # recorded only when on: model.json of vector-conditioned generators is unchanged
+            self.network_args["content_map"] = True
         if hidden_size % 6:
             raise ValueError(f"hidden_size must be divisible by 6 (3D sin-cos positions), got {hidden_size}")
         if hidden_size % num_heads:
@@ -274,6 +281,11 @@ class LatentDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.content_embedder = FactorEmbedder(content_dim, hidden_size, condition_dropout, init_temperature)
         self.style_embedder = FactorEmbedder(style_dim, hidden_size, condition_dropout, init_temperature)
+        self.content_dim = content_dim
+        self.content_map_embed: nn.Module | None = None
+        if content_map:  # per-token content: normalised, then a linear that starts at zero (no effect yet)
+            self.content_map_embed = nn.Sequential(nn.LayerNorm(content_dim, elementwise_affine=False, eps=1e-6),
+                                                   nn.Linear(content_dim, hidden_size))
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
@@ -287,7 +299,8 @@ class LatentDiT(nn.Module):
         - factor embedders: normal(0, 0.02) projection and null embeddings, temperature 0.1;
         - adaLN-Zero: every content / style / gate modulation linear is zero (weights and bias),
           so each block starts as the identity and the conditions have no effect yet;
-        - final layer: zero modulation and zero output linear (the untrained model predicts 0).
+        - final layer: zero modulation and zero output linear (the untrained model predicts 0);
+        - content map projection (``content_map``): zero, so the map starts with no effect.
         """
         self.apply(init_vit_weights)
         w = self.patch_embed.weight.data
@@ -305,6 +318,9 @@ class LatentDiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.content_map_embed is not None:
+            nn.init.zeros_(self.content_map_embed[-1].weight)
+            nn.init.zeros_(self.content_map_embed[-1].bias)
 
     # ---- positions -------------------------------------------------------------------------
 
@@ -325,6 +341,26 @@ class LatentDiT(nn.Module):
         return _sincos_table(self.hidden_size, grid).to(self.pos_embed)
 
     # ---- forward ---------------------------------------------------------------------------
+
+    def content_map_tokens(self, content_map: torch.Tensor, grid: Sequence[int], batch: int) -> torch.Tensor:
+        """(B, Dc, mx, my, mz) content map -> (B, N, D) additions to the tokens of ``grid``.
+
+        A map on another grid is resampled to this one: averaged over whole cells where the map
+        is an integer multiple finer, trilinear otherwise.
+        """
+        if self.content_map_embed is None:
+            raise ValueError("this generator was built without content_map; it takes content vectors only")
+        if content_map.ndim != 5 or content_map.shape[:2] != (batch, self.content_dim):
+            raise ValueError(f"expected a ({batch}, {self.content_dim}, X, Y, Z) content map, got {tuple(content_map.shape)}")
+        m = content_map.float()
+        src, grid = tuple(m.shape[2:]), tuple(int(g) for g in grid)
+        if src != grid:
+            if all(s % g == 0 for s, g in zip(src, grid)):
+                m = F.avg_pool3d(m, kernel_size=tuple(s // g for s, g in zip(src, grid)))
+            else:
+                m = F.interpolate(m, size=grid, mode="trilinear", align_corners=False)
+        w = self.content_map_embed[-1].weight
+        return self.content_map_embed(m.flatten(2).transpose(1, 2).to(w.dtype))
 
     def embed_conditions(
         self,
@@ -352,6 +388,7 @@ class LatentDiT(nn.Module):
         style: torch.Tensor | None = None,
         content_drop: torch.Tensor | None = None,
         style_drop: torch.Tensor | None = None,
+        content_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the objective's target (velocity or noise) for noisy latents.
 
@@ -362,6 +399,8 @@ class LatentDiT(nn.Module):
             style: (B, style_dim) or None.
             content_drop, style_drop: (B,) bool forcing the null condition (None: random dropout
                 in training mode, none in eval mode).
+            content_map: (B, content_dim, mx, my, mz) content token map (generators built with
+                ``content_map`` only; None: no map for any sample, as when the content is dropped).
 
         Returns:
             (B, C, X, Y, Z).
@@ -370,8 +409,17 @@ class LatentDiT(nn.Module):
             raise ValueError(f"expected (B, {self.in_channels}, X, Y, Z) latents, got {tuple(x.shape)}")
         b = x.shape[0]
         grid = self.grid_of(x.shape[2:])
+        if content_map is not None and content_drop is None and self.training:
+            # one draw for both content inputs: the map and the vector are dropped together
+            p = self.content_embedder.dropout_prob
+            content_drop = torch.rand(b, device=x.device) < p
         t_emb, c_emb, s_emb = self.embed_conditions(t, content, style, b, content_drop, style_drop)
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed_for(grid)
+        if content_map is not None:
+            add = self.content_map_tokens(content_map, grid, b)
+            if content_drop is not None:
+                add = add * (~content_drop.to(device=add.device, dtype=torch.bool).reshape(-1))[:, None, None].to(add.dtype)
+            h = h + add
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
                 h = checkpoint(blk, h, t_emb, c_emb, s_emb, use_reentrant=False)
@@ -388,6 +436,7 @@ class LatentDiT(nn.Module):
         style: torch.Tensor,
         content_scale: float,
         style_scale: float,
+        content_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Guided prediction with separate content and style scales, one batched forward:
 
@@ -396,6 +445,7 @@ class LatentDiT(nn.Module):
         Args:
             x: (B, C, X, Y, Z); t: (B,) or scalar; content (B, Dc); style (B, Ds).
             content_scale: g_c; style_scale: g_s.
+            content_map: (B, Dc, mx, my, mz) with ``content_map`` generators (part of "c").
         """
         b = x.shape[0]
         dev = x.device
@@ -408,6 +458,7 @@ class LatentDiT(nn.Module):
             torch.cat([style, style, style]),
             content_drop=torch.cat([ones, ones, zeros]),
             style_drop=torch.cat([ones, zeros, ones]),
+            content_map=None if content_map is None else torch.cat([content_map, content_map, content_map]),
         )
         v_nn, v_ns, v_cn = out.chunk(3)
         return v_nn + style_scale * (v_ns - v_nn) + content_scale * (v_cn - v_nn)

@@ -92,6 +92,40 @@ def test_demo_sampling_writes_nifti_and_grid(upstream, trained):
     assert len(list(out.glob("sample_*_latent.npy"))) == 2
 
 
+def test_content_map_generator_trains_and_samples_on_the_ssl_token_maps(upstream):
+    """``content_conditioning: "map"`` through the chain a user runs: meduet_ssl inference writes the
+    factor bank with its content token maps, meduet_ldm trains on windows of latents and maps (the
+    map projection leaves zero), records it in model.json, and samples from a bank row's map and
+    from a reference latent's map computed on the fly."""
+    root = upstream["root"] / "map"
+    run_bundle(["bundles/meduet_ssl/configs/inference.json", "bundles/meduet_ssl/configs/demo.json"],
+               {"bundle_root": "bundles/meduet_ssl", "latent_datalist": upstream["latent_datalist"],
+                "ssl_ckpt": upstream["ssl_ckpt"], "output_dir": root / "factors"})
+    bank = root / "factors" / "factor_bank.pt"
+    model = root / "ldm" / "models" / "model.pt"
+    run_bundle([CONFIGS / "train.json", CONFIGS / "demo.json"],
+               {"bundle_root": BUNDLE, "latent_datalist": upstream["latent_datalist"], "factor_bank": bank,
+                "ssl_ckpt": upstream["ssl_ckpt"], "output_dir": root / "ldm", "ckpt_dir": root / "ldm" / "models" / "checkpoints",
+                "model_path": model, "max_steps": 4, "steps_per_epoch": 2, "val_interval": 1,
+                "content_conditioning": "map"})
+    meta = read_stage_meta(model, "meduet_ldm")
+    assert meta["network"]["content_map"] is True
+    sd = torch.load(model, weights_only=True)
+    assert sd["content_map_embed.1.weight"].abs().sum() > 0  # it learned from its zero start
+    out = root / "samples"
+    run_bundle([CONFIGS / "inference.json", CONFIGS / "demo.json"],
+               {"bundle_root": BUNDLE, "model_path": model, "factor_bank": bank, "ssl_ckpt": upstream["ssl_ckpt"],
+                "vae_ckpt": upstream["vae_ckpt"], "output_dir": out, "num_steps": 2, "dataset_dir": upstream["latents"],
+                "content_sources": "['vol3.npy', 1]", "style_sources": 1})
+    assert sorted(f.name for f in out.glob("sample_*.nii.gz")) == ["sample_c0-vol3_s0-bank0_0.nii.gz",
+                                                                  "sample_c1-bank1_s0-bank0_0.nii.gz"]
+    bad = run_bundle([CONFIGS / "train.json", CONFIGS / "demo.json"],
+                     {"bundle_root": BUNDLE, "latent_datalist": upstream["latent_datalist"], "factor_bank": bank,
+                      "ssl_ckpt": upstream["ssl_ckpt"], "output_dir": root / "bad", "model_path": root / "bad" / "m.pt",
+                      "content_conditioning": "maps"}, check=False)
+    assert bad.returncode != 0 and "content_conditioning must be one of" in bad.stdout + bad.stderr
+
+
 def test_check_bundles(upstream, trained, shared_dir, tmp_path, repo_root):
     sets = {
         "latent_datalist": upstream["latent_datalist"], "factor_bank": upstream["factor_bank"],

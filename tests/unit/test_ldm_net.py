@@ -207,3 +207,46 @@ def test_size_factories():
         ldm_size_config("XL")
     net = LDM_MODELS["SiT-S/4"](depth=1, input_size=(8, 8, 8), content_dim=8, style_dim=2)
     assert net.hidden_size == 384 and len(net.blocks) == 1 and net.network_args["hidden_size"] == 384
+
+
+# ------------------------------------------------------------------------------ content token maps
+def test_content_map_starts_without_effect_and_is_dropped_with_the_content():
+    """``content_map``: the zero-initialised projection leaves the network's output as without a map;
+    once trained (here: set) the map changes it, a finer map is averaged over whole cells, and dropping
+    the content removes the map's effect too (the null of both content inputs)."""
+    vec = tiny_dit().eval()
+    net = tiny_dit(content_map=True).eval()
+    assert net.network_args["content_map"] is True and "content_map" not in vec.network_args
+    torch.nn.init.normal_(vec.final_layer.linear.weight, std=0.5)
+    for blk in vec.blocks:
+        torch.nn.init.normal_(blk.adaLN_gate[-1].bias, std=1.0)  # open the gates: tokens reach the output
+    missing = net.load_state_dict(vec.state_dict(), strict=False).missing_keys
+    assert set(missing) == {"content_map_embed.1.weight", "content_map_embed.1.bias"}
+    x, t = torch.randn(2, 4, 16, 16, 8), torch.tensor([5.0, 900.0])
+    c, s = conditions(2)
+    cmap = torch.randn(2, 24, 4, 4, 2)
+    torch.testing.assert_close(net(x, t, c, s, content_map=cmap), vec(x, t, c, s))  # zero projection: no effect
+    torch.nn.init.normal_(net.content_map_embed[-1].weight, std=0.5)
+    with_map = net(x, t, c, s, content_map=cmap)
+    assert (with_map - net(x, t, c, s, content_map=torch.randn(2, 24, 4, 4, 2))).abs().mean() > 1e-3
+    fine = cmap.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)  # same map, 2x finer grid
+    torch.testing.assert_close(net(x, t, c, s, content_map=fine), with_map)
+    drop = torch.tensor([True, False])
+    dropped = net(x, t, c, s, content_drop=drop, content_map=cmap)
+    torch.testing.assert_close(dropped[0], net(x, t, None, s)[0])  # sample 0: no content at all
+    torch.testing.assert_close(dropped[1], with_map[1])
+    guided = net.forward_with_guidance(x, t, c, s, 2.0, 1.5, content_map=cmap)
+    assert guided.shape == x.shape
+    with pytest.raises(ValueError, match="content map"):
+        net(x, t, c, s, content_map=torch.randn(2, 23, 4, 4, 2))
+    with pytest.raises(ValueError, match="without content_map"):
+        vec(x, t, c, s, content_map=cmap)
+
+
+def test_content_map_projection_learns_in_training_mode():
+    net = tiny_dit(content_map=True, condition_dropout=0.0).train()
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.5)
+    x = torch.randn(2, 4, 16, 16, 8)
+    c, s = conditions(2)
+    net(x, torch.tensor([5.0, 900.0]), c, s, content_map=torch.randn(2, 24, 4, 4, 2)).pow(2).mean().backward()
+    assert net.content_map_embed[-1].weight.grad.abs().sum() > 0

@@ -257,6 +257,46 @@ def test_factor_bank_rows_sources_and_jobs(tmp_path):
     assert (a["row"], a["col"], b["repeat"]) == (0, 0, 1)
 
 
+def test_content_maps_follow_their_windows_from_the_bank_to_the_sampling_jobs(tmp_path):
+    """``content_conditioning: "map"``: each training window comes with the content map's cells over
+    the same region (windows start on cells), the bank finds its maps and token size, and sampling
+    jobs carry the centre of the content source's map (edge-padded where the source is smaller)."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in (10, 8, 8)], indexing="ij")).astype(np.float16)
+    latent = np.concatenate([idx, idx[:1]])  # (4, 10, 8, 8): channels 0-2 hold the voxel's x, y, z
+    np.save(tmp_path / "v0.npy", latent)
+    cells = np.stack(np.meshgrid(*[np.arange(n) for n in (3, 2, 2)], indexing="ij")).astype(np.float16)
+    (tmp_path / "bank" / "token_maps").mkdir(parents=True)
+    np.save(tmp_path / "bank" / "token_maps" / "v0_content.npy", np.concatenate([cells] * 4))  # (12, 3, 2, 2)
+    items = [{"latent": str(tmp_path / "v0.npy"), "domain": "a", "content_map": "token_maps/v0_content.npy"}]
+    FactorBank(torch.randn(1, 12), torch.randn(1, 6), torch.tensor([0]), items, ["a"], {"ssl_sha256": "sha"}).save(
+        tmp_path / "bank")
+    bank = FactorBank.load(tmp_path / "bank")
+    assert bank.token_size() == 4  # read from the shapes: 10 -> 3 cells, 8 -> 2 cells
+    ds = conditioned_dataset([{"latent": str(tmp_path / "v0.npy")}], bank, crop=(4, 4, 4), content_maps=True)
+    starts = set()
+    for _ in range(30):
+        item = ds[0]
+        x0 = item["latent"][:3, 0, 0, 0]
+        assert item["content_map"].shape == (12, 1, 1, 1) and (x0 % 4 == 0).all()  # windows start on cells
+        assert torch.equal(item["content_map"][:3, 0, 0, 0], x0 / 4)  # the map's cell under the window
+        starts.add(tuple(x0.tolist()))
+    assert {s[0] for s in starts} == {0.0, 4.0}  # both cells along x are reached
+    with pytest.raises(ValueError, match="multiple of the content map's cell"):
+        conditioned_dataset([{"latent": str(tmp_path / "v0.npy")}], bank, crop=(6, 4, 4), content_maps=True)
+    plain = FactorBank(torch.randn(1, 12), torch.randn(1, 6), torch.tensor([0]), [{"latent": str(tmp_path / "v0.npy")}],
+                       ["a"], {}, tmp_path / "plain" / "factor_bank.pt")
+    with pytest.raises(InputError, match="no content token maps"):
+        conditioned_dataset([{"latent": str(tmp_path / "v0.npy")}], plain, crop=(4, 4, 4), content_maps=True)
+    sources = resolve_sources([0], bank, content_maps=True)
+    assert sources[0].content_map.shape == (12, 3, 2, 2)
+    jobs = SamplingJobs(sources, sources, (4, 8, 8, 12), content_map_cell=4)
+    cmap = jobs[0]["content_map"]
+    assert cmap.shape == (12, 2, 2, 3) and torch.equal(cmap[0, :, 0, 0], torch.tensor([0.0, 1.0]))
+    assert torch.equal(cmap[2, 0, 0], torch.tensor([0.0, 1.0, 1.0]))  # z: 2 cells padded to 3 at the far end
+    with pytest.raises(ValueError, match="no content token map"):
+        SamplingJobs(resolve_sources([0], bank), sources, (4, 8, 8, 8), content_map_cell=4)
+
+
 def test_latent_scale_factor(tmp_path):
     rng = np.random.default_rng(0)
     items = []

@@ -120,6 +120,7 @@ def diffusion_loss(
     noise: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+    content_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss (mean squared error by default) between the network's prediction and the objective's target.
 
@@ -131,6 +132,8 @@ def diffusion_loss(
         noise: fixed noise (default: standard normal).
         timesteps: fixed (B,) timesteps (default: sampled).
         loss_fn: (prediction, target) -> scalar.
+        content_map: (B, Dc, mx, my, mz) content token maps of the crops, for generators built with
+            ``content_map`` (passed as ``network(..., content_map=...)``); None: vectors only.
 
     Returns:
         Scalar loss.
@@ -140,7 +143,7 @@ def diffusion_loss(
     noise = torch.randn_like(x0) if noise is None else noise
     t = sample_training_timesteps(scheduler, x0) if timesteps is None else timesteps.to(x0.device)
     xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-    pred = network(xt, t, content, style)
+    pred = network(xt, t, content, style) if content_map is None else network(xt, t, content, style, content_map=content_map)
     return loss_fn(pred.float(), training_target(scheduler, x0, noise, t).float())
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from custom_nets.data.latent_cache import open_latent
+from custom_nets.data.latent_datasets import centre_window as padded_centre_window
 from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
 from custom_nets.engines.ldm.objective import is_flow, make_scheduler, scheduler_args, scheduler_from_args
 from custom_nets.engines.ldm.sources import FactorSource
@@ -74,6 +75,7 @@ def sample_latents(
     style_scale: float = 3.0,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    content_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integrate from noise to (scaled) latents with guidance.
 
@@ -88,6 +90,7 @@ def sample_latents(
         content_scale: g_c; style_scale: g_s.
         generator: random numbers for the ancestral DDPM sampler.
         progress: tqdm bar over steps.
+        content_map: (B, Dc, mx, my, mz) content token maps (generators built with ``content_map``).
 
     Returns:
         (B, C, X, Y, Z) latents in the training (scaled) units.
@@ -99,7 +102,9 @@ def sample_latents(
     def predict(x: torch.Tensor, t: float) -> torch.Tensor:
         """Guided network output: velocity (flow) or noise (DDPM)."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        return guide(x, tt, content, style, content_scale, style_scale).float()
+        if content_map is None:
+            return guide(x, tt, content, style, content_scale, style_scale).float()
+        return guide(x, tt, content, style, content_scale, style_scale, content_map=content_map).float()
 
     steps = range(num_steps)
     if progress:
@@ -170,11 +175,12 @@ class GuidedSampler(Inferer):
         self.progress = progress
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """inputs: (B, C, X, Y, Z) noise; kwargs ``content`` (B, Dc) and ``style`` (B, Ds)."""
+        """inputs: (B, C, X, Y, Z) noise; kwargs ``content`` (B, Dc), ``style`` (B, Ds) and, for generators
+        conditioned on content maps, ``content_map`` (B, Dc, mx, my, mz)."""
         with torch.no_grad():
             return sample_latents(
                 network, inputs, kwargs["content"], kwargs["style"], self.scheduler, self.num_steps, self.sampler,
-                self.content_scale, self.style_scale, progress=self.progress,
+                self.content_scale, self.style_scale, progress=self.progress, content_map=kwargs.get("content_map"),
             )
 
 
@@ -187,7 +193,9 @@ class SamplingJobs(Dataset):
     """Every (content source, style source, repeat) combination, each with its own seeded noise.
 
     Item: {"noise": (C, X, Y, Z), "content": (Dc,), "style": (Ds,), "name": str, "row": int,
-    "col": int, "repeat": int, "content_source": str, "style_source": str}.
+    "col": int, "repeat": int, "content_source": str, "style_source": str}, with ``content_map_cell``
+    also "content_map": the centre window of the content source's token map over the sample
+    (Dc, X / cell, Y / cell, Z / cell; edge-padded where the source is smaller).
 
     Args:
         content_sources: grid rows.
@@ -199,6 +207,8 @@ class SamplingJobs(Dataset):
             jobs whose sample and latent exist and were made with its settings are left out of the
             dataset (unless it says ``overwrite``); None runs every job.
         inputs: input files/folders the output folder must differ from (with a ledger).
+        content_map_cell: latent voxels per content-map cell for generators conditioned on content
+            maps (:func:`custom_nets.engines.ldm.sources.content_map_cell`); 0: vectors only.
     """
 
     def __init__(
@@ -210,9 +220,18 @@ class SamplingJobs(Dataset):
         seed: int = 0,
         ledger: OutputLedger | None = None,
         inputs: Sequence[str | Path | None] = (),
+        content_map_cell: int = 0,
     ) -> None:
         if len(latent_shape) != 4:
             raise ValueError(f"latent_shape must be (C, X, Y, Z), got {tuple(latent_shape)}")
+        self.content_map_cell = int(content_map_cell)
+        if self.content_map_cell:
+            if any(int(s) % self.content_map_cell for s in latent_shape[1:]):
+                raise ValueError(f"latent_size {tuple(latent_shape[1:])} must be a multiple of the content map's cell "
+                                 f"({self.content_map_cell} latent voxels)")
+            missing = [s.name for s in content_sources if s.content_map is None]
+            if missing:
+                raise ValueError(f"content sources {missing} have no content token map, which this generator needs")
         self.content_sources, self.style_sources = list(content_sources), list(style_sources)
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.seed = int(seed)
@@ -244,11 +263,16 @@ class SamplingJobs(Dataset):
         r, c, k = self.jobs[i]
         cs, ss = self.content_sources[r], self.style_sources[c]
         noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(self.seed + i))
-        return {
+        item = {
             "noise": noise, "content": cs.content.float(), "style": ss.style.float(),
             "name": self.name(i), "row": r, "col": c, "repeat": k,
             "content_source": cs.origin, "style_source": ss.origin,
         }
+        if self.content_map_cell:
+            assert cs.content_map is not None  # checked in __init__
+            item["content_map"] = torch.from_numpy(
+                padded_centre_window(cs.content_map.float().numpy(), [s // self.content_map_cell for s in self.latent_shape[1:]]))
+        return item
 
 
 def sample_files(name: str) -> tuple[str, str]:
@@ -259,9 +283,12 @@ def sample_files(name: str) -> tuple[str, str]:
 def prepare_sampling_batch(
     batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
 ) -> tuple[torch.Tensor, None, tuple, dict[str, torch.Tensor]]:
-    """``prepare_batch`` for the sampling evaluator: (noise, None, (), {"content", "style"})."""
+    """``prepare_batch`` for the sampling evaluator: (noise, None, (), {"content", "style"[, "content_map"]})."""
     to = dict(device=device, non_blocking=non_blocking)
-    return batchdata["noise"].to(**to), None, (), {"content": batchdata["content"].to(**to), "style": batchdata["style"].to(**to)}
+    kwargs = {"content": batchdata["content"].to(**to), "style": batchdata["style"].to(**to)}
+    if "content_map" in batchdata:
+        kwargs["content_map"] = batchdata["content_map"].to(**to)
+    return batchdata["noise"].to(**to), None, (), kwargs
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from custom_nets.nets.vae import encode_volume, load_vae
 from custom_nets.utils.checkpoint import check_upstream, read_stage_meta
 from custom_nets.utils.errors import InputError
 
-__all__ = ["FactorSource", "bank_source", "default_rows", "FactorExtractor", "domain_row", "resolve_sources"]
+__all__ = ["FactorSource", "bank_source", "content_map_cell", "default_rows", "FactorExtractor", "domain_row",
+           "resolve_sources"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,6 +44,8 @@ class FactorSource:
         origin: the bank row's latent or the reference file.
         latent: the reference's (C, X, Y, Z) latent when it was computed here (image references);
             bank rows and latent references are read from ``origin`` when needed.
+        content_map: (Dc, gx, gy, gz) content token map of the whole volume, for generators
+            conditioned on content maps (None otherwise).
     """
 
     name: str
@@ -51,10 +54,11 @@ class FactorSource:
     domain: str | None = None
     origin: str = ""
     latent: torch.Tensor | None = None
+    content_map: torch.Tensor | None = None
 
 
-def bank_source(bank: FactorBank, row: int) -> FactorSource:
-    """The factor bank's row ``row`` as a source."""
+def bank_source(bank: FactorBank, row: int, content_map: bool = False) -> FactorSource:
+    """The factor bank's row ``row`` as a source (``content_map``: with the row's content token map)."""
     if not 0 <= row < len(bank):
         raise InputError(bank.path, f"row {row} requested but the factor bank has {len(bank)} rows")
     item = bank.items[row]
@@ -63,7 +67,10 @@ def bank_source(bank: FactorBank, row: int) -> FactorSource:
         domain = bank.domains[int(bank.domain_index[row])]
     latent = Path(str(item.get("latent", "")))
     origin = str(latent if latent.is_absolute() else (bank.path.parent / latent).resolve())
-    return FactorSource(f"bank{row}", bank.content[row], bank.style[row], domain, origin)
+    cmap = None
+    if content_map:
+        cmap = torch.from_numpy(np.asarray(open_latent(bank.content_map_paths([row])[0]), dtype=np.float32))
+    return FactorSource(f"bank{row}", bank.content[row], bank.style[row], domain, origin, content_map=cmap)
 
 
 def default_rows(bank: FactorBank, n: int) -> list[int]:
@@ -134,19 +141,28 @@ class FactorExtractor:
         return encode_volume(self._vae, torch.as_tensor(image))
 
     @torch.no_grad()
-    def factors_of_latent(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(content (Dc,), style (Ds,)) of a (C, X, Y, Z) latent."""
+    def factors_of_latent(self, latent: torch.Tensor, content_map: bool = False) -> tuple[torch.Tensor, ...]:
+        """(content (Dc,), style (Ds,)) of a (C, X, Y, Z) latent, and with ``content_map`` its
+        content token map (Dc, gx, gy, gz) as third element."""
         net = self.ssl_model()
-        out = volume_factors(meduet_factor_fn(net), latent, self.patch_size, self.overlap, int(net.encoder.patch_size))
-        return out["content"].float().cpu(), out["style"].float().cpu()
+        out = volume_factors(meduet_factor_fn(net), latent, self.patch_size, self.overlap, int(net.encoder.patch_size),
+                             token_maps=content_map)
+        vectors = (out["content"].float().cpu(), out["style"].float().cpu())
+        return (*vectors, out["content_map"].float().cpu()) if content_map else vectors
 
-    def __call__(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(content (Dc,), style (Ds,), latent (C, X, Y, Z)) of a reference volume file."""
+    def token_size(self) -> int:
+        """Latent voxels per token of the MeDUET encoder (one cell of its content maps)."""
+        return int(self.ssl_model().encoder.patch_size)
+
+    def __call__(self, path: str | Path, content_map: bool = False) -> tuple[torch.Tensor, ...]:
+        """(content (Dc,), style (Ds,), latent (C, X, Y, Z)) of a reference volume file, and with
+        ``content_map`` its content token map as fourth element."""
         path = Path(path)
         if not path.is_file():
             raise InputError(path, "reference volume not found")
         latent = self.latent_of(path)
-        return (*self.factors_of_latent(latent), latent)
+        factors = self.factors_of_latent(latent, content_map)
+        return (*factors[:2], latent, *factors[2:])
 
 
 _BANK_ROW = re.compile(r"^(?:bank)?#?(\d+)$")
@@ -169,8 +185,9 @@ def resolve_sources(
     bank: FactorBank | None,
     root: str | Path = ".",
     extractor: FactorExtractor | None = None,
+    content_maps: bool = False,
 ) -> list[FactorSource]:
-    """Turn the user's list of sources into vectors.
+    """Turn the user's list of sources into vectors (and content token maps).
 
     Args:
         specs: an integer n (n bank rows spread over the domains, :func:`default_rows`), or a list
@@ -180,6 +197,7 @@ def resolve_sources(
         bank: the factor bank (needed for rows).
         root: folder of relative reference paths (the bundle's ``dataset_dir``).
         extractor: computes factors of reference volumes.
+        content_maps: also each source's content token map (generators with ``content_map``).
 
     A bank that is a missing placeholder (``FactorBank.load(..., missing_ok=True)``) gives no
     sources: the config resolved before its inputs exist, and its run stops in ``require_inputs``.
@@ -189,25 +207,38 @@ def resolve_sources(
     if isinstance(specs, int):
         if bank is None:
             raise InputError("factor_bank", "a number of sources needs the factor bank")
-        return [bank_source(bank, r) for r in default_rows(bank, specs)]
+        return [bank_source(bank, r, content_maps) for r in default_rows(bank, specs)]
     out = []
     for spec in specs:
         if isinstance(spec, str) and spec.startswith(_DOMAIN_PREFIX):
-            out.append(bank_source(bank, domain_row(bank, spec[len(_DOMAIN_PREFIX):])))
+            out.append(bank_source(bank, domain_row(bank, spec[len(_DOMAIN_PREFIX):]), content_maps))
             continue
         m = _BANK_ROW.match(str(spec).strip())
         if isinstance(spec, int) or m:
             if bank is None:
                 raise InputError("factor_bank", f"source {spec!r} is a bank row but no factor bank is given")
-            out.append(bank_source(bank, int(m.group(1)) if m else int(spec)))
+            out.append(bank_source(bank, int(m.group(1)) if m else int(spec), content_maps))
             continue
         path = Path(spec) if Path(spec).is_absolute() else Path(root) / spec
         if extractor is None:
             raise InputError(path, "a reference volume needs the MeDUET checkpoint (set ssl_ckpt)")
-        content, style, latent = extractor(path)
+        content, style, latent, *cmap = extractor(path, content_maps)
         # an image reference's latent is kept for the grid's source panel (no second encoding)
         kept = None if path.suffix == ".npy" else latent
-        out.append(FactorSource(path.name.split(".")[0], content, style, None, str(path), kept))
+        out.append(FactorSource(path.name.split(".")[0], content, style, None, str(path), kept, *cmap))
     if not out:
         raise InputError("sources", "no content or style source given")
     return out
+
+
+def content_map_cell(generator_meta: dict, bank: FactorBank | None, extractor: FactorExtractor | None) -> int:
+    """Latent voxels per content-map cell for a generator built with ``content_map`` (the bank's
+    token size, else the MeDUET encoder's); 0 for a generator conditioned on vectors only."""
+    if not generator_meta.get("network", {}).get("content_map"):
+        return 0
+    if bank is not None and not bank.meta.get("missing"):
+        return bank.token_size()
+    if extractor is None:
+        raise InputError("ssl_ckpt", "a generator conditioned on content maps needs the factor bank or the MeDUET checkpoint")
+    return extractor.token_size()
+

@@ -40,6 +40,18 @@ STAGE = "meduet_ldm"
 # --------------------------------------------------------------------------------------------
 
 
+CONTENT_CONDITIONING = ("vector", "map")
+
+
+def uses_content_map(content_conditioning: str) -> bool:
+    """meduet_ldm's ``content_conditioning``: "vector" (the paper: one pooled content vector per volume)
+    or "map" (also the content token map over the crop, :class:`~custom_nets.nets.latent_dit.LatentDiT`'s
+    ``content_map``). Returns whether maps are used; any other value is refused by name."""
+    if content_conditioning not in CONTENT_CONDITIONING:
+        raise ValueError(f"content_conditioning must be one of {CONTENT_CONDITIONING}, got {content_conditioning!r}")
+    return content_conditioning == "map"
+
+
 class FlowMatchingStep:
     """``iteration_update`` of a MONAI ``SupervisedTrainer``: one optimisation step of the generator.
 
@@ -73,8 +85,8 @@ class FlowMatchingStep:
         self.scale_factor = float(state["scale_factor"])
 
     def _forward(self, engine: Engine) -> Any:
-        def call(x, t, c, s):
-            return engine.inferer(x, engine.network, t, c, s) if engine.inferer is not None else engine.network(x, t, c, s)
+        def call(x, t, c, s, **kw):
+            return engine.inferer(x, engine.network, t, c, s, **kw) if engine.inferer is not None else engine.network(x, t, c, s, **kw)
 
         return call
 
@@ -83,11 +95,13 @@ class FlowMatchingStep:
         x0 = batch["latent"].to(device, torch.float32, non_blocking=engine.non_blocking) * self.scale_factor
         content = batch["content"].to(device, torch.float32)
         style = batch["style"].to(device, torch.float32)
+        content_map = batch["content_map"].to(device, torch.float32) if "content_map" in batch else None
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         autocast, scaler = engine_amp(engine)
         with autocast:
-            loss = diffusion_loss(self._forward(engine), x0, content, style, self.scheduler, loss_fn=engine.loss_function)
+            loss = diffusion_loss(self._forward(engine), x0, content, style, self.scheduler, loss_fn=engine.loss_function,
+                                  content_map=content_map)
         grad_norm = optimizer_step(loss, engine.optimizer, engine.network.parameters(), scaler, self.grad_clip)
         if self.ema is not None:
             self.ema.update(engine.network)
@@ -123,6 +137,7 @@ class FlowMatchingValidationStep:
         net.eval()
         x0 = batch["latent"].to(device, torch.float32) * self.train_step.scale_factor
         content, style = batch["content"].to(device, torch.float32), batch["style"].to(device, torch.float32)
+        content_map = batch["content_map"].to(device, torch.float32) if "content_map" in batch else None
         gen = torch.Generator().manual_seed(self.seed + int(engine.state.iteration))
         noise = torch.randn(x0.shape, generator=gen).to(device)
         losses = []
@@ -130,7 +145,8 @@ class FlowMatchingValidationStep:
             tt = torch.full((x0.shape[0],), t, device=device)
             if not is_flow(self.scheduler):
                 tt = tt.long()
-            losses.append(float(diffusion_loss(net, x0, content, style, self.scheduler, noise=noise, timesteps=tt)))
+            losses.append(float(diffusion_loss(net, x0, content, style, self.scheduler, noise=noise, timesteps=tt,
+                                               content_map=content_map)))
         return {"loss": float(np.mean(losses))}
 
 

@@ -21,7 +21,7 @@ Files (contract with meduet_ldm)::
                       (plain tensors; loads with torch.load(weights_only=True))
     factor_bank.json  {"items": [{"latent", "image", "domain", "split", ["content_map", "style_map"]}],
                        "domains": [...], "ssl_sha256": str, "content_dim": Dc, "style_dim": Ds,
-                       "patch_size": 24, "overlap": 0.25, "stride": 16}
+                       "patch_size": 24, "overlap": 0.25, "stride": 16, "token_size": 4}
     token_maps/NNNNN_<name>_{content,style}.npy   float16 (D, gx, gy, gz), with ``token_maps=True``
 """
 
@@ -333,6 +333,40 @@ class FactorBank:
             raise InputErrors(errors)
         return rows
 
+    def content_map_paths(self, rows: Sequence[int]) -> list[Path]:
+        """The content token map files of ``rows`` (relative paths are taken from the bank's folder).
+
+        Raises:
+            InputError: the bank was written without token maps, or a map file is missing.
+        """
+        paths = []
+        for r in rows:
+            rel = self.items[r].get("content_map")
+            if not rel:
+                raise InputError(self.path, "the factor bank holds no content token maps; rerun meduet_ssl inference "
+                                            "with save_token_maps true")
+            p = Path(rel) if Path(rel).is_absolute() else self.path.parent / rel
+            if not p.is_file():
+                raise InputError(p, "content token map of the factor bank not found; rerun meduet_ssl inference")
+            paths.append(p)
+        return paths
+
+    def token_size(self) -> int:
+        """Latent voxels per token-map cell (the MeDUET encoder's patch size): recorded in the bank,
+        else read from the first volume (a map covers ``ceil(side / token)`` cells)."""
+        if self.meta.get("token_size"):
+            return int(self.meta["token_size"])
+        if not self.items:
+            raise InputError(self.path, "the factor bank is empty")
+        from custom_nets.data.latent_cache import open_latent
+
+        latent = open_latent(self.path.parent / self.items[0]["latent"]).shape[1:]
+        cmap = open_latent(self.content_map_paths([0])[0]).shape[1:]
+        sizes = {t for t in range(1, max(latent) + 1) if all(math.ceil(n / t) == g for n, g in zip(latent, cmap))}
+        if not sizes:
+            raise InputError(self.path, f"latent {tuple(latent)} and content map {tuple(cmap)} fit no token size")
+        return min(sizes)
+
 
 # --------------------------------------------------------------------------------------------
 # MONAI pieces for the inference config
@@ -532,7 +566,8 @@ class FactorBankWriter:
         content = torch.stack([self.results[i]["content"] for i in order])
         style = torch.stack([self.results[i]["style"] for i in order])
         meta = dict(ssl_sha256=file_sha256(self.ssl_ckpt), patch_size=self.patch_size, overlap=self.overlap,
-                    stride=cube_stride(self.patch_size, self.overlap, self.token_size), settings_key=self.key)
+                    stride=cube_stride(self.patch_size, self.overlap, self.token_size), token_size=self.token_size,
+                    settings_key=self.key)
         pt = FactorBank(content, style, domain_index, records, self.domains, meta).save(self.output_dir)
         self._remove_stale_token_maps(records)
         # a picture of the bank for a person: style should cluster by domain, content should not
