@@ -865,3 +865,38 @@ def test_ldm_control_phantoms_reads_the_last_validation_loss(tmp_path) -> None:
                    "Epoch: 4/4, Iter: 2/2 -- train_loss: 0.4000\n")
     assert control.last_val_loss(log) == pytest.approx(0.53)
     assert control.last_val_loss(tmp_path / "missing.log") is None
+
+
+def test_unpaired_route_trains_each_anatomy_in_one_style_with_copies_as_partners(tmp_path: Path) -> None:
+    """disentanglement.py --unpaired-copies: every training anatomy appears in one real style only, plus
+    its random-intensity copies (domain 'intensity_copy', the same content_id, distinct latents); the
+    held-out set is unchanged; the paired dataset finds each volume's partner among them."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import disentanglement as bench
+    import numpy as np
+
+    from custom_nets.data.latent_cache import load_latent_datalist
+    from custom_nets.data.latent_datasets import LatentCropDataset
+
+    args = bench.parse_args(["--train-anatomies", "4", "--test-anatomies", "2", "--swap-anatomies", "0",
+                             "--unpaired-copies", "2"])
+    data = bench.build_data(tmp_path, args)
+    lists = load_latent_datalist(data["latent_datalist"], keys=("training",))
+    assert lists["domains"] == [*data["styles"], "intensity_copy"] and len(data["styles"]) == 4
+    train = lists["training"]
+    real = [it for it in train if it["domain"] != "intensity_copy"]
+    assert [(it["content_id"], it["domain_index"]) for it in real] == [("a000", 0), ("a001", 1), ("a002", 2), ("a003", 3)]
+    copies = [it for it in train if it["domain"] == "intensity_copy"]
+    assert len(copies) == 8 and all(it["domain_index"] == 4 for it in copies)
+    assert sorted(it["content_id"] for it in copies) == sorted(["a000", "a001", "a002", "a003"] * 2)
+    assert len({it["latent"] for it in train}) == 12
+    z = {Path(it["latent"]).name: np.load(it["latent"]).astype(np.float32) for it in train}
+    assert np.abs(z["a000_ct_sharp_nobias_n0_copy0.npy"] - z["a000_ct_sharp_nobias_n0.npy"]).mean() > 0.05
+    assert {(it["content_id"], it["style"]) for it in data["eval"]} == {
+        (f"a00{i}", s) for i in (4, 5) for s in data["styles"]}  # held out: every style, as before
+    ds = LatentCropDataset(train, crop=8, window=16, pair_key="content_id")
+    for i, it in enumerate(train):
+        partners = {train[j]["content_id"] for j in ds.partners[i]}
+        assert partners == {it["content_id"]} and all(train[j]["domain_index"] != it["domain_index"] for j in ds.partners[i])
