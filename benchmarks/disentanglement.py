@@ -315,6 +315,11 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                 if gt_keys[0] in arrays:
                     imgs = [arrays[g] for g in gt_keys]
                     gt[(anatomy, st.name)] = (np.mean(imgs, 0), torch.stack([tokenizer.encode(m) for m in imgs]).mean(0))
+    if copies:  # what the partners look like beside the real styles (anatomy 0: its one style and its copies)
+        first = f"a000_{styles[0].name}_n0"
+        plot_copies({st.name: arrays[f"a000_{st.name}_n0"] for st in styles},
+                    [intensity_copy(arrays[first], copy_seed(f"{args.data_seed}/{first}", k)).numpy() for k in range(copies)],
+                    out / "figures" / "unpaired_copies.png")
     datalist = {**lat_items, "domains": names + ([COPY_DOMAIN] if copies else []),
                 "vae": {"ckpt": None, "sha256": "pool4-mean-std-gradients", "latent_channels": 4,
                         "network": tokenizer.record()}}
@@ -753,6 +758,28 @@ def plot_projection(records: dict[str, Any], keys: Sequence[str], path: Path) ->
             row[k].set_xticks([])
             row[k].set_yticks([])
     fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_copies(real: dict[str, np.ndarray], copies: list[np.ndarray], path: Path) -> Path:
+    """Mid slices of one anatomy in every real style and of a training volume's random-intensity copies
+    (the unpaired route's partners), on one grey scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(f"{name.replace('_nobias', '')}", im) for name, im in real.items()]
+    panels += [(f"copy {k} of {next(iter(real)).replace('_nobias', '')}", im) for k, im in enumerate(copies)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 2.2), squeeze=False)
+    for ax, (title, im) in zip(axes[0], panels):
+        ax.imshow(im[:, :, im.shape[2] // 2].T, cmap="gray", vmin=0, vmax=1, origin="lower")
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

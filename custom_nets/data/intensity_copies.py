@@ -79,7 +79,7 @@ def _gaussian_blur3d(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
     shape = x.shape
-    y = x.reshape(1, 1, *shape[-3:])
+    y = x.reshape(-1, 1, *shape[-3:])  # every channel on its own
     for axis in range(3):
         view = [1, 1, 1, 1, 1]
         view[2 + axis] = -1
