@@ -271,11 +271,15 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                     arrays[f"a{i:03d}_{st.name}_n{k}"] = normalise(img, st.modality)
         np.savez(cache, **arrays)
     arrays = dict(np.load(cache))
-    copies = int(getattr(args, "unpaired_copies", 0) or 0)
+    copies = args.unpaired_copies
 
     def in_training(i: int, d: int) -> bool:
         # unpaired: each training anatomy in one style only (round robin), as most collections are
         return not held_out(i) and (copies == 0 or d == i % len(styles))
+
+    def copy_of(key: str, k: int) -> np.ndarray:
+        """Random-intensity copy k of the rendered image ``key`` (a function of the data seed, key and k)."""
+        return intensity_copy(arrays[key], copy_seed(f"{args.data_seed}/{key}", k)).numpy()
 
     train_images = [arrays[f"a{i:03d}_{st.name}_n0"] for i in range(n_train + n_test)
                     for d, st in enumerate(styles) if in_training(i, d)]
@@ -303,8 +307,7 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                 for k in range(copies):  # the paired partners of the unpaired route
                     copy_path = data / f"{key}_copy{k}.npy"
                     if not copy_path.is_file():
-                        image = intensity_copy(arrays[key], copy_seed(f"{args.data_seed}/{key}", k)).numpy()
-                        write_latent(copy_path, tokenizer.encode(image))
+                        write_latent(copy_path, tokenizer.encode(copy_of(key, k)))
                     lat_items["training"].append(dict(item, latent=copy_path.name, domain=COPY_DOMAIN,
                                                       domain_index=len(styles), style=COPY_DOMAIN))
             elif not held_out(i):
@@ -316,10 +319,8 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                     imgs = [arrays[g] for g in gt_keys]
                     gt[(anatomy, st.name)] = (np.mean(imgs, 0), torch.stack([tokenizer.encode(m) for m in imgs]).mean(0))
     if copies:  # what the partners look like beside the real styles (anatomy 0: its one style and its copies)
-        first = f"a000_{styles[0].name}_n0"
         plot_copies({st.name: arrays[f"a000_{st.name}_n0"] for st in styles},
-                    [intensity_copy(arrays[first], copy_seed(f"{args.data_seed}/{first}", k)).numpy() for k in range(copies)],
-                    out / "figures" / "unpaired_copies.png")
+                    [copy_of(f"a000_{styles[0].name}_n0", k) for k in range(copies)], out / "figures" / "unpaired_copies.png")
     datalist = {**lat_items, "domains": names + ([COPY_DOMAIN] if copies else []),
                 "vae": {"ckpt": None, "sha256": "pool4-mean-std-gradients", "latent_channels": 4,
                         "network": tokenizer.record()}}

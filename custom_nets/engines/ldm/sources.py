@@ -241,4 +241,3 @@ def content_map_cell(generator_meta: dict, bank: FactorBank | None, extractor: F
     if extractor is None:
         raise InputError("ssl_ckpt", "a generator conditioned on content maps needs the factor bank or the MeDUET checkpoint")
     return extractor.token_size()
-
