@@ -69,7 +69,7 @@ from custom_nets.engines.ssl.disentangle import (  # noqa: E402
     token_map_retrieval,
 )
 from custom_nets.utils.io import write_json  # noqa: E402
-from report_tools import bundle_command, machine, run_bundle, write_report  # noqa: E402  (same folder)
+from report_tools import bundle_run_command, machine, run_bundle, write_report  # noqa: E402  (same folder)
 
 SECTION = "## Disentanglement"
 STYLES = ("ct_sharp", "ct_smooth_noisy", "mr_t1like", "mr_t2like")
@@ -358,7 +358,7 @@ def train_arm(out: Path, arm: str, seed: int, switches: dict[str, Any], latent_d
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = write_json(run_dir / "arm.json", arm_overlay(run_dir, seed, switches, latent_datalist, args.batch_size, epochs))
     files = ["bundles/meduet_ssl/configs/train.json", "bundles/meduet_ssl/configs/demo.json", str(cfg)]
-    cmd = bundle_command(files, "bundles/meduet_ssl")
+    cmd = bundle_run_command(files, "bundles/meduet_ssl")
     log(f"training {arm} seed {seed}: {json.dumps(switches)}")
     run_bundle(cmd, run_dir / "train.log", f"meduet_ssl run {arm} seed {seed}")
     (run_dir / "done").write_text("ok\n")

@@ -50,7 +50,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from report_tools import bundle_command, machine, run_bundle  # noqa: E402  (same folder)
+from report_tools import bundle_run_command, machine, run_bundle  # noqa: E402  (same folder)
 
 LATENT = re.compile(r"^(a\d{3})_(.+)_n(\d+)\.npy$")
 
@@ -168,7 +168,7 @@ def load_latent(path: Path) -> torch.Tensor:
 
 
 def bundle(name: str, config: str, **overrides: Any) -> list[str]:
-    return bundle_command([f"bundles/{name}/configs/{config}"], f"bundles/{name}", **overrides)
+    return bundle_run_command([f"bundles/{name}/configs/{config}"], f"bundles/{name}", **overrides)
 
 
 def train_chain(run_dir: Path, datalist: Path, ssl_ckpt: Path, seed: int, args: argparse.Namespace) -> Path:

@@ -22,14 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from report_tools import bundle_command, run_bundle  # noqa: E402  (same folder)
+from report_tools import bundle_run_command, run_bundle  # noqa: E402  (same folder)
 
 
 def run_training(out: Path, init: bool, args: argparse.Namespace) -> Path:
     """One training run; returns its TensorBoard folder."""
     configs = [str(ROOT / "bundles/meduet_ldm/configs/train.json"), str(ROOT / "bundles/meduet_ldm/configs/demo.json")]
     run_dir = out / ("meduet_init" if init else "random_init")
-    cmd = bundle_command(
+    cmd = bundle_run_command(
         configs, ROOT / "bundles/meduet_ldm", latent_datalist=args.demo_dir / "latents/datalist.json",
         factor_bank=args.demo_dir / "factors/factor_bank.pt", ssl_ckpt=args.ssl_ckpt, init_from_ssl=init,
         output_dir=run_dir, ckpt_dir=run_dir / "models" / "checkpoints", model_path=run_dir / "models" / "model.pt",

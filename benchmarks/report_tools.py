@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from custom_nets.utils.io import atomic_write  # noqa: E402
+from custom_nets.utils.proc import bundle_run_command  # noqa: E402,F401  (the benchmarks import it from here)
 
 
 def machine() -> str:
@@ -54,17 +55,6 @@ def write_report(report: Path, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
     atomic_write(report, lambda tmp: tmp.write_text(text))
-
-
-def bundle_command(config_files: Sequence[str | Path], bundle_root: str | Path, **overrides: Any) -> list[str]:
-    """``python -m monai.bundle run --config_file ... --bundle_root ... --<id> <value> ...`` as an argument list
-    (one config file is passed as its path, several as a list, as the bundles' READMEs write them)."""
-    files = [str(f) for f in config_files]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files[0] if len(files) == 1 else str(files),
-           "--bundle_root", str(bundle_root)]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
-    return cmd
 
 
 def run_bundle(cmd: list[str], log_file: Path, what: str) -> None:

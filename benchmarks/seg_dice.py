@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from report_tools import ROOT, bundle_command, machine, run_bundle  # (same folder; puts the repo root on sys.path)
+from report_tools import ROOT, bundle_run_command, machine, run_bundle  # (same folder; puts the repo root on sys.path)
 
 TRAIN_STYLES = ("ct_sharp", "ct_smooth_noisy", "mr_t1like")
 HELD_OUT_STYLES = ("ct_lowdose", "mr_t2like")
@@ -91,7 +91,7 @@ def write_json(path: Path, obj: Any) -> Path:
 def bundle(name: str, configs: Sequence[str | Path], log: Path, **overrides: Any) -> list[str]:
     """Run ``python -m monai.bundle run`` from the repo root; stop with the log tail if it fails."""
     files = [c if Path(str(c)).is_absolute() else f"bundles/{name}/configs/{c}" for c in configs]
-    cmd = bundle_command(files, f"bundles/{name}", **overrides)
+    cmd = bundle_run_command(files, f"bundles/{name}", **overrides)
     log.unlink(missing_ok=True)  # one log per run (run_bundle appends)
     t0 = time.perf_counter()
     run_bundle(cmd, log, f"{name} {' '.join(str(c) for c in configs)}")

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from meduet_demo.report import dice_per_label, score_masks, truth_by_stem  # noqa: E402
-from report_tools import bundle_command, run_bundle  # noqa: E402  (same folder)
+from report_tools import bundle_run_command, run_bundle  # noqa: E402  (same folder)
 
 SETTINGS: dict[str, dict[str, str]] = {
     "default": {},
@@ -54,7 +54,7 @@ def run_setting(name: str, args: argparse.Namespace, out: Path) -> float:
     """Segment the datalist's volumes with one setting; returns the wall seconds of the bundle run."""
     overrides = {"model_path": Path(args.model).resolve(), "datalist": Path(args.datalist).resolve(),
                  "output_dir": out / name, **SETTINGS[name], **dict(kv.partition("=")[::2] for kv in args.set)}
-    cmd = bundle_command(["bundles/meduet_seg/configs/inference.json"], "bundles/meduet_seg", **overrides)
+    cmd = bundle_run_command(["bundles/meduet_seg/configs/inference.json"], "bundles/meduet_seg", **overrides)
     log = out / f"{name}.log"
     log.unlink(missing_ok=True)  # one log per setting (run_bundle appends)
     t0 = time.perf_counter()

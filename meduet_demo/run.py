@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from custom_nets.utils.proc import run_logged
+from custom_nets.utils.proc import bundle_run_command, run_logged
 from meduet_demo.phantoms import PHANTOM_LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +42,7 @@ class Stage:
 
 def bundle_cmd(bundle: str, configs: Sequence[str], **overrides: object) -> list[str]:
     """``python -m monai.bundle run`` with the bundle's configs (demo overlay last) and overrides."""
-    files = [f"bundles/{bundle}/configs/{c}" for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files) if len(files) > 1 else files[0]]
-    cmd += ["--bundle_root", f"bundles/{bundle}"]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
-    return cmd
+    return bundle_run_command([f"bundles/{bundle}/configs/{c}" for c in configs], f"bundles/{bundle}", **overrides)
 
 
 def run_stage(stage: Stage, log: Path) -> None:
@@ -200,9 +195,9 @@ def demo_stages(out: Path, rel, domains: Sequence[str] = GRID_CONTENT + GRID_STY
                                                 {str(v): n for v, n in PHANTOM_LABELS.items()}),
               budget_of="seg train"),
         # the README's main command, typed as a user would, on the held-out phantoms only
-        Stage("seg inference", [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                                "bundles/meduet_seg/configs/inference.json", "--dataset_dir", rel(out / "seg_test_images"),
-                                "--output_dir", rel(out / "seg_inference"), "--save_overlays", "true"]),
+        Stage("seg inference", bundle_run_command(["bundles/meduet_seg/configs/inference.json"],
+                                                  dataset_dir=rel(out / "seg_test_images"),
+                                                  output_dir=rel(out / "seg_inference"), save_overlays="true")),
     ]
     if real:
         stages += real_ct_stages(out)

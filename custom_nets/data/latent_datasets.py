@@ -88,15 +88,18 @@ def random_crop(arr: np.ndarray, size: int | Sequence[int], generator: Generator
     return torch.from_numpy(window).float().numpy()
 
 
-def centre_window(arr: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+def centre_window(arr: np.ndarray, size: int | Sequence[int], pad: bool = True) -> np.ndarray:
     """The window of ``size`` at the centre of a ``(C, X, Y, Z)`` array (the same for every call), as a
     float32 copy; axes shorter than the window are edge-padded at the far end, as :func:`crop_view` does.
 
     Args:
         arr: e.g. a memory-mapped latent.
         size: window edge (a cube) or (X, Y, Z) sizes; a window as large as the volume is the volume.
+        pad: False keeps axes shorter than the window at their own length instead (a picture of a source).
     """
     sizes = _window_size(size)
+    if not pad:
+        sizes = [min(s, n) for s, n in zip(sizes, arr.shape[1:])]
     starts = [max(n - s, 0) // 2 for n, s in zip(arr.shape[1:], sizes)]
     return torch.from_numpy(np.array(_window_at(arr, starts, sizes))).float().numpy()
 

@@ -4,10 +4,37 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def bundle_run_command(config_files: Sequence[str | Path], bundle_root: str | Path | None = None,
+                       **overrides: object) -> list[str]:
+    """``python -m monai.bundle run --config_file ... [--bundle_root ...] --<id> <value> ...`` as a list.
+
+    One config file is passed as its path, several as a list literal (later files override earlier
+    ones), as the bundles' READMEs write them.
+
+    Args:
+        config_files: config paths.
+        bundle_root: passed as ``--bundle_root`` unless None.
+        overrides: config ids and values passed as ``--<id> <value>``.
+
+    Returns:
+        The command, starting with this interpreter.
+    """
+    files = [str(f) for f in config_files]
+    if not files:
+        raise ValueError("bundle_run_command needs at least one config file")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files[0] if len(files) == 1 else str(files)]
+    if bundle_root is not None:
+        cmd += ["--bundle_root", str(bundle_root)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    return cmd
 
 
 @dataclass

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from custom_nets.utils.proc import bundle_run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,11 +33,7 @@ def run_bundle(
     Returns:
         The completed process (stdout and stderr captured as text).
     """
-    files = [str(f) for f in config_files]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files) if len(files) > 1 else files[0]]
-    for k, v in (overrides or {}).items():
-        cmd += [f"--{k}", str(v)]
-    cmd += list(extra_args)
+    cmd = bundle_run_command(config_files, **dict(overrides or {})) + list(extra_args)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", os.environ.get("MEDUET_TEST_THREADS", "2"))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -146,18 +146,18 @@ def test_run_bundle_appends_its_log_and_names_a_failure(tmp_path: Path) -> None:
     assert "first run" in text and "second run" in text and text.count("\n$ ") == 2
 
 
-def test_bundle_command_runs_a_bundle_config_with_its_overrides(tmp_path: Path) -> None:
+def test_bundle_run_command_runs_a_bundle_config_with_its_overrides(tmp_path: Path) -> None:
     """The argument list the benchmarks build runs through ``python -m monai.bundle run``: one config
     file as its path, several as a list (later ones override), each keyword as ``--<id> <value>``."""
-    from report_tools import bundle_command
+    from report_tools import bundle_run_command
 
     base, overlay = tmp_path / "base.json", tmp_path / "overlay.json"
     base.write_text(json.dumps({"greeting": "base", "target": "nobody", "run": ["$print('said', @greeting, 'to', @target)"]}))
     overlay.write_text(json.dumps({"greeting": "overlay"}))
-    one = bundle_command([base], tmp_path, target="one")
+    one = bundle_run_command([base], tmp_path, target="one")
     assert one[one.index("--config_file") + 1] == str(base) and one[-2:] == ["--target", "one"]
     log = tmp_path / "bundle.log"
     run_bundle(one, log, "one config")
-    run_bundle(bundle_command([base, overlay], tmp_path, target=Path("/x")), log, "two configs")
+    run_bundle(bundle_run_command([base, overlay], tmp_path, target=Path("/x")), log, "two configs")
     text = log.read_text()
     assert "said base to one" in text and "said overlay to /x" in text

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from custom_nets.utils.proc import bundle_run_command
 from tests.support.bundle_runner import ROOT, run_bundle
 from tests.support.world import BUNDLES, config_files, train_overrides
 
@@ -41,9 +41,7 @@ def upstream(world: dict[str, Path]) -> dict[str, Path]:
 
 def start(bundle: str, overrides: Mapping[str, Any], log: Path) -> subprocess.Popen:
     """``python -m monai.bundle run`` in the background (output to ``log``), as bundle_runner runs it."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config_files(bundle))]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
+    cmd = bundle_run_command(config_files(bundle), **dict(overrides))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", os.environ.get("MEDUET_TEST_THREADS", "2"))
     with open(log, "w") as f:

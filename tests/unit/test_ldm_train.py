@@ -331,7 +331,8 @@ def test_decoding_refuses_another_vae(tmp_path):
 
 def test_grid_shows_the_sources_beside_the_samples(tmp_path):
     """The grid's margins hold each source's centred latent window decoded like the samples."""
-    from custom_nets.engines.ldm.sample import DecodeLatentd, SampleGridHandler, SourcePreview, centre_window
+    from custom_nets.data.latent_datasets import centre_window
+    from custom_nets.engines.ldm.sample import DecodeLatentd, SampleGridHandler, SourcePreview
     from custom_nets.engines.ldm.sources import FactorSource
     from custom_nets.nets.vae import decode_latent, maisi_vae
 
@@ -343,8 +344,11 @@ def test_grid_shows_the_sources_beside_the_samples(tmp_path):
     preview = SourcePreview(decode, (8, 8, 4))
     on_disk = FactorSource("bank0", torch.zeros(12), torch.zeros(6), "a", str(tmp_path / "src.npy"))
     img = preview(on_disk)
-    window = centre_window(torch.from_numpy(np.load(tmp_path / "src.npy").astype(np.float32)), (8, 8, 4))
-    assert window.shape == (4, 8, 8, 4) and torch.equal(window, centre_window(window, (8, 8, 4)))
+    window = torch.from_numpy(centre_window(np.load(tmp_path / "src.npy"), (8, 8, 4), pad=False))
+    assert window.shape == (4, 8, 8, 4) and torch.equal(window, latent.half().float()[:, 1:9, 0:8, 1:5])
+    # a source smaller than the sampled size is shown at its own size, not edge-padded
+    assert centre_window(np.zeros((4, 6, 9, 6), np.float16), (8, 8, 4), pad=False).shape == (4, 6, 8, 4)
+    assert centre_window(np.zeros((4, 6, 9, 6), np.float16), (8, 8, 4)).shape == (4, 8, 8, 4)
     with torch.no_grad():
         expected = np.clip(decode_latent(vae, window, roi=None).numpy()[0], 0, 1)  # MR: 0..1
     assert img.shape == (32, 32, 16) and np.allclose(img, expected, atol=1e-5)

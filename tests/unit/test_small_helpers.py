@@ -1,4 +1,5 @@
-"""The small shared helpers: config paths, DDP unwrapping, rank, JSON arguments, the NIfTI writer, loss comparison."""
+"""The small shared helpers: config paths, DDP unwrapping, rank, JSON arguments, the NIfTI writer, loss comparison,
+the bundle command line."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from custom_nets.engines.common.export import lower_is_better
 from custom_nets.utils.io import jsonable, save_nifti
 from custom_nets.utils.parallel import rank, unwrap
+from custom_nets.utils.proc import bundle_run_command
 from custom_nets.utils.values import as_path
 
 
@@ -23,6 +25,15 @@ def test_as_path_reads_no_path(value):
 def test_as_path_keeps_real_paths():
     assert as_path("models/model.pt") == Path("models/model.pt")
     assert as_path(Path("/x/none.pt")) == Path("/x/none.pt")
+
+
+def test_bundle_run_command_words():
+    one = bundle_run_command(["a/train.json"], **{"network_def#spatial_dims": 3})
+    assert one[1:] == ["-m", "monai.bundle", "run", "--config_file", "a/train.json", "--network_def#spatial_dims", "3"]
+    two = bundle_run_command(["a/train.json", "a/demo.json"], "bundles/x")
+    assert two[5:] == ["['a/train.json', 'a/demo.json']", "--bundle_root", "bundles/x"]
+    with pytest.raises(ValueError, match="config file"):
+        bundle_run_command([])
 
 
 def test_unwrap_opens_data_parallel_only():

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from custom_nets.data.latent_cache import open_latent
-from custom_nets.data.latent_datasets import centre_window as padded_centre_window
+from custom_nets.data.latent_datasets import centre_window
 from custom_nets.engines.common.outputs import OutputLedger, check_output_dir
 from custom_nets.engines.ldm.objective import is_flow, make_scheduler, scheduler_args, scheduler_from_args
 from custom_nets.engines.ldm.sources import FactorSource
@@ -271,7 +271,7 @@ class SamplingJobs(Dataset):
         if self.content_map_cell:
             assert cs.content_map is not None  # checked in __init__
             item["content_map"] = torch.from_numpy(
-                padded_centre_window(cs.content_map.float().numpy(), [s // self.content_map_cell for s in self.latent_shape[1:]]))
+                centre_window(cs.content_map.float().numpy(), [s // self.content_map_cell for s in self.latent_shape[1:]]))
         return item
 
 
@@ -398,12 +398,6 @@ class SaveSampled:
         return d
 
 
-def centre_window(latent: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """The centred (C, *size) window of a (C, X, Y, Z) latent (the whole axis where it is shorter)."""
-    starts = [max(0, (n - k) // 2) for n, k in zip(latent.shape[1:], size)]
-    return latent[(slice(None), *(slice(a, a + k) for a, k in zip(starts, size)))]
-
-
 class SourcePreview:
     """What a content or style source looks like, for the margins of the sample grid: the centred
     window of the source's latent at the sampled size, decoded by the same VAE and intensity map as
@@ -437,7 +431,7 @@ class SourcePreview:
             image = None
             if latent is not None:
                 # DecodeLatentd divides by the scale factor; the cache holds unscaled latents
-                window = centre_window(latent, self.latent_size) * self.decode.scale_factor
+                window = torch.from_numpy(centre_window(latent.numpy(), self.latent_size, pad=False)) * self.decode.scale_factor
                 image = torch.as_tensor(self.decode({"pred": window})["pred"]).float().numpy()[0]
             self._images[source.origin] = image
         return self._images[source.origin]
