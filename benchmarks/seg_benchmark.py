@@ -88,6 +88,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-steps", type=int, default=500, help="steps of each validation-check run")
     p.add_argument("--lr-models", default="unet_small,latent_meduet", help="models of the validation check")
     p.add_argument("--all-seeds", action="store_true", help="every seed for every model (default: the decisive set only)")
+    p.add_argument("--budget-pairs", default="",
+                   help="comma-separated 'latent_model:steps=unet_model:steps' pairs compared at (about) equal CPU "
+                        "seconds in the report, e.g. latent_meduet_aug:450=unet_small:1500 (the latent model cut at "
+                        "the UNet's budget) and latent_meduet_aug:1500=unet_small:5000 (the UNet given the latent's)")
     return p.parse_args(argv)
 
 
@@ -1043,19 +1047,68 @@ def summarise(rows: Sequence[dict[str, Any]], styles: Sequence[str]) -> dict[str
 
 
 def paired_bootstrap(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], styles: Sequence[str],
-                     n: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Mean (a - b) of per-volume mean Dice over anatomy x style, with a bootstrap 95 % interval."""
+                     n: int = 2000, seed: int = 0, label: str | None = None) -> dict[str, float]:
+    """Mean (a - b) of per-volume mean Dice (or of one ``label``'s Dice, where both volumes have it)
+    over anatomy x style, with a bootstrap 95 % interval."""
     import numpy as np
 
     key = lambda r: (r["anatomy"], r["style"])  # noqa: E731
-    bm = {key(r): mean_dice([r]) for r in b if r["style"] in styles}
-    diffs = np.array([mean_dice([r]) - bm[key(r)] for r in a if r["style"] in styles and key(r) in bm])
+    score = (lambda r: mean_dice([r])) if label is None else (lambda r: r["dice"][label])  # noqa: E731
+    bm = {key(r): score(r) for r in b if r["style"] in styles}
+    diffs = np.array([score(r) - bm[key(r)] for r in a if r["style"] in styles and key(r) in bm
+                      and score(r) is not None and bm[key(r)] is not None])
     if not len(diffs):
         return {}
     rng = np.random.default_rng(seed)
     boots = rng.choice(diffs, size=(n, len(diffs)), replace=True).mean(axis=1)
     return {"mean": float(diffs.mean()), "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
             "n": int(len(diffs))}
+
+
+def parse_budget_pairs(text: str) -> list[tuple[str, int, str, int]]:
+    """'latent_meduet_aug:450=unet_small:1500,...' -> [(latent model, steps, UNet model, steps), ...]."""
+    pairs = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            left, right = item.split("=")
+            (lm, ls), (um, us) = left.split(":"), right.split(":")
+            pair = (lm.strip(), int(ls), um.strip(), int(us))
+        except ValueError:
+            sys.exit(f"--budget-pairs: {item!r} is not 'latent_model:steps=unet_model:steps'")
+        unknown = [m for m in (pair[0], pair[2]) if m not in MODELS]
+        if unknown:
+            sys.exit(f"--budget-pairs: unknown models {unknown}; known: {', '.join(MODELS)}")
+        pairs.append(pair)
+    return pairs
+
+
+def equal_budget(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, int, str, int]],
+                 labels: Sequence[str] = ("body", "liver")) -> list[dict[str, Any]]:
+    """Each latent run against the UNet run of the same labelled set and seed named by ``pairs``, on the
+    seen styles: mean Dice and ``labels``' Dice of both, paired differences (bootstrap 95 % intervals)
+    and the ratio of their CPU seconds, which says how equal the budgets really were (CPU seconds are
+    comparable only between runs on one machine: the entry records both runs' steps and seconds)."""
+    out = []
+    for lm, ls, um, us in pairs:
+        for lat in (r for r in runs if r["model"] == lm and r["steps"] == ls):
+            unet = next((r for r in runs if r["model"] == um and r["steps"] == us
+                         and r["labelled"] == lat["labelled"] and r["seed"] == lat["seed"]), None)
+            if unet is None:
+                continue
+            seen_l, seen_u = summarise(lat["volumes"], TRAIN_STYLES), summarise(unet["volumes"], TRAIN_STYLES)
+            e = {"latent": lm, "latent_steps": ls, "latent_cpu_s": lat["cpu_s"], "upstream_id": lat.get("upstream_id"),
+                 "unet": um, "unet_steps": us, "unet_cpu_s": unet["cpu_s"], "labelled": lat["labelled"],
+                 "seed": lat["seed"], "cpu_ratio": lat["cpu_s"] / unet["cpu_s"],
+                 "mean": {"latent": seen_l["mean"], "unet": seen_u["mean"],
+                          "diff": paired_bootstrap(lat["volumes"], unet["volumes"], TRAIN_STYLES)}}
+            for lab in labels:
+                e[lab] = {"latent": seen_l[lab], "unet": seen_u[lab],
+                          "diff": paired_bootstrap(lat["volumes"], unet["volumes"], TRAIN_STYLES, label=lab)}
+            e["within_0.05"] = all(e[lab]["latent"] >= e[lab]["unet"] - 0.05 for lab in labels)
+            out.append(e)
+    return out
 
 
 def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, upstream: dict[str, Any]) -> dict[str, Any]:
@@ -1075,6 +1128,9 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
         if archived.get(archive_name(name, r)) != r:
             archive_result(args.archive, r, archive_name(name, r))
     results = list(by_key.values())
+    # every step budget (the equal-budget pairs mix them); a working-folder run replaces its archived copy
+    every_run = archived | {archive_name(n, r): r for n, r in here.items()}
+    budget = equal_budget(list(every_run.values()), parse_budget_pairs(args.budget_pairs))
     current_upstream = upstream_id(out)
     entries = []
     for r in results:
@@ -1136,7 +1192,7 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
            "probe_diagnostics": read_json_if_present(out / "probe_diagnostics.json"),
            "real_ct_ceilings": read_json_if_present(out / "real_ct_ceilings.json"),
            "lr_check": read_json_if_present(out / "lr_check.json"),
-           "train_styles": TRAIN_STYLES, "unseen_styles": UNSEEN_STYLES, "runs": entries}
+           "train_styles": TRAIN_STYLES, "unseen_styles": UNSEEN_STYLES, "runs": entries, "equal_budget": budget}
     write_json(Path(args.json), doc)
     return doc
 
@@ -1189,6 +1245,25 @@ def markdown(doc: dict[str, Any]) -> str:
         for m, best in lrc["best_lr"].items():
             by_lr = {r["lr"]: r["val_mean_dice"] for r in lrc["rows"] if r["model"] == m}
             lines.append(f"| {m} | " + " | ".join(f(by_lr.get(v)) for v in lrc["lrs"]) + f" | {best:g} |")
+        lines.append("")
+    budget = doc.get("equal_budget") or []
+    if budget:
+        def d(x: dict[str, Any]) -> str:
+            return f"{f(x['mean'])} [{f(x['ci95'][0])}, {f(x['ci95'][1])}]" if x else "-"
+
+        lines += ["At (about) equal CPU seconds, seen styles (latent minus UNet, paired over anatomy x style, "
+                  "bootstrap 95 % interval):", "",
+                  "| latent run | upstream | UNet run | L | seed | CPU s latent / UNet (ratio) | mean Dice latent / UNet | "
+                  "mean diff | body latent / UNet | body diff | liver latent / UNet | liver diff | body, liver within 0.05 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in sorted(budget, key=lambda e: (e["latent_steps"], e["latent"], -e["labelled"], e["seed"])):
+            lines.append(
+                f"| {e['latent']} {e['latent_steps']} steps | {e['upstream_id'] or '-'} | {e['unet']} {e['unet_steps']} steps | "
+                f"{e['labelled']} | {e['seed']} | {f(e['latent_cpu_s'], 0)} / {f(e['unet_cpu_s'], 0)} ({f(e['cpu_ratio'], 2)}) | "
+                f"{f(e['mean']['latent'])} / {f(e['mean']['unet'])} | {d(e['mean']['diff'])} | "
+                f"{f(e['body']['latent'])} / {f(e['body']['unet'])} | {d(e['body']['diff'])} | "
+                f"{f(e['liver']['latent'])} / {f(e['liver']['unet'])} | {d(e['liver']['diff'])} | "
+                f"{'yes' if e['within_0.05'] else 'no'} |")
         lines.append("")
     runs = sorted(doc["runs"], key=lambda e: (-e["labelled"], e["seed"], MODELS.index(e["model"])))
     if runs:

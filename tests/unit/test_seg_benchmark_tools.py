@@ -203,3 +203,29 @@ def test_finished_runs_are_archived_with_their_upstream(tmp_path: Path) -> None:
     assert sb.archived_results(str(tmp_path / "archive")) == {"unet_small_L8_seed0_steps5": {"model": "unet_small"}}
     sb.archive_result("", {"model": "x"}, "ignored")  # '' keeps none
     assert not (tmp_path / "ignored.json").exists()
+
+
+def test_equal_budget_pairs_runs_of_other_step_counts(tmp_path: Path) -> None:
+    """--budget-pairs sets a latent run beside the UNet run named for the same labelled set and seed,
+    whatever their step counts, with per-label paired differences and the CPU-seconds ratio."""
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    lat = _fake_result("latent_meduet_aug", 0, 0.80, "u1") | {"steps": 3, "cpu_s": 90.0}
+    unet = _fake_result("unet_small", 0, 0.90, None) | {"cpu_s": 100.0}  # 5 steps
+    for v in unet["volumes"]:
+        v["dice"]["body"] = 0.95  # latent body 0.80-0.83: more than 0.05 below
+    sb.write_json(archive / "lat.json", lat)
+    sb.write_json(out / "runs" / "unet_small_L8_seed0_steps5" / "result.json", unet)
+    sb.write_json(archive / "other_seed.json", _fake_result("unet_small", 1, 0.5, None))
+    args = sb.parse_args(["--steps", "5", "--archive", str(archive), "--json", str(tmp_path / "b.json"),
+                          "--budget-pairs", "latent_meduet_aug:3=unet_small:5, latent_meduet_aug:1500=unet_small:5000"])
+    doc = sb.report(out, args, None, {})
+    [e] = doc["equal_budget"]
+    assert (e["latent_steps"], e["unet_steps"], e["seed"], e["upstream_id"]) == (3, 5, 0, "u1")
+    assert e["cpu_ratio"] == pytest.approx(0.9)
+    assert e["liver"]["diff"]["mean"] == pytest.approx(-0.10) and e["body"]["diff"]["mean"] == pytest.approx(-0.135)
+    assert e["liver"]["latent"] == pytest.approx(0.80) and e["within_0.05"] is False
+    assert "body, liver within 0.05" in sb.markdown(doc)
+    with pytest.raises(SystemExit, match="not 'latent_model:steps"):
+        sb.parse_budget_pairs("latent_meduet_aug:450")
+    with pytest.raises(SystemExit, match="unknown models"):
+        sb.parse_budget_pairs("latent_vit:450=unet_small:1500")
