@@ -63,6 +63,8 @@ INTENSITY_AUG = ("unet_aug", "latent_meduet_aug", "latent_random_aug")
 RANDOM_VIT = ("latent_random", "latent_random_aug")
 DECISIVE = ("unet_small", "latent_meduet", "latent_random")
 GATE_PSNR_DB, GATE_PROBE_DICE = 26.0, 0.9
+#: the learning rate of the benchmark's main table (runs at another ``--lr`` are kept apart, see run_name)
+BENCHMARK_LR = 1e-3
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -88,10 +90,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-steps", type=int, default=500, help="steps of each validation-check run")
     p.add_argument("--lr-models", default="unet_small,latent_meduet", help="models of the validation check")
     p.add_argument("--all-seeds", action="store_true", help="every seed for every model (default: the decisive set only)")
+    p.add_argument("--lr", type=float, default=BENCHMARK_LR,
+                   help="learning rate of the runs (default 1e-3, the main table's); runs at another rate are "
+                        "named ..._lr<rate> and compared only through --budget-pairs (model:steps@rate)")
     p.add_argument("--budget-pairs", default="",
-                   help="comma-separated 'latent_model:steps=unet_model:steps' pairs compared at (about) equal CPU "
-                        "seconds in the report, e.g. latent_meduet_aug:450=unet_small:1500 (the latent model cut at "
-                        "the UNet's budget) and latent_meduet_aug:1500=unet_small:5000 (the UNet given the latent's)")
+                   help="comma-separated 'latent_model:steps[@lr]=unet_model:steps[@lr]' pairs set side by side in "
+                        "the report, e.g. latent_meduet_aug:450=unet_small:1500 (the latent model cut at the UNet's "
+                        "CPU budget), latent_meduet_aug:1500=unet_small:5000 (the UNet given the latent's), "
+                        "latent_meduet_aug:1500=unet_small:1500@0.003 (the UNet at its validation learning rate)")
     return p.parse_args(argv)
 
 
@@ -863,8 +869,14 @@ def mean_dice(rows: Sequence[dict[str, Any]]) -> float | None:
     return sum(per_vol) / len(per_vol) if vals else None
 
 
+def run_name(model: str, labelled: int, seed: int, steps: int, lr: float = BENCHMARK_LR, check: bool = False) -> str:
+    """Folder (and archive) name of a run; the learning rate is named when it is not the main table's,
+    and always in the learning-rate check."""
+    return f"{model}_L{labelled}_seed{seed}_steps{steps}" + (f"_lr{lr:g}" if check or lr != BENCHMARK_LR else "")
+
+
 def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int, args: argparse.Namespace,
-           vae_result: dict[str, Any], ssl_result: dict[str, Any] | None, lr: float = 1e-3, steps: int | None = None,
+           vae_result: dict[str, Any], ssl_result: dict[str, Any] | None, lr: float = BENCHMARK_LR, steps: int | None = None,
            eval_split: str = "test", run_root: str = "runs") -> dict[str, Any]:
     """One training run (resumable), scored on ``data[eval_split]``; kept in ``out/run_root/<name>``.
 
@@ -879,7 +891,7 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
     from meduet_demo.phantoms import PHANTOM_LABELS
 
     steps = args.steps if steps is None else steps
-    name = f"{model}_L{labelled}_seed{seed}_steps{steps}" + ("" if run_root == "runs" else f"_lr{lr:g}")
+    name = run_name(model, labelled, seed, steps, lr, check=run_root != "runs")
     run_dir = out / run_root / name
     result_path = run_dir / "result.json"
     if result_path.is_file():
@@ -1007,7 +1019,7 @@ def lr_check(out: Path, data: dict[str, Any], args: argparse.Namespace, vae_resu
     rows = []
     for model in models:
         for lr in lrs:
-            run_dir = out / "lr_check" / f"{model}_L8_seed0_steps{args.lr_steps}_lr{lr:g}"
+            run_dir = out / "lr_check" / run_name(model, 8, 0, args.lr_steps, lr, check=True)
             r = run_unless_taken(run_dir, lambda: do_run(
                 out, data, model, 8, 0, args, vae_result, ssl_result, lr=lr, steps=args.lr_steps,
                 eval_split="val", run_root="lr_check"))
@@ -1019,7 +1031,7 @@ def lr_check(out: Path, data: dict[str, Any], args: argparse.Namespace, vae_resu
     best = {m: max((r for r in rows if r["model"] == m), key=lambda r: r["val_mean_dice"])["lr"]
             for m in models if any(r["model"] == m for r in rows)}
     doc = {"steps": args.lr_steps, "labelled": 8, "seed": 0, "lrs": lrs, "rows": rows, "best_lr": best,
-           "benchmark_lr": 1e-3}
+           "benchmark_lr": BENCHMARK_LR}
     write_json(out / "lr_check.json", doc)
     return doc
 
@@ -1065,41 +1077,55 @@ def paired_bootstrap(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], s
             "n": int(len(diffs))}
 
 
-def parse_budget_pairs(text: str) -> list[tuple[str, int, str, int]]:
-    """'latent_meduet_aug:450=unet_small:1500,...' -> [(latent model, steps, UNet model, steps), ...]."""
+BudgetSide = tuple[str, int, float]  # (model, steps, learning rate)
+
+
+def parse_budget_pairs(text: str) -> list[tuple[BudgetSide, BudgetSide]]:
+    """'latent_meduet_aug:450=unet_small:1500@0.003,...' -> [((model, steps, lr), (model, steps, lr)), ...]
+    (the learning rate defaults to the main table's)."""
+
+    def side(word: str) -> BudgetSide:
+        spec, _, lr = word.strip().partition("@")
+        model, steps = spec.split(":")
+        return model.strip(), int(steps), float(lr) if lr else BENCHMARK_LR
+
     pairs = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
         try:
             left, right = item.split("=")
-            (lm, ls), (um, us) = left.split(":"), right.split(":")
-            pair = (lm.strip(), int(ls), um.strip(), int(us))
+            pair = (side(left), side(right))
         except ValueError:
-            sys.exit(f"--budget-pairs: {item!r} is not 'latent_model:steps=unet_model:steps'")
-        unknown = [m for m in (pair[0], pair[2]) if m not in MODELS]
+            sys.exit(f"--budget-pairs: {item!r} is not 'latent_model:steps[@lr]=unet_model:steps[@lr]'")
+        unknown = [m for m in (pair[0][0], pair[1][0]) if m not in MODELS]
         if unknown:
             sys.exit(f"--budget-pairs: unknown models {unknown}; known: {', '.join(MODELS)}")
         pairs.append(pair)
     return pairs
 
 
-def equal_budget(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, int, str, int]],
+def equal_budget(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[BudgetSide, BudgetSide]],
                  labels: Sequence[str] = ("body", "liver")) -> list[dict[str, Any]]:
     """Each latent run against the UNet run of the same labelled set and seed named by ``pairs``, on the
     seen styles: mean Dice and ``labels``' Dice of both, paired differences (bootstrap 95 % intervals)
     and the ratio of their CPU seconds, which says how equal the budgets really were (CPU seconds are
     comparable only between runs on one machine: the entry records both runs' steps and seconds)."""
+
+    def matches(r: Mapping[str, Any], side: BudgetSide) -> bool:
+        return (r["model"], r["steps"], r.get("lr", BENCHMARK_LR)) == side
+
     out = []
-    for lm, ls, um, us in pairs:
-        for lat in (r for r in runs if r["model"] == lm and r["steps"] == ls):
-            unet = next((r for r in runs if r["model"] == um and r["steps"] == us
+    for (lm, ls, llr), (um, us, ulr) in pairs:
+        for lat in (r for r in runs if matches(r, (lm, ls, llr))):
+            unet = next((r for r in runs if matches(r, (um, us, ulr))
                          and r["labelled"] == lat["labelled"] and r["seed"] == lat["seed"]), None)
             if unet is None:
                 continue
             seen_l, seen_u = summarise(lat["volumes"], TRAIN_STYLES), summarise(unet["volumes"], TRAIN_STYLES)
-            e = {"latent": lm, "latent_steps": ls, "latent_cpu_s": lat["cpu_s"], "upstream_id": lat.get("upstream_id"),
-                 "unet": um, "unet_steps": us, "unet_cpu_s": unet["cpu_s"], "labelled": lat["labelled"],
+            e = {"latent": lm, "latent_steps": ls, "latent_lr": llr, "latent_cpu_s": lat["cpu_s"],
+                 "upstream_id": lat.get("upstream_id"), "unet": um, "unet_steps": us, "unet_lr": ulr,
+                 "unet_cpu_s": unet["cpu_s"], "labelled": lat["labelled"],
                  "seed": lat["seed"], "cpu_ratio": lat["cpu_s"] / unet["cpu_s"],
                  "mean": {"latent": seen_l["mean"], "unet": seen_u["mean"],
                           "diff": paired_bootstrap(lat["volumes"], unet["volumes"], TRAIN_STYLES)}}
@@ -1122,7 +1148,7 @@ def report(out: Path, args: argparse.Namespace, gate: dict[str, Any] | None, ups
     archived = archived_results(args.archive)
     by_key = {}
     for r in [*archived.values(), *here.values()]:
-        if r["steps"] == args.steps:
+        if r["steps"] == args.steps and r.get("lr", BENCHMARK_LR) == BENCHMARK_LR:
             by_key[run_key(r)] = r
     for name, r in here.items():  # the one place finished runs enter the archive (new or changed only)
         if archived.get(archive_name(name, r)) != r:
@@ -1251,14 +1277,15 @@ def markdown(doc: dict[str, Any]) -> str:
         def d(x: dict[str, Any]) -> str:
             return f"{f(x['mean'])} [{f(x['ci95'][0])}, {f(x['ci95'][1])}]" if x else "-"
 
-        lines += ["At (about) equal CPU seconds, seen styles (latent minus UNet, paired over anatomy x style, "
+        lines += ["Runs side by side (--budget-pairs; seen styles; latent minus UNet, paired over anatomy x style, "
                   "bootstrap 95 % interval):", "",
                   "| latent run | upstream | UNet run | L | seed | CPU s latent / UNet (ratio) | mean Dice latent / UNet | "
                   "mean diff | body latent / UNet | body diff | liver latent / UNet | liver diff | body, liver within 0.05 |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in sorted(budget, key=lambda e: (e["latent_steps"], e["latent"], -e["labelled"], e["seed"])):
             lines.append(
-                f"| {e['latent']} {e['latent_steps']} steps | {e['upstream_id'] or '-'} | {e['unet']} {e['unet_steps']} steps | "
+                f"| {e['latent']} {e['latent_steps']} steps, lr {e['latent_lr']:g} | {e['upstream_id'] or '-'} | "
+                f"{e['unet']} {e['unet_steps']} steps, lr {e['unet_lr']:g} | "
                 f"{e['labelled']} | {e['seed']} | {f(e['latent_cpu_s'], 0)} / {f(e['unet_cpu_s'], 0)} ({f(e['cpu_ratio'], 2)}) | "
                 f"{f(e['mean']['latent'])} / {f(e['mean']['unet'])} | {d(e['mean']['diff'])} | "
                 f"{f(e['body']['latent'])} / {f(e['body']['unet'])} | {d(e['body']['diff'])} | "
@@ -1345,8 +1372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if model.startswith("latent") and (vae_result is None or ssl_result is None):
                 vae_result = train_vae(out, data, args.vae_steps, args.ckpt_every)
                 ssl_result = train_ssl(out, data, vae_result, args.ssl_steps, args.ckpt_every)
-            run_dir = out / "runs" / f"{model}_L{n}_seed{seed}_steps{args.steps}"
-            r = run_unless_taken(run_dir, lambda: do_run(out, data, model, n, seed, args, vae_result, ssl_result))
+            run_dir = out / "runs" / run_name(model, n, seed, args.steps, args.lr)
+            r = run_unless_taken(run_dir, lambda: do_run(out, data, model, n, seed, args, vae_result, ssl_result,
+                                                         lr=args.lr))
             if r is None:
                 continue
             seen = summarise(r["volumes"], TRAIN_STYLES)["mean"]

@@ -227,5 +227,30 @@ def test_equal_budget_pairs_runs_of_other_step_counts(tmp_path: Path) -> None:
     assert "body, liver within 0.05" in sb.markdown(doc)
     with pytest.raises(SystemExit, match="not 'latent_model:steps"):
         sb.parse_budget_pairs("latent_meduet_aug:450")
+    assert sb.parse_budget_pairs("latent_meduet:1500=unet_small:1500@0.003") == [
+        (("latent_meduet", 1500, 1e-3), ("unet_small", 1500, 3e-3))]
+
+
+def test_runs_at_another_learning_rate_stay_out_of_the_main_table(tmp_path: Path) -> None:
+    """A run at a learning rate other than the main table's is named for it, archived, kept out of the
+    main table (which pairs every model with unet_small at 1e-3) and reachable through --budget-pairs."""
+    assert sb.run_name("unet_small", 8, 1, 1500) == "unet_small_L8_seed1_steps1500"
+    assert sb.run_name("unet_small", 8, 1, 1500, 3e-3) == "unet_small_L8_seed1_steps1500_lr0.003"
+    assert sb.run_name("unet_small", 8, 0, 500, 1e-3, check=True) == "unet_small_L8_seed0_steps500_lr0.001"
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    sb.write_json(archive / "unet_small_L8_seed0_steps5.json", _fake_result("unet_small", 0, 0.5, None))
+    sb.write_json(archive / "latent_meduet_L8_seed0_steps5_upu.json", _fake_result("latent_meduet", 0, 0.6, "u"))
+    fast = _fake_result("unet_small", 0, 0.7, None) | {"lr": 3e-3}
+    sb.write_json(out / "runs" / "unet_small_L8_seed0_steps5_lr0.003" / "result.json", fast)
+    args = sb.parse_args(["--steps", "5", "--archive", str(archive), "--json", str(tmp_path / "b.json"),
+                          "--budget-pairs", "latent_meduet:5=unet_small:5@0.003"])
+    doc = sb.report(out, args, None, {})
+    [unet] = [e for e in doc["runs"] if e["model"] == "unet_small"]
+    assert unet["dice_seen"]["liver"] == pytest.approx(0.5)
+    [lat] = [e for e in doc["runs"] if e["model"] == "latent_meduet"]
+    assert lat["vs_unet_small_seen"]["mean"] == pytest.approx(0.1)
+    [pair] = doc["equal_budget"]
+    assert pair["unet_lr"] == 3e-3 and pair["liver"]["diff"]["mean"] == pytest.approx(-0.1)
+    assert (archive / "unet_small_L8_seed0_steps5_lr0.003.json").is_file()
     with pytest.raises(SystemExit, match="unknown models"):
         sb.parse_budget_pairs("latent_vit:450=unet_small:1500")
