@@ -30,7 +30,11 @@ completed over several sittings. Stages:
    augmentation applied to the image before the frozen VAE (``latent_meduet_aug``: the same
    augmentation as the fair baseline, so that the two differ only in the network; and
    ``latent_random_aug``, the same from a random ViT, so that MeDUET's share can be told apart).
-5. report: ``benchmarks/results/seg_benchmark.json`` (``--json``) and a markdown summary.
+5. report: ``benchmarks/results/seg_benchmark.json`` (``--json``) and a markdown summary. The main
+   table holds the runs at ``--steps`` and lr 1e-3; ``--stage lr`` checks the learning rate on the
+   validation anatomies, runs at another ``--lr`` or step count are kept apart, and
+   ``--budget-pairs`` sets chosen runs side by side (e.g. at equal CPU seconds: the latent segmenter
+   at fewer steps against the UNet, or the UNet at more steps against the latent segmenter).
 """
 
 from __future__ import annotations
