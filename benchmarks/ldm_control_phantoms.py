@@ -50,7 +50,8 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from report_tools import bundle_run_command, machine, run_bundle  # noqa: E402  (same folder)
+from meduet_demo.run import bundle_cmd  # noqa: E402
+from report_tools import machine, run_bundle  # noqa: E402  (same folder)
 
 LATENT = re.compile(r"^(a\d{3})_(.+)_n(\d+)\.npy$")
 
@@ -167,28 +168,24 @@ def load_latent(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(open_latent(path), dtype=np.float32))
 
 
-def bundle(name: str, config: str, **overrides: Any) -> list[str]:
-    return bundle_run_command([f"bundles/{name}/configs/{config}"], f"bundles/{name}", **overrides)
-
-
 def train_chain(run_dir: Path, datalist: Path, ssl_ckpt: Path, seed: int, args: argparse.Namespace) -> Path:
     """Factor bank and generator of one arm+seed (each skipped when already done); returns the generator."""
     bank = run_dir / "factors" / "factor_bank.pt"
     if not bank.is_file():
         log(f"factor bank: {run_dir.name}")
-        run_bundle(bundle("meduet_ssl", "inference.json", latent_datalist=datalist, ssl_ckpt=ssl_ckpt,
-                          output_dir=run_dir / "factors", crop=args.crop, splits="['training']", device="cpu"),
+        run_bundle(bundle_cmd("meduet_ssl", ["inference.json"], latent_datalist=datalist, ssl_ckpt=ssl_ckpt,
+                              output_dir=run_dir / "factors", crop=args.crop, splits="['training']", device="cpu"),
                    run_dir / "chain.log", f"factor bank of {run_dir.name}")
     model = run_dir / "ldm" / "models" / "model.pt"
     if not (run_dir / "ldm" / "done").is_file():
         log(f"generator: {run_dir.name}, {args.ldm_steps} steps")
         size = {"hidden_size": args.width, "depth": args.depth, "num_heads": args.heads}
-        run_bundle(bundle("meduet_ldm", "train.json", latent_datalist=datalist, factor_bank=bank, ssl_ckpt=ssl_ckpt,
-                          init_from_ssl="false", output_dir=run_dir / "ldm", ckpt_dir=run_dir / "ldm/models/checkpoints",
-                          model_path=model, latent_crop="[16,16,16]", model_config=repr(size), batch_size=8,
-                          num_workers=0, max_steps=args.ldm_steps, steps_per_epoch=args.ldm_steps // 4, val_interval=2,
-                          learning_rate=args.lr, ema_decay=0.999, seed=seed, device="cpu",
-                          content_conditioning=args.content_conditioning),
+        run_bundle(bundle_cmd("meduet_ldm", ["train.json"], latent_datalist=datalist, factor_bank=bank, ssl_ckpt=ssl_ckpt,
+                              init_from_ssl="false", output_dir=run_dir / "ldm", ckpt_dir=run_dir / "ldm/models/checkpoints",
+                              model_path=model, latent_crop="[16,16,16]", model_config=repr(size), batch_size=8,
+                              num_workers=0, max_steps=args.ldm_steps, steps_per_epoch=args.ldm_steps // 4, val_interval=2,
+                              learning_rate=args.lr, ema_decay=0.999, seed=seed, device="cpu",
+                              content_conditioning=args.content_conditioning),
                    run_dir / "chain.log", f"generator of {run_dir.name}")
         (run_dir / "ldm" / "done").write_text("ok\n")
     from custom_nets.utils.checkpoint import read_stage_meta
