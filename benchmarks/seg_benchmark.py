@@ -691,47 +691,84 @@ def real_ct_ceilings(out: Path) -> dict[str, Any] | None:
     return result
 
 
+def image_blocks(images: Sequence[Any], block: int = 4) -> Any:
+    """The images' ``block``^3 blocks as channels on the latent grid, (N, block^3, X/block, Y/block, Z/block):
+    a lossless tokenizer, the raw-input baseline of the latent probes."""
+    import numpy as np
+    import torch
+
+    x = torch.stack([torch.as_tensor(np.asarray(im, dtype=np.float32)) for im in images])
+    n, (gx, gy, gz) = x.shape[0], (s // block for s in x.shape[1:])
+    x = x.reshape(n, gx, block, gy, block, gz, block).permute(0, 2, 4, 6, 1, 3, 5)
+    return x.reshape(n, block**3, gx, gy, gz)
+
+
+PROBE_ROWS = ("linear_1x1", "linear_3x3x3", "mlp_1x1_64", "image_blocks_1x1", "image_blocks_3x3x3")
+PER_STYLE_ROWS = ("linear_1x1", "linear_3x3x3", "image_blocks_1x1")
+
+
 def probe_diagnostics(out: Path, data: dict[str, Any], vae_result: dict[str, Any]) -> dict[str, Any]:
     """Why the linear-probe gate fails: the same latents read by a per-style linear probe, a linear
-    probe with 3^3 context, and a small non-linear probe (1x1 MLP, 64 hidden), all on 4^3-block labels.
+    probe with 3^3 context, and a small non-linear probe (1x1 MLP, 64 hidden), all on 4^3-block labels;
+    and the same linear probes on the raw image's 4^3 blocks (64 values per latent voxel).
 
     A probe that passes where the pooled linear one fails says the labels are in the latent but not
-    linearly across styles; one that fails too says the VAE did not keep them.
+    linearly across styles; one that fails too says the VAE did not keep them. A probe on the raw image
+    blocks that fails as well says no tokenizer at this grid could pass the gate with this readout.
+    A file written before the image rows existed gets them added (its latent rows are kept).
     """
     import torch
 
     from meduet_demo.phantoms import PHANTOM_LABELS
 
     path = out / "probe_diagnostics.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    result: dict[str, Any] = read_json_if_present(path) or {}
+    if all(r in result for r in PROBE_ROWS) and all(f"{r}_per_style" in result for r in PER_STYLE_ROWS):
+        return result
     vae = load_vae(vae_result)
     k = len(PHANTOM_LABELS)
     test_seen = [d for d in data["test"] if d["style"] in TRAIN_STYLES]
-    train_lat = encode_volumes(vae, [d["image"] for d in data["labelled"]])
-    test_lat = encode_volumes(vae, [d["image"] for d in test_seen])
-    mu, sd = train_lat.mean(dim=(0, 2, 3, 4), keepdim=True), train_lat.std(dim=(0, 2, 3, 4), keepdim=True)
     ytr_all = torch.stack([latent_labels(d["label"], "block") for d in data["labelled"]])
     yte_all = torch.stack([latent_labels(d["label"], "block") for d in test_seen])
 
-    def fit_score(make: Any, tr: Any, ytr: Any, te: Any, yte: Any) -> dict[str, float]:
-        torch.manual_seed(0)
-        return fit_probe(make(), tr, ytr, te, yte, max_iter=300, l2=1e-4)
+    def standardised(train: Any, test: Any) -> tuple[Any, Any]:
+        mu, sd = train.mean(dim=(0, 2, 3, 4), keepdim=True), train.std(dim=(0, 2, 3, 4), keepdim=True)
+        return (train - mu) / sd.clamp(min=1e-6), (test - mu) / sd.clamp(min=1e-6)
 
-    probes = {
-        "linear_1x1": lambda: torch.nn.Conv3d(4, k, 1),
-        "linear_3x3x3": lambda: torch.nn.Conv3d(4, k, 3, padding=1),
-        "mlp_1x1_64": lambda: torch.nn.Sequential(torch.nn.Conv3d(4, 64, 1), torch.nn.GELU(), torch.nn.Conv3d(64, k, 1)),
+    features = {
+        "latent": standardised(encode_volumes(vae, [d["image"] for d in data["labelled"]]),
+                               encode_volumes(vae, [d["image"] for d in test_seen])),
+        "image_blocks": standardised(image_blocks([d["image"] for d in data["labelled"]]),
+                                     image_blocks([d["image"] for d in test_seen])),
     }
-    xtr, xte = (train_lat - mu) / sd, (test_lat - mu) / sd
-    result: dict[str, Any] = {name: fit_score(make, xtr, ytr_all, xte, yte_all) for name, make in probes.items()}
+    probes = {
+        "linear_1x1": ("latent", lambda c: torch.nn.Conv3d(c, k, 1)),
+        "linear_3x3x3": ("latent", lambda c: torch.nn.Conv3d(c, k, 3, padding=1)),
+        "mlp_1x1_64": ("latent", lambda c: torch.nn.Sequential(torch.nn.Conv3d(c, 64, 1), torch.nn.GELU(),
+                                                               torch.nn.Conv3d(64, k, 1))),
+        "image_blocks_1x1": ("image_blocks", lambda c: torch.nn.Conv3d(c, k, 1)),
+        "image_blocks_3x3x3": ("image_blocks", lambda c: torch.nn.Conv3d(c, k, 3, padding=1)),
+    }
+
+    def fit_score(name: str, itr: Sequence[int] | None = None, ite: Sequence[int] | None = None) -> dict[str, float]:
+        kind, make = probes[name]
+        xtr, xte = features[kind]
+        ytr, yte = ytr_all, yte_all
+        if itr is not None:
+            xtr, ytr, xte, yte = xtr[itr], ytr[itr], xte[ite], yte[ite]
+        torch.manual_seed(0)
+        return fit_probe(make(xtr.shape[1]), xtr, ytr, xte, yte, max_iter=300, l2=1e-4)
+
+    for name in PROBE_ROWS:
+        if name not in result:
+            result[name] = fit_score(name)
     # per style: fitted and scored within one training style (labelled anatomies of that style only)
-    per_style = {}
-    for style in TRAIN_STYLES:
-        itr = [i for i, d in enumerate(data["labelled"]) if d["style"] == style]
-        ite = [i for i, d in enumerate(test_seen) if d["style"] == style]
-        per_style[style] = fit_score(probes["linear_1x1"], xtr[itr], ytr_all[itr], xte[ite], yte_all[ite])
-    result["linear_1x1_per_style"] = per_style
+    for name in PER_STYLE_ROWS:
+        if f"{name}_per_style" not in result:
+            result[f"{name}_per_style"] = {
+                style: fit_score(name, [i for i, d in enumerate(data["labelled"]) if d["style"] == style],
+                                 [i for i, d in enumerate(test_seen) if d["style"] == style])
+                for style in TRAIN_STYLES}
     write_json(path, result)
     return result
 
@@ -1111,9 +1148,9 @@ def parse_budget_pairs(text: str) -> list[tuple[BudgetSide, BudgetSide]]:
 
 def equal_budget(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[BudgetSide, BudgetSide]],
                  labels: Sequence[str] = ("body", "liver")) -> list[dict[str, Any]]:
-    """Each latent run against the UNet run of the same labelled set and seed named by ``pairs``, on the
-    seen styles: mean Dice and ``labels``' Dice of both, paired differences (bootstrap 95 % intervals)
-    and the ratio of their CPU seconds, which says how equal the budgets really were (CPU seconds are
+    """Each left run (a latent run) against the right run (a UNet, or any other model) of the same labelled
+    set and seed named by ``pairs``: mean Dice and ``labels``' Dice of both on the seen styles, mean Dice
+    on the unseen styles, paired differences (bootstrap 95 % intervals) and the ratio of their CPU seconds, which says how equal the budgets really were (CPU seconds are
     comparable only between runs on one machine: the entry records both runs' steps and seconds)."""
 
     def matches(r: Mapping[str, Any], side: BudgetSide) -> bool:
@@ -1132,7 +1169,10 @@ def equal_budget(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[BudgetSid
                  "unet_cpu_s": unet["cpu_s"], "labelled": lat["labelled"],
                  "seed": lat["seed"], "cpu_ratio": lat["cpu_s"] / unet["cpu_s"],
                  "mean": {"latent": seen_l["mean"], "unet": seen_u["mean"],
-                          "diff": paired_bootstrap(lat["volumes"], unet["volumes"], TRAIN_STYLES)}}
+                          "diff": paired_bootstrap(lat["volumes"], unet["volumes"], TRAIN_STYLES)},
+                 "mean_unseen": {"latent": mean_dice([r for r in lat["volumes"] if r["style"] in UNSEEN_STYLES]),
+                                 "unet": mean_dice([r for r in unet["volumes"] if r["style"] in UNSEEN_STYLES]),
+                                 "diff": paired_bootstrap(lat["volumes"], unet["volumes"], UNSEEN_STYLES)}}
             for lab in labels:
                 e[lab] = {"latent": seen_l[lab], "unet": seen_u[lab],
                           "diff": paired_bootstrap(lat["volumes"], unet["volumes"], TRAIN_STYLES, label=lab)}
@@ -1248,10 +1288,12 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"Probe gate (body and liver > {GATE_PROBE_DICE}): {'pass' if g['gate_probe_pass'] else 'FAIL'}", ""]
     pdiag = doc.get("probe_diagnostics")
     if pdiag:
-        rows = {k: v for k, v in pdiag.items() if k != "linear_1x1_per_style"}
-        rows |= {f"linear_1x1 within {s}": v for s, v in pdiag["linear_1x1_per_style"].items()}
+        rows = {k: v for k, v in pdiag.items() if not k.endswith("_per_style")}
+        for key in (k for k in pdiag if k.endswith("_per_style")):
+            rows |= {f"{key[:-len('_per_style')]} within {s}": v for s, v in pdiag[key].items()}
         names = list(next(iter(rows.values())))
-        lines += ["Probe diagnostics (4^3-block labels, test anatomies, training styles):", "",
+        lines += ["Probe diagnostics (4^3-block labels, test anatomies, training styles; `linear_*` and `mlp_*` read "
+                  "the VAE latent, `image_blocks_*` the normalised image's 4^3 blocks, 64 values per latent voxel):", "",
                   "| probe | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {k} | " + " | ".join(f(v[n]) for n in names) + " |" for k, v in rows.items()]
         lines.append("")
@@ -1281,11 +1323,12 @@ def markdown(doc: dict[str, Any]) -> str:
         def d(x: dict[str, Any]) -> str:
             return f"{f(x['mean'])} [{f(x['ci95'][0])}, {f(x['ci95'][1])}]" if x else "-"
 
-        lines += ["Runs side by side (--budget-pairs; seen styles; latent minus UNet, paired over anatomy x style, "
-                  "bootstrap 95 % interval):", "",
-                  "| latent run | upstream | UNet run | L | seed | CPU s latent / UNet (ratio) | mean Dice latent / UNet | "
-                  "mean diff | body latent / UNet | body diff | liver latent / UNet | liver diff | body, liver within 0.05 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["Runs side by side (--budget-pairs; seen styles unless named; left minus right, paired over anatomy x "
+                  "style, bootstrap 95 % interval):", "",
+                  "| left run | upstream | right run | L | seed | CPU s left / right (ratio) | mean Dice left / right | "
+                  "mean diff | body left / right | body diff | liver left / right | liver diff | body, liver within 0.05 | "
+                  "unseen mean left / right | unseen diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in sorted(budget, key=lambda e: (e["latent_steps"], e["latent"], -e["labelled"], e["seed"])):
             lines.append(
                 f"| {e['latent']} {e['latent_steps']} steps, lr {e['latent_lr']:g} | {e['upstream_id'] or '-'} | "
@@ -1294,7 +1337,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{f(e['mean']['latent'])} / {f(e['mean']['unet'])} | {d(e['mean']['diff'])} | "
                 f"{f(e['body']['latent'])} / {f(e['body']['unet'])} | {d(e['body']['diff'])} | "
                 f"{f(e['liver']['latent'])} / {f(e['liver']['unet'])} | {d(e['liver']['diff'])} | "
-                f"{'yes' if e['within_0.05'] else 'no'} |")
+                f"{'yes' if e['within_0.05'] else 'no'} | "
+                + (f"{f(e['mean_unseen']['latent'])} / {f(e['mean_unseen']['unet'])} | {d(e['mean_unseen']['diff'])} |"
+                   if "mean_unseen" in e else "- | - |"))
         lines.append("")
     runs = sorted(doc["runs"], key=lambda e: (-e["labelled"], e["seed"], MODELS.index(e["model"])))
     if runs:

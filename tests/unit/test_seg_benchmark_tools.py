@@ -78,8 +78,9 @@ def test_structure_ceilings_reward_grid_aligned_structures_only() -> None:
 
 def test_markdown_shows_probe_diagnostics_and_real_ct_ceilings() -> None:
     row = {"body": 0.9, "liver": 0.5}
-    doc = {"runs": [], "probe_diagnostics": {"linear_1x1": row, "mlp_1x1_64": row,
-                                             "linear_1x1_per_style": {"ct_sharp": row}},
+    doc = {"runs": [], "probe_diagnostics": {"linear_1x1": row, "mlp_1x1_64": row, "image_blocks_1x1": row,
+                                             "linear_1x1_per_style": {"ct_sharp": row},
+                                             "image_blocks_1x1_per_style": {"mr_t1like": row}},
            "real_ct_ceilings": {"grid_shape": [8, 8, 8], "spacing_mm": 1.5, "mean_majority_nearest": 0.7,
                                 "mean_fraction_trilinear": 0.8, "mean_majority_nearest_large": None,
                                 "mean_fraction_trilinear_large": None,
@@ -87,7 +88,23 @@ def test_markdown_shows_probe_diagnostics_and_real_ct_ceilings() -> None:
                                                "tiny": {"voxels": 3}}}}
     md = sb.markdown(doc)
     assert "| mlp_1x1_64 | 0.900 | 0.500 |" in md and "linear_1x1 within ct_sharp" in md
+    assert "| image_blocks_1x1 | 0.900 | 0.500 |" in md and "image_blocks_1x1 within mr_t1like" in md
     assert "| liver | 100 | 0.900 | 0.950 |" in md and "tiny" not in md
+
+
+def test_image_blocks_put_each_block_on_its_latent_voxel() -> None:
+    """The raw-input baseline of the probes: voxel (4a + i, 4b + j, 4c + l) becomes channel 16i + 4j + l
+    at latent voxel (a, b, c), and the channel mean is the block mean."""
+    import torch
+
+    img = np.zeros((8, 12, 16), np.float32)
+    img[4 * 1 + 2, 4 * 2 + 3, 4 * 3 + 1] = 5.0
+    blocks = sb.image_blocks([img, 2 * img])
+    assert blocks.shape == (2, 64, 2, 3, 4)
+    assert blocks[0, 16 * 2 + 4 * 3 + 1, 1, 2, 3] == 5.0 and blocks[0].sum() == 5.0 and blocks[1].sum() == 10.0
+    rnd = np.random.default_rng(0).standard_normal((8, 8, 8)).astype(np.float32)
+    pooled = torch.nn.functional.avg_pool3d(torch.as_tensor(rnd)[None, None], 4)[0, 0]
+    assert torch.allclose(sb.image_blocks([rnd])[0].mean(0), pooled, atol=1e-6)
 
 
 def test_lr_check_scores_the_validation_anatomies_only(tmp_path: Path) -> None:
@@ -224,7 +241,10 @@ def test_equal_budget_pairs_runs_of_other_step_counts(tmp_path: Path) -> None:
     assert e["cpu_ratio"] == pytest.approx(0.9)
     assert e["liver"]["diff"]["mean"] == pytest.approx(-0.10) and e["body"]["diff"]["mean"] == pytest.approx(-0.135)
     assert e["liver"]["latent"] == pytest.approx(0.80) and e["within_0.05"] is False
-    assert "body, liver within 0.05" in sb.markdown(doc)
+    # unseen styles: mean Dice of (body 0.80 + 0.01 a, liver 0.80) against (0.95, 0.90), a = 0..3
+    assert e["mean_unseen"]["diff"]["mean"] == pytest.approx(-0.1175) and e["mean_unseen"]["unet"] == pytest.approx(0.925)
+    assert e["mean_unseen"]["diff"]["n"] == 4 * len(sb.UNSEEN_STYLES)
+    assert "body, liver within 0.05" in sb.markdown(doc) and "| unseen diff |" in sb.markdown(doc)
     with pytest.raises(SystemExit, match="not 'latent_model:steps"):
         sb.parse_budget_pairs("latent_meduet_aug:450")
     assert sb.parse_budget_pairs("latent_meduet:1500=unet_small:1500@0.003") == [
