@@ -1008,7 +1008,7 @@ def do_run(out: Path, data: dict[str, Any], model: str, labelled: int, seed: int
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         if step in curve_at:
             e_cpu, e_wall = cpu_seconds(), time.perf_counter()
