@@ -1148,10 +1148,11 @@ def parse_budget_pairs(text: str) -> list[tuple[BudgetSide, BudgetSide]]:
 
 def equal_budget(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[BudgetSide, BudgetSide]],
                  labels: Sequence[str] = ("body", "liver")) -> list[dict[str, Any]]:
-    """Each left run (a latent run) against the right run (a UNet, or any other model) of the same labelled
-    set and seed named by ``pairs``: mean Dice and ``labels``' Dice of both on the seen styles, mean Dice
-    on the unseen styles, paired differences (bootstrap 95 % intervals) and the ratio of their CPU seconds, which says how equal the budgets really were (CPU seconds are
-    comparable only between runs on one machine: the entry records both runs' steps and seconds)."""
+    """Each left run (a latent run) against the right run (a UNet, or any other model) of the same
+    labelled set and seed named by ``pairs``: mean Dice and ``labels``' Dice of both on the seen styles,
+    mean Dice on the unseen styles, paired differences (bootstrap 95 % intervals) and the ratio of
+    their CPU seconds, which says how equal the budgets really were (CPU seconds are comparable only
+    between runs on one machine: the entry records both runs' steps and seconds)."""
 
     def matches(r: Mapping[str, Any], side: BudgetSide) -> bool:
         return (r["model"], r["steps"], r.get("lr", BENCHMARK_LR)) == side
@@ -1170,8 +1171,8 @@ def equal_budget(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[BudgetSid
                  "seed": lat["seed"], "cpu_ratio": lat["cpu_s"] / unet["cpu_s"],
                  "mean": {"latent": seen_l["mean"], "unet": seen_u["mean"],
                           "diff": paired_bootstrap(lat["volumes"], unet["volumes"], TRAIN_STYLES)},
-                 "mean_unseen": {"latent": mean_dice([r for r in lat["volumes"] if r["style"] in UNSEEN_STYLES]),
-                                 "unet": mean_dice([r for r in unet["volumes"] if r["style"] in UNSEEN_STYLES]),
+                 "mean_unseen": {"latent": summarise(lat["volumes"], UNSEEN_STYLES)["mean"],
+                                 "unet": summarise(unet["volumes"], UNSEEN_STYLES)["mean"],
                                  "diff": paired_bootstrap(lat["volumes"], unet["volumes"], UNSEEN_STYLES)}}
             for lab in labels:
                 e[lab] = {"latent": seen_l[lab], "unet": seen_u[lab],
