@@ -697,10 +697,11 @@ def image_blocks(images: Sequence[Any], block: int = 4) -> Any:
     import numpy as np
     import torch
 
-    x = torch.stack([torch.as_tensor(np.asarray(im, dtype=np.float32)) for im in images])
-    n, (gx, gy, gz) = x.shape[0], (s // block for s in x.shape[1:])
-    x = x.reshape(n, gx, block, gy, block, gz, block).permute(0, 2, 4, 6, 1, 3, 5)
-    return x.reshape(n, block**3, gx, gy, gz)
+    from custom_nets.nets.vit import patchify
+
+    x = torch.stack([torch.as_tensor(np.asarray(im, dtype=np.float32)) for im in images])[:, None]
+    grid = [s // block for s in x.shape[2:]]
+    return patchify(x, block).transpose(1, 2).reshape(x.shape[0], block**3, *grid)
 
 
 PROBE_ROWS = ("linear_1x1", "linear_3x3x3", "mlp_1x1_64", "image_blocks_1x1", "image_blocks_3x3x3")
